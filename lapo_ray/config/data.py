@@ -1,0 +1,65 @@
+"""Configs of the data room: corpus collection and the triplet pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+PROCGEN_GAMES = (
+    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
+)
+
+
+@dataclass
+class CollectConfig:
+    """Roll a policy out in Procgen on parallel Ray actors and write a corpus."""
+
+    out: str = field(default="data/corpus", metadata={"help": "corpus directory (path or URI)"})
+    game: str = "coinrun"
+    frames: int = field(default=60_000, metadata={"help": "total frames to collect"})
+    num_workers: int = field(default=2, metadata={"help": "parallel collector actors"})
+    envs_per_worker: int = 16
+    policy: str = field(
+        default="sticky:0.75",
+        metadata={"help": "'random', 'sticky:P' (repeat the last action with probability P), "
+                  "or a module:callable path"},
+    )
+    distribution_mode: Literal["easy", "hard"] = "easy"
+    num_levels: int = 0
+    start_level: int = 0
+    seed: int = 0
+    shard_frames: int = 8192
+    max_segment_frames: int = 256
+    worker_num_cpus: float = 1.0
+
+    def validate(self) -> None:
+        if self.game not in PROCGEN_GAMES:
+            raise ValueError(f"--game {self.game!r} is not a Procgen game; choose one of {', '.join(PROCGEN_GAMES)}")
+        for name in ("frames", "num_workers", "envs_per_worker", "shard_frames"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_segment_frames < 3:
+            raise ValueError(f"--max-segment-frames must be >= 3, got {self.max_segment_frames}")
+
+
+@dataclass
+class PipelineConfig:
+    """How triplets are drawn from a source. Seeds make every shuffle repeatable."""
+
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    # "segments": random_shuffle over episode segments (global); "files": only the order of
+    # shards/files is shuffled; "none": source order (evaluation passes).
+    global_shuffle: Literal["segments", "files", "none"] = "segments"
+    shuffle_seed: int = 0
+    local_shuffle_buffer: int = field(default=1024, metadata={"help": "triplets; 0 disables"})
+    segments_per_block: int = 4
+    expand_num_cpus: float = field(
+        default=0.5, metadata={"help": "CPUs per triplet-expansion task; leave room for Train workers"}
+    )
+    on_bad_files: Literal["raise", "skip"] = "raise"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

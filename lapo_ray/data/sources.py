@@ -1,0 +1,360 @@
+"""The three sources of frames, each read into the same stream of episode segments.
+
+* ``CorpusSource``: the project's own corpus (``lapo_ray.data.corpus``).
+* ``LapoNpzSource``: the official LAPO expert-data layout ``<game>/{train,test}/<n>.npz`` with
+  keys ``obs`` (N, 64, 64, 3) uint8, ``ta``, ``done``, ``rewards``, ``ep_returns``, ``values``.
+* ``VideoFolderSource``: ordinary video files (mp4, webm, avi, mkv, mov), one file per episode,
+  decoded with PyAV and resized to the model's frame size.
+
+Every source first ``scan``s its files (in parallel Ray tasks for npz and video) so that bad
+input is found before training starts and is reported by file name; with ``on_bad="skip"`` bad
+files are left out, counted and listed in the ``ScanReport`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from lapo_ray import storage
+from lapo_ray.data.corpus import (
+    CorpusError,
+    Episode,
+    check_frames,
+    episode_to_rows,
+    read_manifest,
+    rows_to_table,
+)
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
+OnBad = Literal["raise", "skip"]
+# Episode ids of file-based sources: file index in the high bits, episode within the file low.
+_EPISODES_PER_FILE_BITS = 24
+
+
+@dataclass
+class ScanReport:
+    """What a scan found: usable files and their sizes, and the files left out and why."""
+
+    files: list[str]
+    frames: int
+    episodes: int
+    triplets: int
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{len(self.files)} files, {self.episodes} episodes, {self.frames} frames, {self.triplets} triplets"
+        if self.bad_files:
+            s += f"; skipped {len(self.bad_files)} bad files: " + "; ".join(
+                f"{p} ({why})" for p, why in self.bad_files[:5]
+            )
+        return s
+
+
+class Source:
+    """A set of files that yields episode segments (rows in ``corpus.SEGMENT_SCHEMA``)."""
+
+    name: str
+    frame_shape: tuple[int, int, int]
+    has_actions: bool
+
+    def scan(self, on_bad: OnBad = "raise") -> ScanReport:
+        raise NotImplementedError
+
+    def segments(self, files: list[str] | None = None):
+        """A Ray Dataset of segment rows for ``files`` (default: all files from ``scan``)."""
+        raise NotImplementedError
+
+
+def _episodes_file_id(file_index: int, episode_index: int) -> int:
+    return (file_index << _EPISODES_PER_FILE_BITS) | episode_index
+
+
+def _finish_scan(results: list[dict[str, Any]], on_bad: OnBad, what: str) -> ScanReport:
+    good = [r for r in results if r["error"] is None]
+    bad = [(r["path"], r["error"]) for r in results if r["error"] is not None]
+    if bad and on_bad == "raise":
+        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
+        raise CorpusError(
+            f"{len(bad)} bad {what} file(s) (pass on_bad='skip' / --skip-bad-files to leave them out):\n{listing}"
+        )
+    if not good:
+        raise CorpusError(f"no usable {what} files: " + "; ".join(f"{p}: {w}" for p, w in bad))
+    return ScanReport(
+        files=[r["path"] for r in good],
+        frames=sum(r["frames"] for r in good),
+        episodes=sum(r["episodes"] for r in good),
+        triplets=sum(r["triplets"] for r in good),
+        bad_files=bad,
+    )
+
+
+def _scan_parallel(paths: list[str], check: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``check`` on every file in Ray tasks (or inline when Ray is not running)."""
+    import ray
+
+    if not ray.is_initialized() or len(paths) < 4:
+        return [check(p) for p in paths]
+    remote = ray.remote(num_cpus=1)(check).options(name="lapo-scan-file")
+    return ray.get([remote.remote(p) for p in paths])
+
+
+def _rows_dataset(paths: list[str], read: Callable[[int, str], list[dict[str, Any]]], name: str):
+    """A Ray Dataset that reads each file in its own task, emitting segment rows."""
+    import ray.data
+
+    index = {p: i for i, p in enumerate(sorted(paths))}
+
+    def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        for p in batch["path"]:
+            rows.extend(read(index[p], p))
+        return rows_to_table(rows)
+
+    return ray.data.from_items([{"path": p} for p in sorted(paths)]).map_batches(
+        read_batch, batch_size=1, batch_format="numpy", num_cpus=1
+    )
+
+
+# --------------------------------------------------------------------------- project corpus
+
+
+class CorpusSource(Source):
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.manifest = read_manifest(uri)
+        self.name = f"corpus:{uri}"
+        self.frame_shape = tuple(self.manifest.frame_shape)
+        self.has_actions = "actions" in self.manifest.columns
+
+    def scan(self, on_bad: OnBad = "raise") -> ScanReport:
+        fs, _ = storage.resolve(self.uri)
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        results = []
+        for shard in self.manifest.shards:
+            uri = storage.join(self.uri, shard.path)
+            _, path = storage.resolve(uri)
+            error = None
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                error = "shard listed in manifest.json is missing"
+            else:
+                try:
+                    with fs.open_input_file(path) as f:
+                        meta = pq.ParquetFile(f).metadata
+                    if meta.num_rows != shard.segments:
+                        error = f"has {meta.num_rows} segments, manifest says {shard.segments}"
+                except (OSError, pa.ArrowInvalid) as e:
+                    error = f"unreadable Parquet ({e})"
+            results.append(
+                {"path": uri, "error": error, "frames": shard.frames, "episodes": shard.episodes,
+                 "triplets": shard.frames - 2 * shard.episodes}
+            )
+        report = _finish_scan(results, on_bad, "corpus shard")
+        # Segments overlap by two frames, so the manifest's exact count beats frames - 2 * episodes
+        # when episodes were split into several segments.
+        if not report.bad_files:
+            report.triplets = self.manifest.num_triplets
+        return report
+
+    def segments(self, files: list[str] | None = None):
+        import ray.data
+
+        files = files or [storage.join(self.uri, s.path) for s in self.manifest.shards]
+        fs, _ = storage.resolve(self.uri)
+        paths = [storage.resolve(f)[1] for f in files]
+        return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
+
+
+# --------------------------------------------------------------------------- LAPO npz layout
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with storage.open_input(path) as f:
+            data = np.load(f, allow_pickle=False)
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no such file")
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+        raise CorpusError(f"{path}: corrupt or truncated npz ({type(e).__name__}: {e})") from e
+
+
+def npz_episodes(path: str, file_index: int, frame_shape=None) -> list[Episode]:
+    """Split one LAPO npz chunk into episodes.
+
+    ``done[t]`` marks obs[t] as the first frame of a new episode: the official PPO loop stores
+    ``dones[step] = next_done`` beside ``obs[step] = next_obs``, and Procgen returns the next
+    episode's first frame together with done=True. Chunks are cut without regard to episodes,
+    so the pieces at both ends of a chunk are kept as (partial) episodes of their own; no
+    episode continues across files.
+    """
+    data = _load_npz(path)
+    if "obs" not in data:
+        raise CorpusError(f"{path}: npz has no 'obs' array (keys: {sorted(data)})")
+    obs = check_frames(data["obs"], frame_shape, where=path)
+    n = len(obs)
+    for key in ("ta", "done", "rewards"):
+        if key in data and len(data[key]) != n:
+            raise CorpusError(f"{path}: '{key}' has length {len(data[key])}, 'obs' has {n}")
+    done = data["done"].astype(bool) if "done" in data else np.zeros(n, bool)
+    starts = [0, *np.flatnonzero(done[1:]) + 1, n]
+    episodes = []
+    for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+        if b - a < 3:  # too short to hold a triplet
+            continue
+        ended = np.zeros(b - a, bool)
+        ended[-1] = b < n  # the episode ended if a new one starts right after it
+        episodes.append(
+            Episode(
+                episode_id=_episodes_file_id(file_index, k),
+                frames=obs[a:b],
+                actions=data["ta"][a:b].astype(np.int64) if "ta" in data else None,
+                rewards=data["rewards"][a:b].astype(np.float32) if "rewards" in data else None,
+                dones=ended,
+            )
+        )
+    if not episodes:
+        raise CorpusError(f"{path}: no episode with at least 3 frames")
+    return episodes
+
+
+class LapoNpzSource(Source):
+    """``root/<game>/<split>/<n>.npz`` (or ``root`` pointing at the split folder itself)."""
+
+    def __init__(self, root: str, game: str | None = None, split: str = "train",
+                 max_segment_frames: int = 256):
+        folder = storage.join(root, game, split) if game else root
+        self.folder = folder
+        self.paths = sorted(
+            storage.list_files(folder, suffix=".npz"),
+            key=lambda p: (len(posixpath.basename(p)), posixpath.basename(p)),
+        )
+        if not self.paths:
+            raise CorpusError(f"{folder}: no .npz files")
+        self.paths = [self._uri(p) for p in self.paths]
+        self.name = f"lapo-npz:{folder}"
+        self.frame_shape = (64, 64, 3)
+        self.has_actions = True
+        self.max_segment_frames = max_segment_frames
+
+    def _uri(self, path: str) -> str:
+        return storage.join(self.folder, posixpath.basename(path)) if "://" in self.folder else path
+
+    def _check(self, path: str) -> dict[str, Any]:
+        try:
+            eps = npz_episodes(path, 0, self.frame_shape)
+        except CorpusError as e:
+            return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
+        return {"path": path, "error": None, "frames": sum(map(len, eps)), "episodes": len(eps),
+                "triplets": sum(len(e) - 2 for e in eps)}
+
+    def scan(self, on_bad: OnBad = "raise") -> ScanReport:
+        return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "npz")
+
+    def segments(self, files: list[str] | None = None):
+        msf, shape = self.max_segment_frames, self.frame_shape
+        index = {p: i for i, p in enumerate(self.paths)}
+
+        def read(_: int, path: str) -> list[dict[str, Any]]:
+            rows = []
+            for ep in npz_episodes(path, index[path], shape):
+                rows.extend(episode_to_rows(ep, msf))
+            return rows
+
+        return _rows_dataset(files or self.paths, read, self.name)
+
+
+# --------------------------------------------------------------------------- video files
+
+
+def decode_video(path: str, frame_size: tuple[int, int]) -> np.ndarray:
+    """All frames of a video as uint8 (T, H, W, 3), resized to ``frame_size`` = (H, W)."""
+    import av
+
+    height, width = frame_size
+    frames = []
+    try:
+        with storage.open_input(path) as f, av.open(f, mode="r") as container:
+            if not container.streams.video:
+                raise CorpusError(f"{path}: file has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(width=width, height=height, format="rgb24"))
+    except CorpusError:
+        raise
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no such file")
+    except Exception as e:  # av.error.InvalidDataError and friends
+        raise CorpusError(f"{path}: corrupt or unreadable video ({type(e).__name__}: {e})") from e
+    if len(frames) < 3:
+        raise CorpusError(f"{path}: video has {len(frames)} frame(s); a triplet needs at least 3")
+    return np.stack(frames)
+
+
+class VideoFolderSource(Source):
+    """Every video file directly inside ``folder``; each file is one episode."""
+
+    def __init__(self, folder: str, frame_size: tuple[int, int] = (64, 64),
+                 max_segment_frames: int = 256):
+        self.folder = folder
+        found = storage.list_files(folder)
+        self.paths = [
+            storage.join(folder, posixpath.basename(p)) if "://" in folder else p
+            for p in found
+            if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
+        ]
+        if not self.paths:
+            raise CorpusError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+        self.name = f"videos:{folder}"
+        self.frame_size = tuple(frame_size)
+        self.frame_shape = (*self.frame_size, 3)
+        self.has_actions = False
+        self.max_segment_frames = max_segment_frames
+
+    def _check(self, path: str) -> dict[str, Any]:
+        try:
+            n = len(decode_video(path, self.frame_size))
+        except CorpusError as e:
+            return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
+        return {"path": path, "error": None, "frames": n, "episodes": 1, "triplets": n - 2}
+
+    def scan(self, on_bad: OnBad = "raise") -> ScanReport:
+        return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "video")
+
+    def segments(self, files: list[str] | None = None):
+        msf, size = self.max_segment_frames, self.frame_size
+        index = {p: i for i, p in enumerate(self.paths)}
+
+        def read(_: int, path: str) -> list[dict[str, Any]]:
+            ep = Episode(_episodes_file_id(index[path], 0), decode_video(path, size))
+            return episode_to_rows(ep, msf)
+
+        return _rows_dataset(files or self.paths, read, self.name)
+
+
+def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | None = None,
+                split: str = "train") -> Source:
+    """Pick the source type from what the folder holds."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no such directory")
+    if storage.exists(storage.join(uri, "manifest.json")) or storage.exists(storage.join(uri, "shards")):
+        return CorpusSource(uri)
+    names = [posixpath.basename(p) for p in storage.list_files(uri)]
+    if any(n.endswith(".npz") for n in names):
+        return LapoNpzSource(uri)
+    if game and storage.exists(storage.join(uri, game, split)):
+        return LapoNpzSource(uri, game=game, split=split)
+    if any(os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS for n in names):
+        return VideoFolderSource(uri, frame_size=frame_size)
+    raise CorpusError(
+        f"{uri}: not a lapo_ray corpus (no manifest.json), no LAPO .npz files and no video files"
+        + (" (the folder is empty)" if not names else f" (found: {', '.join(sorted(names)[:5])})")
+    )

@@ -1,0 +1,142 @@
+"""One way from a path or URI to a filesystem.
+
+Every output of lapo_ray (corpus shards, checkpoints, artifacts) goes through here so that a
+local folder, ``file://``, ``s3://``, ``gs://`` and any fsspec protocol (``memory://`` in tests)
+behave the same. Writes are atomic: a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+_PYARROW_SCHEMES = {"", "file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a local path or a URI.
+
+    pyarrow's native filesystems are preferred (they are what Ray Data and Ray Train use);
+    other protocols are served through fsspec.
+    """
+    uri = os.fspath(uri)
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme in _PYARROW_SCHEMES:
+        if scheme == "":
+            return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.FileSystem.from_uri(uri)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components of a path or URI without touching the scheme."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted file paths (in the filesystem's own form) directly under ``uri``."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    if info.type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"{uri}: not a directory")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+@contextmanager
+def atomic_output(uri: str) -> Iterator[Any]:
+    """Open ``uri`` for binary writing; the file appears under its name only on success.
+
+    The data goes to a hidden temporary sibling first and is moved into place at the end, so an
+    interrupted writer leaves at most a ``.tmp-*`` file that every reader here ignores.
+    """
+    fs, path = resolve(uri)
+    parent, name = posixpath.split(path) if "://" in os.fspath(uri) else os.path.split(path)
+    fs.create_dir(parent, recursive=True)
+    tmp = (posixpath if "://" in os.fspath(uri) else os.path).join(
+        parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    )
+    try:
+        with fs.open_output_stream(tmp) as out:
+            yield out
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with atomic_output(uri) as out:
+        out.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: no such file") from e
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    raw = read_bytes(uri)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: not valid JSON ({e})") from e
+
+
+def append_line(uri: str, line: str) -> None:
+    """Append one line to a text file (metrics.jsonl). Local files append in place; object
+    stores cannot append, so the file is rewritten whole (metrics files are small)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+        return
+    old = read_bytes(uri) if exists(uri) else b""
+    write_bytes(uri, old + line.rstrip("\n").encode() + b"\n")
+
+
+def open_input(uri: str) -> io.RawIOBase:
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
