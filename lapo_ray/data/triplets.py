@@ -33,13 +33,15 @@ class SplitSpec:
     seed: int = 0
 
     def is_val(self, episode_ids: np.ndarray) -> np.ndarray:
+        return (self.episode_hash(episode_ids) % np.uint64(1_000_000)) < np.uint64(round(self.val_fraction * 1_000_000))
+
+    def episode_hash(self, episode_ids: np.ndarray) -> np.ndarray:
         # splitmix64: a fixed, well-mixed hash, so the split is stable across runs and machines.
         x = (np.asarray(episode_ids, dtype=np.uint64) + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15))
         with np.errstate(over="ignore"):
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-        return (x % np.uint64(1_000_000)) < np.uint64(round(self.val_fraction * 1_000_000))
+            return x ^ (x >> np.uint64(31))
 
     def keep(self, episode_ids: np.ndarray, split: Split) -> np.ndarray:
         if split == "all":

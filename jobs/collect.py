@@ -1,0 +1,26 @@
+"""Collect an observation corpus from Procgen on parallel Ray actors.
+
+    python jobs/collect.py                                   # small default corpus
+    python jobs/collect.py --game ninja --frames 1000000 --num-workers 32 --out s3://bucket/ninja
+"""
+
+import sys
+
+from lapo_ray.config import CollectConfig
+from lapo_ray.config.cli import parse_config
+from lapo_ray.data.collect import collect
+from lapo_ray.runtime import init_ray
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(CollectConfig, {"default": CollectConfig}, argv, description=__doc__,
+                          default_preset="default")
+    init_ray()
+    m = collect(cfg)
+    print(f"corpus {cfg.out}: {m.num_frames:,} frames, {m.num_episodes:,} episodes, "
+          f"{m.num_triplets:,} triplets in {len(m.shards)} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

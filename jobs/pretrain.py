@@ -1,0 +1,26 @@
+"""Stages 1 and 2 of LAPO: latent dynamics, latent labelling and latent behaviour cloning.
+
+    python jobs/pretrain.py                       # cpu preset, collects a small corpus first
+    python jobs/pretrain.py --preset paper --corpus s3://bucket/corpus --stage1.num-workers 8 --stage1.use-gpu true
+    ray job submit --working-dir . -- python jobs/pretrain.py
+"""
+
+import json
+import sys
+
+from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
+from lapo_ray.config.cli import parse_config
+from lapo_ray.runtime import init_ray
+from lapo_ray.train.pretrain import run_pretrain
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, argv, description=__doc__)
+    init_ray()
+    summary = run_pretrain(cfg)
+    print(json.dumps({k: summary[k] for k in ("out", "probe") if k in summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Typed configuration of every stage, with named presets and command-line overrides.
+
+This package imports nothing else of lapo_ray: every other room reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lapo_ray.config.data import PROCGEN_GAMES, CollectConfig, PipelineConfig
+from lapo_ray.config.models import (
+    IDMConfig,
+    ModelConfig,
+    PolicyConfig,
+    VQConfig,
+    WorldModelConfig,
+    cpu_model_config,
+    paper_model_config,
+)
+from lapo_ray.config.train import LabelConfig, ProbeConfig, StageConfig, WandbConfig
+
+__all__ = [
+    "PROCGEN_GAMES", "CollectConfig", "PipelineConfig", "IDMConfig", "ModelConfig", "PolicyConfig",
+    "VQConfig", "WorldModelConfig", "LabelConfig", "ProbeConfig", "StageConfig", "WandbConfig",
+    "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict",
+]
+
+
+@dataclass
+class PretrainConfig:
+    """Stages 1 and 2 plus labelling: everything ``jobs/pretrain.py`` runs."""
+
+    out: str = field(default="artifacts/pretrain", metadata={"help": "artifact folder (path or URI)"})
+    corpus: str = field(
+        default="", metadata={"help": "corpus, LAPO npz folder or video folder; empty: collect the default corpus"}
+    )
+    stages: str = field(default="stage1,label,stage2", metadata={"help": "comma list of stage1,label,stage2"})
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    data: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-4, steps=60_000))
+    label: LabelConfig = field(default_factory=LabelConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def validate(self) -> None:
+        unknown = set(self.stage_list()) - {"stage1", "label", "stage2"}
+        if unknown:
+            raise ValueError(f"--stages: unknown stage(s) {sorted(unknown)}; use stage1, label, stage2")
+        self.collect.validate()
+        self.data.validate()
+        self.stage1.validate("stage1")
+        self.stage2.validate("stage2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output or its JSON."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        tp, value = hints[f.name], d[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            value = config_from_dict(tp, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def paper_pretrain() -> PretrainConfig:
+    """The official LAPO hyper-parameters (stage 1: lr 3e-4, batch 128, 50k steps; stage 2:
+    lr 2e-4, batch 128, 60k steps; the paper-size models)."""
+    return PretrainConfig(model=paper_model_config())
+
+
+def cpu_pretrain() -> PretrainConfig:
+    """Small models and budgets so the default job finishes in minutes on 2 CPU cores."""
+    return PretrainConfig(
+        model=cpu_model_config(),
+        stage1=StageConfig(lr=1e-3, batch_size=64, steps=1500, warmup_steps=50, report_every=250,
+                           checkpoint_every=500, cpus_per_worker=1.0),
+        stage2=StageConfig(lr=1e-3, batch_size=64, steps=800, warmup_steps=50, report_every=200,
+                           checkpoint_every=400, cpus_per_worker=1.0),
+        data=PipelineConfig(val_fraction=0.1, local_shuffle_buffer=1024),
+        probe=ProbeConfig(triplets=4096),
+    )
+
+
+PRETRAIN_PRESETS = {"paper": paper_pretrain, "cpu": cpu_pretrain}

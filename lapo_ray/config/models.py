@@ -1,0 +1,128 @@
+"""Model configuration: typed dataclasses for the IDM, world model, VQ bottleneck and latent policy.
+
+The `paper` preset reproduces the official LAPO defaults (schmidtdominik/LAPO, `lapo/config.yaml`
+and the constructor defaults in `lapo/models.py` / `lapo/utils.py`). The `cpu` preset is a
+scaled-down variant sized so that a stage-1 step at batch 64 runs in a fraction of a second on a
+2-core CPU. This module imports nothing from the rest of the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class VQConfig:
+    """VQ-EMA bottleneck: `num_codebooks` codebooks of `num_embs` codes of size `emb_dim`.
+
+    The continuous latent action is split into `num_codebooks * num_discrete_latents` vectors of
+    size `emb_dim`; each vector is quantised independently against its codebook.
+    """
+
+    num_codebooks: int = 2
+    num_discrete_latents: int = 4
+    emb_dim: int = 16
+    num_embs: int = 64
+    commitment_cost: float = 0.05
+    decay: float = 0.999
+    eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
+    # All-reduce the per-batch code counts and sums across data-parallel ranks before the EMA
+    # update, so every rank holds the codebook a single worker would learn on the global batch.
+    sync_ema: bool = True
+
+    @property
+    def latent_dim(self) -> int:
+        return self.num_codebooks * self.num_discrete_latents * self.emb_dim
+
+
+@dataclass
+class IDMConfig:
+    """IMPALA CNN over o[t-1], o[t], o[t+1] stacked on channels, then a linear head to the latent."""
+
+    impala_scale: int = 4
+    impala_channels: tuple[int, ...] = (16, 32, 32)
+    impala_features: int = 256
+
+
+@dataclass
+class WorldModelConfig:
+    """U-Net predicting o[t+1] from (o[t-1], o[t]) and the quantised latent action."""
+
+    base_channels: int = 24
+
+
+@dataclass
+class PolicyConfig:
+    """IMPALA CNN on o[t] predicting the IDM's continuous latent action."""
+
+    impala_scale: int = 4
+    impala_channels: tuple[int, ...] = (16, 32, 32)
+    impala_features: int = 256
+
+
+@dataclass
+class ModelConfig:
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    wm: WorldModelConfig = field(default_factory=WorldModelConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    frame_size: int = 64  # frames are square, frame_size x frame_size
+    channels: int = 3  # colour channels of one frame
+
+    @property
+    def latent_dim(self) -> int:
+        return self.vq.latent_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `dataclasses.asdict`, also accepting the lists that a JSON round trip makes."""
+        subs = {"idm": IDMConfig, "wm": WorldModelConfig, "vq": VQConfig, "policy": PolicyConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in subs:
+                kwargs[key] = _sub_from_dict(subs[key], value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _sub_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+    # JSON has no tuples; the channel lists must come back as tuples to stay hashable and equal.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def paper_model_config() -> ModelConfig:
+    """Official LAPO defaults: IDM 3.69 M params, world model 7.81 M params, latent dim 128."""
+    return ModelConfig()
+
+
+def cpu_model_config() -> ModelConfig:
+    """Small models for 2-core CPU runs at 64x64 (see tests/test_models.py for their sizes)."""
+    return ModelConfig(
+        idm=IDMConfig(impala_scale=1, impala_channels=(16, 32, 32), impala_features=128),
+        wm=WorldModelConfig(base_channels=8),
+        # 2 x 2 latents of 16 codes still carry 16 bits per transition, far above the
+        # log2(15) ~ 3.9 bits of a Procgen action. A faster EMA decay shortens the start-up
+        # transient of the codebook, which matters for runs of a few thousand steps.
+        vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99),
+        policy=PolicyConfig(impala_scale=1, impala_channels=(16, 32, 32), impala_features=128),
+    )
+
+
+MODEL_PRESETS = {"paper": paper_model_config, "cpu": cpu_model_config}
+
+
+def model_preset(name: str) -> ModelConfig:
+    try:
+        return MODEL_PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None

@@ -1,0 +1,74 @@
+"""Configs of the training room: stages 1 and 2, labelling, probe, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class StageConfig:
+    """One Ray Train stage (stage 1: IDM + world model; stage 2: latent behaviour cloning).
+
+    The learning rate warms up from 0.1 x lr over ``warmup_steps`` and then decays linearly to
+    ``final_lr_frac`` x lr, as in the official LAPO code.
+    """
+
+    lr: float = 3e-4
+    batch_size: int = field(default=128, metadata={"help": "global batch, split over workers"})
+    steps: int = 50_000
+    time_budget_min: float = field(
+        default=0.0, metadata={"help": "stop after this many minutes of training (0: no limit)"}
+    )
+    warmup_steps: int = 50
+    final_lr_frac: float = 0.01
+    weight_decay: float = 0.01
+    grad_clip: float = 2.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    report_every: int = 500
+    checkpoint_every: int = 5000
+    val_batches: int = 4
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (VQ distances stay fp32)"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    seed: int = 0
+
+    def validate(self, name: str) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
+            raise ValueError(f"{name}: steps, batch_size and num_workers must be positive")
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"{name}: batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"
+            )
+
+
+@dataclass
+class LabelConfig:
+    """Batch inference of latent actions over the whole corpus (Ray Data actor pool)."""
+
+    batch_size: int = 256
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class ProbeConfig:
+    """The paper's probe: an MLP from latent action to true action, trained on half of the
+    held-out labelled triplets and tested on the other half."""
+
+    triplets: int = 4096
+    hidden: tuple[int, ...] = (128, 128)
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    # The ceiling trains the IDM architecture on the true actions with the same data and steps.
+    ceiling: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """wandb stays offline unless a project or WANDB_API_KEY is given; it never blocks."""
+
+    project: str = ""
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"

@@ -1,0 +1,79 @@
+"""Behaviour policies for collecting a corpus.
+
+A policy is any object with ``__call__(obs) -> actions`` on a batch of uint8 frames
+(N, H, W, C) returning int64 actions (N,), plus an optional ``reset(mask)`` called with a
+boolean mask of sub-environments whose episodes just ended.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+
+NUM_ACTIONS = 15  # every Procgen game has the same 15-action set
+
+
+class Policy(Protocol):
+    def __call__(self, obs: np.ndarray) -> np.ndarray: ...
+
+
+class RandomPolicy:
+    """Uniform random actions."""
+
+    def __init__(self, num_envs: int, seed: int = 0, num_actions: int = NUM_ACTIONS):
+        self.rng = np.random.default_rng(seed)
+        self.num_envs, self.num_actions = num_envs, num_actions
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return self.rng.integers(0, self.num_actions, size=len(obs), dtype=np.int64)
+
+    def reset(self, mask: np.ndarray) -> None:
+        pass
+
+
+class StickyRandomPolicy(RandomPolicy):
+    """Random actions held for several steps: repeat the last action with probability ``p``.
+
+    Held actions move the agent far enough that a move is visible in o[t+1] - o[t] more often
+    than under per-step uniform noise, which is what a small IDM needs to pick actions up.
+    Every action still appears at the same marginal rate (uniform), so probes stay fair.
+    """
+
+    def __init__(self, num_envs: int, repeat_prob: float, seed: int = 0, num_actions: int = NUM_ACTIONS):
+        if not 0.0 <= repeat_prob < 1.0:
+            raise ValueError(f"sticky policy repeat probability must be in [0, 1), got {repeat_prob}")
+        super().__init__(num_envs, seed, num_actions)
+        self.repeat_prob = repeat_prob
+        self.last = self.rng.integers(0, num_actions, size=num_envs, dtype=np.int64)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        fresh = self.rng.integers(0, self.num_actions, size=len(obs), dtype=np.int64)
+        keep = self.rng.random(len(obs)) < self.repeat_prob
+        self.last = np.where(keep, self.last, fresh)
+        return self.last.copy()
+
+
+def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
+    """Build a policy from its command-line spec.
+
+    ``random``; ``sticky:P``; or ``package.module:factory``, a callable taking
+    ``(num_envs=..., seed=...)`` and returning a policy (how later stages plug in checkpoints).
+    """
+    if spec == "random":
+        return RandomPolicy(num_envs, seed)
+    if spec.startswith("sticky:"):
+        try:
+            p = float(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: expected 'sticky:P' with P a number in [0, 1)") from None
+        return StickyRandomPolicy(num_envs, p, seed)
+    if ":" in spec:
+        module, _, name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"policy {spec!r}: cannot load {name!r} from {module!r} ({e})") from e
+        return factory(num_envs=num_envs, seed=seed)
+    raise ValueError(f"policy {spec!r}: expected 'random', 'sticky:P' or 'module:factory'")

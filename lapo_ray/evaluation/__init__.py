@@ -1,0 +1,1 @@
+"""Evaluation: the latent-action probe and its references, plots and reports."""

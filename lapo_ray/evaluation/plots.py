@@ -1,0 +1,78 @@
+"""PNG plots a person would rather look at than read: loss curves and the latent-action map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: str) -> None:
+    """Stage 1 (world-model loss train/val, VQ perplexity, probe accuracy) and stage 2 losses."""
+    plt = _plt()
+    s1 = [r for r in rows if r.get("stage") == "stage1"]
+    s2 = [r for r in rows if r.get("stage") == "stage2"]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+
+    def series(rs, key):
+        pts = [(r["step"], r[key]) for r in rs if key in r]
+        return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+    ax = axes[0]
+    for key, label in (("train/wm_loss", "train"), ("val/wm_loss", "validation")):
+        x, y = series(s1, key)
+        ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.set(title="stage 1: world-model loss", xlabel="step", ylabel="MSE", yscale="log")
+    ax.legend()
+    ax = axes[1]
+    for key in sorted({k for r in s1 for k in r if k.startswith("train/vq_perplexity")}):
+        x, y = series(s1, key)
+        ax.plot(x, y, marker="o", ms=3, label=key.split("_")[-1])
+    ax.set(title="stage 1: VQ perplexity per codebook", xlabel="step")
+    ax.legend()
+    ax = axes[2]
+    x, y = series(s1, "probe/acc")
+    ax.plot(x, y, marker="o", ms=3, label="probe accuracy (held-out)")
+    ax.set(title="stage 1: latent -> true action probe", xlabel="step", ylim=(0, 1))
+    ax.legend()
+    ax = axes[3]
+    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
+        x, y = series(s2, key)
+        ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.set(title="stage 2: latent BC loss", xlabel="step", ylabel="MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T
+
+
+def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: str = "") -> None:
+    """2-D PCA of latent actions, one colour per true action."""
+    plt = _plt()
+    xy = pca_2d(latents)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20")
+    for a in np.unique(actions):
+        m = actions == a
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.6, color=cmap(int(a) % 20), label=str(int(a)))
+    ax.set(title=title or "latent actions (PCA), coloured by true action", xlabel="PC 1", ylabel="PC 2")
+    ax.legend(title="action", markerscale=3, fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,68 @@
+"""The checkpoint contract: a directory any job can rebuild a model from, on any machine.
+
+    model.pt       state_dict of the unwrapped model (parameters and buffers, EMA codebook included)
+    optimizer.pt   optimiser state
+    state.json     {"step", "train_seconds", "stage"}
+    config.json    the resolved PretrainConfig (``lapo_ray.config.config_from_dict`` reads it)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from lapo_ray import storage
+
+
+def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any], config: dict[str, Any]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_checkpoint(directory: str, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimiser state) in place; return ``state.json``."""
+    model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True))
+    opt_path = os.path.join(directory, "optimizer.pt")
+    if optimizer is not None and os.path.exists(opt_path):
+        optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
+    with open(os.path.join(directory, "state.json")) as f:
+        return json.load(f)
+
+
+def read_checkpoint_config(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)
+
+
+def latest_checkpoint(stage_uri: str) -> str | None:
+    """The newest ``checkpoint_*`` folder that Ray Train wrote under a stage's run folder."""
+    if not storage.exists(stage_uri):
+        return None
+    fs, path = storage.resolve(stage_uri)
+    import pyarrow.fs as pafs
+
+    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
+            and os.path.basename(i.path).startswith("checkpoint_")]
+    best, best_step = None, -1
+    for d in dirs:
+        try:
+            with fs.open_input_stream(f"{d}/state.json") as f:
+                step = json.loads(f.read())["step"]
+        except (OSError, FileNotFoundError, KeyError, ValueError):
+            continue  # a checkpoint still being uploaded or broken: skip it
+        if step > best_step:
+            best, best_step = d, step
+    if best is None:
+        return None
+    return best if "://" not in stage_uri else stage_uri.split("://")[0] + "://" + best

@@ -1,0 +1,205 @@
+"""The data-parallel training loop that stages 1 and 2 share, run by every Ray Train worker.
+
+What differs between the stages lives in a ``StageTask`` (build the model, compute the loss,
+evaluate); everything else is here once: sharded input from Ray Data, DDP, the LAPO learning-rate
+schedule, bf16 autocast, time budget, metrics, checkpoints and resuming after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from lapo_ray.config import PipelineConfig, StageConfig
+from lapo_ray.data.triplets import torch_batches
+from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+class StageTask(Protocol):
+    name: str
+
+    def build(self) -> torch.nn.Module: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss of one batch, plus scalar metrics to average over the report window."""
+
+    def validate(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Metrics on held-out batches (model in eval mode, no grad)."""
+
+    def extra_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Costly metrics computed on rank 0 only at each report (e.g. the probe)."""
+
+
+def lr_factor(step: int, cfg: StageConfig) -> float:
+    """Linear warm-up from 0.1 to 1, then linear decay to ``final_lr_frac`` (official LAPO)."""
+    if step < cfg.warmup_steps:
+        return 0.1 + 0.9 * step / max(1, cfg.warmup_steps)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 1.0 + (cfg.final_lr_frac - 1.0) * min(frac, 1.0)
+
+
+@dataclass
+class _Window:
+    """Accumulates timings and metrics between two reports."""
+
+    start: float
+    steps: int = 0
+    wait: float = 0.0
+    sums: dict[str, float] | None = None
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.sums = self.sums or {}
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in (self.sums or {}).items()}
+
+
+def _all_reduce_max(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _batches_forever(shard, batch_size: int, pipe: PipelineConfig, start_epoch: int) -> Iterator[tuple[int, dict]]:
+    epoch = start_epoch
+    while True:
+        n = 0
+        for batch in torch_batches(shard, batch_size, pipe, drop_last=True, epoch=epoch):
+            n += 1
+            yield epoch, batch
+        if n == 0:
+            raise RuntimeError(
+                f"the training split yields no batch of {batch_size} triplets per worker; "
+                "use a smaller batch size, fewer workers or a larger corpus"
+            )
+        epoch += 1
+
+
+def run_stage(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for ``TorchTrainer``. ``config`` holds ``task`` (a StageTask),
+    ``stage`` (StageConfig), ``pipeline`` (PipelineConfig) and ``run_config`` (the resolved
+    PretrainConfig as a dict, stored in every checkpoint)."""
+    import ray.train
+    import ray.train.torch
+
+    task: StageTask = config["task"]
+    sink = config.get("sink") if ray.train.get_context().get_world_rank() == 0 else None
+    cfg: StageConfig = config["stage"]
+    pipe: PipelineConfig = config["pipeline"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    model = task.build().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, epoch, train_seconds, resumed_from = 0, 0, 0.0, -1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d, model, optimizer)
+        step, epoch, train_seconds = state["step"], state.get("epoch", 0), state.get("train_seconds", 0.0)
+        resumed_from = step
+        if rank == 0:
+            print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
+    # The VQ codebook is synchronised by the VQ module itself (all-reduced EMA statistics);
+    # DDP's buffer broadcast would overwrite every rank's update with rank 0's.
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"broadcast_buffers": False}
+    ) if world > 1 else model.to(ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+
+    local_bs = cfg.batch_size // world
+    val_batches = []
+    if cfg.val_batches > 0:
+        val_shard = ray.train.get_dataset_shard("val")
+        for i, b in enumerate(torch_batches(val_shard, local_bs, PipelineConfig(local_shuffle_buffer=0))):
+            val_batches.append(b)
+            if i + 1 >= cfg.val_batches:
+                break
+    batches = _batches_forever(ray.train.get_dataset_shard("train"), local_bs, pipe, epoch)
+    autocast = cfg.bf16 and device.type == "cpu" or (cfg.bf16 and device.type == "cuda")
+    budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
+
+    window = _Window(start=time.perf_counter())
+    stop = step >= cfg.steps
+    while not stop:
+        t0 = time.perf_counter()
+        epoch, batch = next(batches)
+        t1 = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        ddp_model.train()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, metrics = task.loss(ddp_model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        t2 = time.perf_counter()
+        train_seconds += t2 - t0
+        window.steps += 1
+        window.wait += t1 - t0
+        window.add({**metrics, "grad_norm": float(grad_norm)})
+
+        over_budget = train_seconds >= budget_s
+        if step % 10 == 0 or over_budget:
+            over_budget = _all_reduce_max(float(over_budget), world) > 0
+        stop = step >= cfg.steps or over_budget
+        is_report = stop or step % cfg.report_every == 0
+        if not is_report:
+            continue
+
+        elapsed = time.perf_counter() - window.start
+        out = {f"train/{k}": v for k, v in window.means().items()}
+        model.eval()
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            val = [{k: v.to(device) for k, v in b.items()} for b in val_batches]
+            out.update({f"val/{k}": v for k, v in task.validate(model, val).items()} if val else {})
+        if rank == 0:
+            out.update(task.extra_metrics(model))
+        out.update({
+            "step": step, "epoch": epoch, "lr": cfg.lr * lr_factor(step - 1, cfg),
+            "samples_per_s": window.steps * cfg.batch_size / elapsed,
+            "samples_per_s_per_worker": window.steps * local_bs / elapsed,
+            "data_wait_frac": window.wait / elapsed, "train_seconds": train_seconds,
+            "world_size": world, "resumed_from_step": resumed_from, "done": stop,
+            "stop_reason": ("steps" if step >= cfg.steps else "time_budget") if stop else "",
+        })
+        is_ckpt = stop or step % cfg.checkpoint_every == 0
+        if is_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, model, optimizer,
+                                {"step": step, "epoch": epoch, "train_seconds": train_seconds, "stage": task.name,
+                                 "done": stop},
+                                config["run_config"])
+                ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(out)
+        if rank == 0:
+            steps_per_s = window.steps / elapsed
+            eta = min((cfg.steps - step) / steps_per_s, max(budget_s - train_seconds, 0.0))
+            print(f"[{task.name}] step {step}/{cfg.steps} ({100 * step / cfg.steps:.0f}%) "
+                  + " ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float) and "/" in k)
+                  + f" | {steps_per_s:.2f} steps/s, {out['samples_per_s']:.0f} samples/s, "
+                  f"data wait {100 * out['data_wait_frac']:.0f}% | ETA {eta / 60:.1f} min",
+                  flush=True)
+            if sink is not None:
+                sink.log(out)
+        window = _Window(start=time.perf_counter())
+    if sink is not None:
+        sink.finish()

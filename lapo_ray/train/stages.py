@@ -1,0 +1,85 @@
+"""What stages 1 and 2 train: the ``StageTask``s that ``loop.run_stage`` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lapo_ray.config import ModelConfig, ProbeConfig
+from lapo_ray.models import LatentDynamics, LatentPolicy
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class ProbeSet:
+    """Held-out labelled triplets for the probe, with the test half fixed once."""
+
+    frames: np.ndarray  # uint8 (N, 3, H, W, C)
+    actions: np.ndarray  # int64 (N,)
+    test_mask: np.ndarray  # bool (N,)
+
+
+@dataclass
+class Stage1Task:
+    """IDM + world model: reconstruct o[t+1] through the VQ latent action."""
+
+    model_cfg: ModelConfig
+    probe_cfg: ProbeConfig = field(default_factory=ProbeConfig)
+    probe_set: ProbeSet | None = None
+    name: str = "stage1"
+
+    def build(self) -> torch.nn.Module:
+        return LatentDynamics(self.model_cfg)
+
+    def loss(self, model, batch):
+        out = model(batch["frames"])
+        metrics = {"loss": out["loss"].item(), "wm_loss": out["wm_loss"].item(), "vq_loss": out["vq_loss"].item()}
+        for i, (p, u) in enumerate(zip(out["perplexity"].tolist(), out["usage"].tolist())):
+            metrics[f"vq_perplexity_cb{i}"] = p
+            metrics[f"vq_usage_cb{i}"] = u
+        return out["loss"], metrics
+
+    def validate(self, model, batches):
+        losses = [model(b["frames"])["wm_loss"].item() for b in batches]
+        return {"wm_loss": float(np.mean(losses))}
+
+    def extra_metrics(self, model) -> dict[str, float]:
+        if self.probe_set is None:
+            return {}
+        from lapo_ray.evaluation.probe import encode_in_batches, probe_accuracy
+
+        dyn = _unwrap(model)
+        with torch.autocast("cpu", enabled=False):
+            latents = encode_in_batches(lambda f: dyn.encode(f)[0], self.probe_set.frames)
+        acc = probe_accuracy(latents, self.probe_set.actions, self.probe_set.test_mask, self.probe_cfg)
+        return {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"]}
+
+
+@dataclass
+class Stage2Task:
+    """Latent behaviour cloning: predict the IDM's continuous latent action from o[t]."""
+
+    model_cfg: ModelConfig
+    name: str = "stage2"
+
+    def build(self) -> torch.nn.Module:
+        c = self.model_cfg
+        return LatentPolicy(c.policy, c.latent_dim, c.channels, c.frame_size)
+
+    def loss(self, model, batch):
+        loss = F.mse_loss(model(batch["obs"]).float(), batch["latent"].float())
+        return loss, {"loss": loss.item()}
+
+    def validate(self, model, batches):
+        return {"loss": float(np.mean([F.mse_loss(model(b["obs"]).float(), b["latent"].float()).item()
+                                       for b in batches]))}
+
+    def extra_metrics(self, model) -> dict[str, float]:
+        return {}

@@ -1,0 +1,45 @@
+"""Driver side of stages 1 and 2: one ``TorchTrainer`` per stage over Ray Data shards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lapo_ray import storage
+from lapo_ray.config import PipelineConfig, StageConfig
+from lapo_ray.train.loop import StageTask, run_stage
+from lapo_ray.train.metrics import MetricsSink
+
+
+def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds, val_ds,
+              out_uri: str, run_config: dict[str, Any], sink: MetricsSink | None = None):
+    """Train ``task`` data-parallel on ``cfg.num_workers`` workers and return the Ray Train Result.
+
+    Checkpoints go to ``<out_uri>/<task.name>/checkpoint_*``. Ray Train restores the run's state
+    from that folder, so running the same stage again into the same artifact folder continues
+    from its latest checkpoint instead of starting over; a worker that dies restarts the group
+    from the last checkpoint up to ``cfg.max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = storage.resolve(out_uri)
+    trainer = TorchTrainer(
+        run_stage,
+        train_loop_config={"task": task, "stage": cfg, "pipeline": pipe, "run_config": run_config, "sink": sink},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=task.name,
+            storage_path=path,
+            storage_filesystem=None if storage.is_local(out_uri) else fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Validation batches are the same on every rank; only the training set is split.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
