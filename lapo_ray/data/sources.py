@@ -100,8 +100,12 @@ def _scan_parallel(paths: list[str], check: Callable[[str], dict[str, Any]]) -> 
 
     if not ray.is_initialized() or len(paths) < 4:
         return [check(p) for p in paths]
-    remote = ray.remote(num_cpus=1)(check).options(name="lapo-scan-file")
-    return ray.get([remote.remote(p) for p in paths])
+    remote = ray.remote(num_cpus=1)(_apply).options(name="lapo-scan-file")
+    return ray.get([remote.remote(check, p) for p in paths])
+
+
+def _apply(fn: Callable[[str], dict[str, Any]], path: str) -> dict[str, Any]:
+    return fn(path)
 
 
 def _rows_dataset(paths: list[str], read: Callable[[int, str], list[dict[str, Any]]], name: str):

@@ -37,8 +37,8 @@ class SplitSpec:
 
     def episode_hash(self, episode_ids: np.ndarray) -> np.ndarray:
         # splitmix64: a fixed, well-mixed hash, so the split is stable across runs and machines.
-        x = (np.asarray(episode_ids, dtype=np.uint64) + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15))
         with np.errstate(over="ignore"):
+            x = np.asarray(episode_ids, dtype=np.uint64) + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15)
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             return x ^ (x >> np.uint64(31))
@@ -97,12 +97,24 @@ def segments_to_triplets(
     for i in np.flatnonzero(keep):
         frames = decode_frames(blobs[i].as_py(), int(counts[i]), frame_shape)
         parts.append(segment_triplets(frames, int(ids[i]), int(starts[i]), actions[i]))
-    return _concat(parts, frame_shape)
+    out = _concat(parts, frame_shape)
+    if len(out["step"]) == 0:
+        # Ray Data cannot infer a tensor column type from zero rows and would fall back to
+        # pickled objects for the whole column; a one-row block sliced to zero keeps the type.
+        from ray.data.block import BlockAccessor
+
+        one = _concat([segment_triplets(np.zeros((3, *frame_shape), np.uint8), 0, 0, None)], frame_shape)
+        return BlockAccessor.batch_to_block(one).slice(0, 0)
+    return out
 
 
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
     """A streaming Ray Dataset of triplets for ``split`` (never materialised as a whole)."""
     ds = source.segments(files)
+    # Streaming execution hands out blocks in completion order; keeping the plan's order makes
+    # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
+    # across workers still hands blocks to whichever worker asks first).
+    ds.context.execution_options.preserve_order = True
     if cfg.global_shuffle == "files" or cfg.global_shuffle == "segments":
         ds = ds.randomize_block_order(seed=cfg.shuffle_seed)
     if cfg.global_shuffle == "segments":

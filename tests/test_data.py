@@ -1,0 +1,409 @@
+"""The data room: corpus format, the three sources, the triplet pipeline, collection, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lapo_ray.config import CollectConfig, PipelineConfig
+from lapo_ray.data.corpus import (
+    CorpusError,
+    Episode,
+    check_frames,
+    read_manifest,
+    segment_bounds,
+    write_corpus,
+)
+from lapo_ray.data.sources import CorpusSource, LapoNpzSource, VideoFolderSource, open_source
+from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, torch_batches, triplet_dataset
+
+SHAPE = (8, 8, 3)
+
+
+def labelled_episode(eid: int, length: int) -> Episode:
+    """Frames that encode (episode, step) in pixels, so every triplet can be checked exactly."""
+    f = np.zeros((length, *SHAPE), np.uint8)
+    f[:, 0, 0, 0] = np.arange(length) % 256
+    f[:, 0, 0, 1] = np.arange(length) // 256
+    f[:, 0, 0, 2] = eid
+    return Episode(eid, f, actions=np.arange(length) + 1000 * eid, rewards=np.ones(length, np.float32))
+
+
+def check_triplets(batches) -> list[tuple[int, int]]:
+    seen = []
+    for b in batches:
+        frames = np.asarray(b["frames"])
+        for e, s, fr, a in zip(np.asarray(b["episode_id"]), np.asarray(b["step"]), frames, np.asarray(b["action"])):
+            # All three frames come from one episode, at t-1, t, t+1.
+            assert fr[:, 0, 0, 2].tolist() == [e] * 3
+            t = fr[:, 0, 0, 0].astype(int) + 256 * fr[:, 0, 0, 1].astype(int)
+            assert t.tolist() == [s - 1, s, s + 1]
+            assert a == s + 1000 * e  # the action taken at o[t]
+            seen.append((int(e), int(s)))
+    return seen
+
+
+LENGTHS = [5, 3, 300, 600, 2, 17, 1, 258, 259]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus"))
+    write_corpus(root, [labelled_episode(i, n) for i, n in enumerate(LENGTHS)], "coinrun",
+                 shard_frames=250, max_segment_frames=64)
+    return root
+
+
+@pytest.mark.parametrize("length", [3, 4, 63, 64, 65, 66, 127, 300])
+@pytest.mark.parametrize("max_len", [3, 4, 64])
+def test_segments_own_every_triplet_exactly_once(length, max_len):
+    centres = []
+    for start, stop in segment_bounds(length, max_len):
+        assert stop - start <= max_len
+        centres.extend(range(start + 1, stop - 1))
+    assert centres == list(range(1, length - 1))
+
+
+def test_manifest_counts(corpus):
+    m = read_manifest(corpus)
+    assert m.num_frames == sum(LENGTHS)
+    assert m.num_triplets == sum(max(n - 2, 0) for n in LENGTHS)
+    assert m.num_episodes == len(LENGTHS)
+    assert m.columns == ["actions", "rewards"]  # what labelled_episode provides, no dones
+    assert sum(s.frames for s in m.shards) == m.num_frames
+    assert len(m.shards) >= 3  # several shards, so files are a real boundary in the tests
+
+
+def test_plain_reader_yields_every_triplet_once(corpus):
+    src = CorpusSource(corpus)
+    seen = check_triplets(iter_plain_batches(src, "all", batch_size=50))
+    expected = {(i, t) for i, n in enumerate(LENGTHS) for t in range(1, n - 1)}
+    assert len(seen) == len(expected) == read_manifest(corpus).num_triplets
+    assert set(seen) == expected
+
+
+def test_ray_pipeline_yields_every_triplet_once_and_splits_by_episode(corpus, ray_local):
+    src = CorpusSource(corpus)
+    cfg = PipelineConfig(val_fraction=0.3, split_seed=3)
+    got = {}
+    for split in ("train", "val", "all"):
+        ds = triplet_dataset(src, split, cfg)
+        got[split] = check_triplets(torch_batches(ds, 64, cfg))
+        assert len(got[split]) == len(set(got[split])), f"{split}: a triplet appeared twice"
+    expected = {(i, t) for i, n in enumerate(LENGTHS) for t in range(1, n - 1)}
+    assert set(got["all"]) == expected
+    assert set(got["train"]) | set(got["val"]) == expected
+    train_eps, val_eps = {e for e, _ in got["train"]}, {e for e, _ in got["val"]}
+    assert train_eps and val_eps and not train_eps & val_eps, "an episode is in both splits"
+    spec = SplitSpec(0.3, 3)
+    assert val_eps == {e for e in range(len(LENGTHS)) if spec.is_val(np.array([e]))[0] and LENGTHS[e] > 2}
+
+
+def test_shuffle_is_seeded(corpus, ray_local):
+    src = CorpusSource(corpus)
+
+    def order(seed):
+        cfg = PipelineConfig(shuffle_seed=seed, local_shuffle_buffer=256)
+        return [s for b in torch_batches(triplet_dataset(src, "all", cfg), 100, cfg)
+                for s in zip(b["episode_id"].tolist(), b["step"].tolist())]
+
+    a, b, c = order(1), order(1), order(2)
+    assert sorted(a) == sorted(c)
+    assert a == b, "the same seed must give the same order"
+    assert a != c
+    plain = [s for b in iter_plain_batches(src, "all", 100) for s in zip(b["episode_id"].tolist(), b["step"].tolist())]
+    assert a != plain
+
+
+def test_split_spec_is_stable_and_near_fraction():
+    spec = SplitSpec(val_fraction=0.1, seed=0)
+    ids = np.arange(20000)
+    frac = spec.is_val(ids).mean()
+    assert 0.09 < frac < 0.11
+    assert np.array_equal(spec.is_val(ids), SplitSpec(0.1, 0).is_val(ids))
+    assert not np.array_equal(spec.is_val(ids), SplitSpec(0.1, 1).is_val(ids))
+
+
+# ----------------------------------------------------------------------------- LAPO npz
+
+
+def write_lapo_npz(folder, n_files=2, n=200, seed=0, drop=None, **override):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    data = []
+    for k in range(n_files):
+        obs = rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
+        done = np.zeros(n, bool)
+        done[[50, 51, 120]] = True  # episodes [0,50) [50,51) [51,120) [120,n): one too short
+        arrays = {"obs": obs, "ta": rng.integers(0, 15, n), "done": done,
+                  "rewards": rng.random(n).astype(np.float32), "ep_returns": np.zeros(n, np.float32),
+                  "values": np.zeros(n, np.float32), **override}
+        if drop:
+            arrays.pop(drop)
+        np.savez(os.path.join(folder, f"{k}.npz"), **arrays)
+        data.append(arrays)
+    return data
+
+
+def test_lapo_npz_layout_reads_back_frames(tmp_path, ray_local):
+    folder = tmp_path / "bigfish" / "train"
+    data = write_lapo_npz(folder)
+    src = open_source(str(tmp_path), game="bigfish")
+    assert isinstance(src, LapoNpzSource)
+    scan = src.scan()
+    # Per file: episodes of 50, 1 (dropped: < 3 frames), 69 and 80 frames.
+    assert scan.episodes == 2 * 3
+    assert scan.triplets == 2 * (48 + 67 + 78)
+    n = 0
+    for b in triplet_dataset(src, "all", PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)).iter_batches(
+            batch_size=128, batch_format="numpy"):
+        for e, t, fr, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
+            file_idx, ep = int(e) >> 24, int(e) & 0xFFFFFF
+            start = [0, 51, 120][[0, 2, 3].index(ep)]
+            g = start + int(t)  # global index within the file
+            np.testing.assert_array_equal(fr, data[file_idx]["obs"][g - 1 : g + 2])
+            assert a == data[file_idx]["ta"][g]
+            n += 1
+    assert n == scan.triplets
+
+
+def test_npz_without_obs_names_the_file(tmp_path):
+    write_lapo_npz(tmp_path, n_files=1, drop="obs")
+    with pytest.raises(CorpusError, match=r"0\.npz.*'obs'"):
+        LapoNpzSource(str(tmp_path)).scan()
+
+
+def test_truncated_npz_names_the_file(tmp_path):
+    write_lapo_npz(tmp_path, n_files=1)
+    path = tmp_path / "0.npz"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CorpusError, match=r"0\.npz: corrupt or truncated npz"):
+        LapoNpzSource(str(tmp_path)).scan()
+
+
+@pytest.mark.parametrize("obs,msg", [
+    (np.zeros((200, 64, 64, 3), np.float32), "must be uint8"),
+    (np.zeros((200, 32, 32, 3), np.uint8), r"expected \(64, 64, 3\)"),
+    (np.zeros((200, 64, 64), np.uint8), r"shape \(T, H, W, C\)"),
+])
+def test_npz_wrong_frames(tmp_path, obs, msg):
+    write_lapo_npz(tmp_path, n_files=1, obs=obs)
+    with pytest.raises(CorpusError, match=r"0\.npz.*" + msg):
+        LapoNpzSource(str(tmp_path)).scan()
+
+
+def test_bad_files_can_be_skipped_and_are_reported(tmp_path, ray_local):
+    write_lapo_npz(tmp_path, n_files=3)
+    (tmp_path / "1.npz").write_bytes(b"not an npz")
+    src = LapoNpzSource(str(tmp_path))
+    with pytest.raises(CorpusError, match=r"1 bad npz file"):
+        src.scan()
+    report = src.scan(on_bad="skip")
+    assert len(report.files) == 2 and len(report.bad_files) == 1
+    assert report.bad_files[0][0].endswith("1.npz")
+    assert "skipped 1 bad files" in report.summary()
+    n = sum(len(b["step"]) for b in triplet_dataset(src, "all", PipelineConfig(), report.files)
+            .iter_batches(batch_size=256, batch_format="numpy"))
+    assert n == report.triplets == 2 * (48 + 67 + 78)
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def moving_square_frames(n, h=64, w=64):
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    frames[..., 2] = 40
+    for t in range(n):
+        y, x = (4 + 3 * t) % (h - 16), (8 + 5 * t) % (w - 16)
+        frames[t, y : y + 16, x : x + 16] = (230, 200, 30)
+    return frames
+
+
+def encode_video(path, frames, codec, pix_fmt, options=None):
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=15)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt
+        if options:
+            stream.options = options
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+VIDEO_FORMATS = [  # (file name, codec, pix_fmt, options, max mean abs error)
+    ("a.avi", "png", "rgb24", None, 0.0),          # lossless: exact
+    ("b.mkv", "ffv1", "bgr0", None, 0.0),          # lossless: exact
+    ("c.mp4", "libx264", "yuv444p", {"crf": "0"}, 2.0),
+    ("d.webm", "libvpx-vp9", "yuv444p", {"lossless": "1"}, 2.0),
+]
+
+
+def test_video_round_trip(tmp_path, ray_local):
+    truth = {}
+    for i, (name, codec, pix, opts, _) in enumerate(VIDEO_FORMATS):
+        truth[name] = moving_square_frames(20 + i)
+        encode_video(tmp_path / name, truth[name], codec, pix, opts)
+    src = open_source(str(tmp_path))
+    assert isinstance(src, VideoFolderSource)
+    scan = src.scan()
+    assert scan.frames == sum(len(f) for f in truth.values())
+    assert scan.triplets == sum(len(f) - 2 for f in truth.values())
+    names = sorted(truth)
+    got = {}
+    for b in triplet_dataset(src, "all", PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)).iter_batches(
+            batch_size=64, batch_format="numpy"):
+        for e, t, fr, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
+            got[(names[int(e) >> 24], int(t))] = fr
+            assert a == -1  # videos carry no actions
+    for name, codec, pix, opts, tol in VIDEO_FORMATS:
+        ref = truth[name]
+        for t in range(1, len(ref) - 1):
+            err = np.abs(got[(name, t)].astype(int) - ref[t - 1 : t + 2].astype(int)).mean()
+            assert err <= tol, f"{name} ({codec}) frame {t}: mean abs error {err:.2f}"
+    assert len(got) == scan.triplets
+
+
+def test_video_is_resized_to_the_frame_size(tmp_path):
+    encode_video(tmp_path / "big.avi", moving_square_frames(5, 96, 128), "png", "rgb24")
+    src = VideoFolderSource(str(tmp_path), frame_size=(64, 64))
+    from lapo_ray.data.sources import decode_video
+
+    frames = decode_video(src.paths[0], (64, 64))
+    assert frames.shape == (5, 64, 64, 3) and frames.dtype == np.uint8
+
+
+def test_short_corrupt_and_truncated_videos_name_the_file(tmp_path):
+    encode_video(tmp_path / "short.avi", moving_square_frames(2), "png", "rgb24")
+    (tmp_path / "garbage.mp4").write_bytes(os.urandom(4096))
+    encode_video(tmp_path / "cut.mp4", moving_square_frames(30), "libx264", "yuv420p")
+    data = (tmp_path / "cut.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    src = VideoFolderSource(str(tmp_path))
+    with pytest.raises(CorpusError) as err:
+        src.scan()
+    msg = str(err.value)
+    assert "3 bad video file(s)" in msg
+    assert "short.avi: video has 2 frame(s); a triplet needs at least 3" in msg
+    assert "garbage.mp4: corrupt or unreadable video" in msg
+    assert "cut.mp4: corrupt or unreadable video" in msg
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope: no such directory"):
+        open_source(str(tmp_path / "nope"))
+    with pytest.raises(CorpusError, match="the folder is empty"):
+        open_source(str(tmp_path))
+    with pytest.raises(CorpusError, match="no video files"):
+        VideoFolderSource(str(tmp_path))
+    with pytest.raises(CorpusError, match=r"no \.npz files"):
+        LapoNpzSource(str(tmp_path))
+
+
+def test_check_frames_messages():
+    with pytest.raises(CorpusError, match="ep 3: frames must be uint8, got dtype int64"):
+        check_frames(np.zeros((4, 8, 8, 3), np.int64), None, "ep 3")
+    with pytest.raises(CorpusError, match=r"ep 3: frames have shape \(H, W, C\) = \(8, 8, 1\), expected \(8, 8, 3\)"):
+        check_frames(np.zeros((4, 8, 8, 1), np.uint8), (8, 8, 3), "ep 3")
+
+
+def test_corpus_missing_shard_is_reported(corpus, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(corpus, copy)
+    victim = read_manifest(str(copy)).shards[1].path
+    os.remove(copy / victim)
+    with pytest.raises(CorpusError, match=rf"{os.path.basename(victim)}: shard listed in manifest.json is missing"):
+        CorpusSource(str(copy)).scan()
+
+
+# ----------------------------------------------------------------------------- collection
+
+
+def small_collect(out, **kw) -> CollectConfig:
+    base = dict(out=str(out), frames=3000, num_workers=2, envs_per_worker=4, shard_frames=600, game="coinrun")
+    return CollectConfig(**{**base, **kw})
+
+
+def test_collect_writes_a_valid_corpus(tmp_path, ray_local):
+    from lapo_ray.data.collect import collect
+
+    cfg = small_collect(tmp_path / "c")
+    m = collect(cfg)
+    assert m.game == "coinrun" and m.frame_shape == (64, 64, 3)
+    assert cfg.frames <= m.num_frames < cfg.frames + 2 * cfg.envs_per_worker
+    assert m.columns == ["actions", "dones", "rewards"]
+    assert m.made_by["policy"] == "sticky:0.75"
+    assert all(os.path.basename(s.path).startswith(("w000-", "w001-")) for s in m.shards)
+    seen = check_episodes(str(tmp_path / "c"))
+    assert seen == m.num_triplets
+    with pytest.raises(CorpusError, match="already holds a finished corpus"):
+        collect(cfg)
+
+
+def check_episodes(root) -> int:
+    """Steps are contiguous per episode and each frame differs from a Procgen reset frame only
+    through play: check the triplet count and step continuity through the plain reader."""
+    src = CorpusSource(root)
+    steps: dict[int, list[int]] = {}
+    for b in iter_plain_batches(src, "all", 512):
+        for e, s in zip(b["episode_id"].tolist(), b["step"].tolist()):
+            steps.setdefault(e, []).append(s)
+    for e, s in steps.items():
+        assert sorted(s) == list(range(1, len(s) + 1)), f"episode {e} has gaps"
+    return sum(len(s) for s in steps.values())
+
+
+def test_collect_resumes_and_refuses_other_settings(tmp_path, ray_local):
+    from lapo_ray import storage
+    from lapo_ray.data.collect import COLLECT_CONFIG, Collector, collect
+
+    cfg = small_collect(tmp_path / "c")
+    # An interrupted collection: worker 0 wrote some shards, then everything stopped.
+    os.makedirs(tmp_path / "c" / "shards")
+    storage.write_json(str(tmp_path / "c" / COLLECT_CONFIG), dataclasses.asdict(cfg))
+    part = Collector(cfg, 0, budget=1000, next_shard=0, next_episode=0)
+    part.step(10_000)
+    part.finish()
+    (tmp_path / "c" / "shards" / ".w001-00000.parquet.tmp-deadbeef").write_bytes(b"half a shard")
+    with pytest.raises(CorpusError, match=r"other settings \(game: 'coinrun' -> 'ninja'\)"):
+        collect(dataclasses.replace(cfg, game="ninja"))
+    m = collect(cfg)
+    assert cfg.frames <= m.num_frames < cfg.frames + 2 * cfg.envs_per_worker
+    assert check_episodes(str(tmp_path / "c")) == m.num_triplets
+    assert not any(".tmp-" in s.path for s in m.shards)
+
+
+def test_collect_cli_rejects_a_nonsense_flag(tmp_path):
+    r = subprocess.run([sys.executable, "jobs/collect.py", "--game", "pong", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2
+    assert "--game 'pong' is not a Procgen game" in r.stderr
+    r = subprocess.run([sys.executable, "jobs/collect.py", "--frames", "many"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2 and "--frames: invalid int value: 'many'" in r.stderr
+
+
+def test_policies():
+    from lapo_ray.data.policies import StickyRandomPolicy, make_policy
+
+    p = make_policy("sticky:0.9", num_envs=1000, seed=0)
+    assert isinstance(p, StickyRandomPolicy)
+    obs = np.zeros((1000, 64, 64, 3), np.uint8)
+    a0, a1 = p(obs), p(obs)
+    assert 0.88 < np.mean(a0 == a1) < 0.96  # 0.9 kept + 0.1/15 redrawn equal
+    assert np.bincount(np.concatenate([p(obs) for _ in range(50)]), minlength=15).min() > 2000
+    with pytest.raises(ValueError, match="'sticky:x'"):
+        make_policy("sticky:x", 1)
+    with pytest.raises(ValueError, match="expected 'random', 'sticky:P' or 'module:factory'"):
+        make_policy("greedy", 1)
