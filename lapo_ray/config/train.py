@@ -30,7 +30,11 @@ class StageConfig:
     report_every: int = 500
     checkpoint_every: int = 5000
     val_batches: int = 4
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (VQ distances stay fp32)"})
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "bf16 autocast (VQ distances stay fp32); auto: bf16 on GPUs and on CPUs "
+                  "with native bf16 (AVX512-BF16/AMX), fp32 elsewhere, where bf16 is emulated and slow"},
+    )
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     seed: int = 0
 

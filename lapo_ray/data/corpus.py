@@ -134,7 +134,7 @@ def write_shard(uri: str, rows: list[dict[str, Any]], compression: str = "zstd")
     storage.write_bytes(uri, buf.getvalue())
 
 
-def decode_frames(blob: bytes, num_frames: int, frame_shape: Sequence[int]) -> np.ndarray:
+def decode_frames(blob, num_frames: int, frame_shape: Sequence[int]) -> np.ndarray:
     """Inverse of the ``frames`` column encoding, without a copy."""
     arr = np.frombuffer(blob, dtype=np.uint8)
     expected = num_frames * int(np.prod(frame_shape))

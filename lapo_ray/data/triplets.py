@@ -82,30 +82,59 @@ def _concat(parts: list[dict[str, np.ndarray]], frame_shape) -> dict[str, np.nda
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def segments_to_triplets(
+def iter_segment_triplets(
     table: pa.Table, frame_shape: tuple[int, ...], split: Split, split_spec: SplitSpec
-) -> dict[str, np.ndarray]:
-    """Keep one split's segments of a block and expand them to triplets (a map_batches fn)."""
+) -> Iterator[dict[str, np.ndarray]]:
+    """The triplets of each segment of ``table`` that belongs to ``split``, one segment at a time."""
     ids = table.column("episode_id").to_numpy()
     keep = split_spec.keep(ids, split)
+    if not keep.any():
+        return
     starts = table.column("start").to_numpy()
     counts = table.column("num_frames").to_numpy()
     blobs = table.column("frames")
-    has_actions = "actions" in table.column_names and table.column("actions").null_count < len(table)
-    actions = table.column("actions").to_pylist() if has_actions else [None] * len(table)
-    parts = []
+    actions = table.column("actions") if "actions" in table.column_names else None
     for i in np.flatnonzero(keep):
-        frames = decode_frames(blobs[i].as_py(), int(counts[i]), frame_shape)
-        parts.append(segment_triplets(frames, int(ids[i]), int(starts[i]), actions[i]))
-    out = _concat(parts, frame_shape)
+        # as_buffer() is a view of the Arrow memory: no copy until the triplets are built.
+        frames = decode_frames(blobs[i].as_buffer(), int(counts[i]), frame_shape)
+        acts = actions[i].values.to_numpy(zero_copy_only=False) if actions is not None and actions[i].is_valid else None
+        part = segment_triplets(frames, int(ids[i]), int(starts[i]), acts)
+        if part:
+            yield part
+
+
+def segments_to_triplets(
+    table: pa.Table, frame_shape: tuple[int, ...], split: Split, split_spec: SplitSpec
+):
+    """Keep one split's segments of a block and expand them to triplets (a map_batches fn)."""
+    out = _concat(list(iter_segment_triplets(table, frame_shape, split, split_spec)), frame_shape)
     if len(out["step"]) == 0:
         # Ray Data cannot infer a tensor column type from zero rows and would fall back to
         # pickled objects for the whole column; a one-row block sliced to zero keeps the type.
         from ray.data.block import BlockAccessor
 
-        one = _concat([segment_triplets(np.zeros((3, *frame_shape), np.uint8), 0, 0, None)], frame_shape)
+        one = segment_triplets(np.zeros((3, *frame_shape), np.uint8), 0, 0, None)
         return BlockAccessor.batch_to_block(one).slice(0, 0)
     return out
+
+
+def rebatch(parts: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Cut a stream of variable-size parts into batches of ``batch_size`` (the last may be short),
+    copying each triplet once."""
+    held: list[dict[str, np.ndarray]] = []
+    n = 0
+    for part in parts:
+        length, start = len(part["step"]), 0
+        while start < length:
+            take = min(batch_size - n, length - start)
+            held.append({k: v[start : start + take] for k, v in part.items()})
+            n += take
+            start += take
+            if n == batch_size:
+                yield {k: np.concatenate([h[k] for h in held]) for k in held[0]}
+                held, n = [], 0
+    if n:
+        yield {k: np.concatenate([h[k] for h in held]) for k in held[0]}
 
 
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
@@ -159,22 +188,13 @@ def iter_plain_batches(
         raise TypeError("iter_plain_batches reads lapo_ray corpora; convert other sources first")
     shape = tuple(source.frame_shape)
     files = files or [storage.join(source.uri, s.path) for s in source.manifest.shards]
-    pending: list[dict[str, np.ndarray]] = []
-    held = 0
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            for rg in range(pf.num_row_groups):
-                part = segments_to_triplets(pf.read_row_group(rg), shape, split, split_spec)
-                if len(part["step"]):
-                    pending.append(part)
-                    held += len(part["step"])
-                while held >= batch_size:
-                    merged = _concat(pending, source.frame_shape)
-                    yield {k: v[:batch_size] for k, v in merged.items()}
-                    rest = {k: v[batch_size:] for k, v in merged.items()}
-                    held -= batch_size
-                    pending = [rest] if held else []
-    if held:
-        yield _concat(pending, source.frame_shape)
+
+    def parts() -> Iterator[dict[str, np.ndarray]]:
+        for uri in files:
+            fs, path = storage.resolve(uri)
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                for rg in range(pf.num_row_groups):
+                    yield from iter_segment_triplets(pf.read_row_group(rg), shape, split, split_spec)
+
+    return rebatch(parts(), batch_size)

@@ -38,7 +38,7 @@ class SupervisedIDM(nn.Module):
 def train_ceiling(train_ds, model_cfg: ModelConfig, stage: StageConfig, pipe: PipelineConfig,
                   steps: int, seed: int = 0) -> SupervisedIDM:
     """Train on labelled triplets (``action`` >= 0) of ``train_ds`` for ``steps`` steps."""
-    from lapo_ray.train.loop import lr_factor
+    from lapo_ray.train.loop import lr_factor, use_bf16
 
     torch.manual_seed(seed)
     model = SupervisedIDM(model_cfg).to(memory_format=torch.channels_last)
@@ -53,7 +53,7 @@ def train_ceiling(train_ds, model_cfg: ModelConfig, stage: StageConfig, pipe: Pi
                 continue
             for g in opt.param_groups:
                 g["lr"] = stage.lr * lr_factor(step, stage)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(stage, torch.device("cpu"))):
                 logits = model(batch["frames"][labelled])
             loss = F.cross_entropy(logits.float(), batch["action"][labelled])
             opt.zero_grad(set_to_none=True)

@@ -36,6 +36,16 @@ class StageTask(Protocol):
         """Costly metrics computed on rank 0 only at each report (e.g. the probe)."""
 
 
+def use_bf16(cfg: StageConfig, device: torch.device) -> bool:
+    """Whether to autocast to bf16. On a CPU without native bf16 (e.g. AVX2 only) autocast
+    emulates it and a stage-1 step gets several times slower, so "auto" keeps fp32 there."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def lr_factor(step: int, cfg: StageConfig) -> float:
     """Linear warm-up from 0.1 to 1, then linear decay to ``final_lr_frac`` (official LAPO)."""
     if step < cfg.warmup_steps:
@@ -130,7 +140,7 @@ def run_stage(config: dict[str, Any]) -> None:
             if i + 1 >= cfg.val_batches:
                 break
     batches = _batches_forever(ray.train.get_dataset_shard("train"), local_bs, pipe, epoch)
-    autocast = cfg.bf16 and device.type == "cpu" or (cfg.bf16 and device.type == "cuda")
+    autocast = use_bf16(cfg, device)
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 
     window = _Window(start=time.perf_counter())

@@ -1,0 +1,47 @@
+"""Throughput benchmarks.
+
+    python jobs/benchmark.py data      # Ray Data triplet pipeline vs a plain numpy reader
+    python jobs/benchmark.py stage1    # Ray Train stage 1 (1 and 2 workers) vs a plain PyTorch loop
+"""
+
+import argparse
+import json
+import sys
+
+from lapo_ray.runtime import init_ray
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="triplets/s of the Ray Data pipeline and of a plain reader")
+    d.add_argument("--corpus", default="data/bench-corpus", help="collected if missing")
+    d.add_argument("--frames", type=int, default=200_000)
+    d.add_argument("--batch-size", type=int, default=128)
+    s = sub.add_parser("stage1", help="stage-1 samples/s: Ray Train (1, 2 workers) vs plain loop")
+    s.add_argument("--corpus", default="data/bench-corpus")
+    s.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    s.add_argument("--steps", type=int, default=60)
+    s.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    init_ray()
+    if args.what == "data":
+        from lapo_ray.evaluation.benchmarks import bench_data
+
+        r = bench_data(args.corpus, args.frames, args.batch_size)
+        print(json.dumps(r, indent=2))
+        print(f"\nplain numpy reader: {r['plain_triplets_per_s']:,.0f} triplets/s")
+        for mode in ("none", "files", "segments"):
+            rate = r[f"ray_{mode}_triplets_per_s"]
+            print(f"Ray Data pipeline (global shuffle={mode}): {rate:,.0f} triplets/s "
+                  f"= {rate / r['plain_triplets_per_s']:.2f} x plain")
+    else:
+        from lapo_ray.evaluation.benchmarks import bench_stage1
+
+        r = bench_stage1(args.corpus, args.preset, args.steps, args.batch_size)
+        print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
