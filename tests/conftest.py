@@ -14,6 +14,11 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
+    # Ray workers import the test modules that define helpers passed to them (pickled by reference).
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if tests_dir not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, *filter(None, paths)])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray

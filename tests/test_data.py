@@ -20,7 +20,14 @@ from lapo_ray.data.corpus import (
     write_corpus,
 )
 from lapo_ray.data.sources import CorpusSource, LapoNpzSource, VideoFolderSource, open_source
-from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, torch_batches, triplet_dataset
+from lapo_ray.data.triplets import (
+    SplitSpec,
+    TripletBatcher,
+    iter_batches,
+    iter_plain_batches,
+    torch_batches,
+    triplet_dataset,
+)
 
 SHAPE = (8, 8, 3)
 
@@ -93,7 +100,7 @@ def test_ray_pipeline_yields_every_triplet_once_and_splits_by_episode(corpus, ra
     got = {}
     for split in ("train", "val", "all"):
         ds = triplet_dataset(src, split, cfg)
-        got[split] = check_triplets(torch_batches(ds, 64, cfg))
+        got[split] = check_triplets(torch_batches(ds, SHAPE, 64, cfg))
         assert len(got[split]) == len(set(got[split])), f"{split}: a triplet appeared twice"
     expected = {(i, t) for i, n in enumerate(LENGTHS) for t in range(1, n - 1)}
     assert set(got["all"]) == expected
@@ -109,7 +116,7 @@ def test_shuffle_is_seeded(corpus, ray_local):
 
     def order(seed):
         cfg = PipelineConfig(shuffle_seed=seed, local_shuffle_buffer=256)
-        return [s for b in torch_batches(triplet_dataset(src, "all", cfg), 100, cfg)
+        return [s for b in torch_batches(triplet_dataset(src, "all", cfg), SHAPE, 100, cfg)
                 for s in zip(b["episode_id"].tolist(), b["step"].tolist())]
 
     a, b, c = order(1), order(1), order(2)
@@ -160,8 +167,8 @@ def test_lapo_npz_layout_reads_back_frames(tmp_path, ray_local):
     assert scan.episodes == 2 * 3
     assert scan.triplets == 2 * (48 + 67 + 78)
     n = 0
-    for b in triplet_dataset(src, "all", PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)).iter_batches(
-            batch_size=128, batch_format="numpy"):
+    cfg = PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)
+    for b in iter_batches(triplet_dataset(src, "all", cfg), src.frame_shape, 128, cfg):
         for e, t, fr, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
             file_idx, ep = int(e) >> 24, int(e) & 0xFFFFFF
             start = [0, 51, 120][[0, 2, 3].index(ep)]
@@ -207,8 +214,8 @@ def test_bad_files_can_be_skipped_and_are_reported(tmp_path, ray_local):
     assert len(report.files) == 2 and len(report.bad_files) == 1
     assert report.bad_files[0][0].endswith("1.npz")
     assert "skipped 1 bad files" in report.summary()
-    n = sum(len(b["step"]) for b in triplet_dataset(src, "all", PipelineConfig(), report.files)
-            .iter_batches(batch_size=256, batch_format="numpy"))
+    n = sum(len(b["step"]) for b in iter_batches(triplet_dataset(src, "all", PipelineConfig(), report.files),
+                                                  src.frame_shape, 256, PipelineConfig()))
     assert n == report.triplets == 2 * (48 + 67 + 78)
 
 
@@ -260,8 +267,8 @@ def test_video_round_trip(tmp_path, ray_local):
     assert scan.triplets == sum(len(f) - 2 for f in truth.values())
     names = sorted(truth)
     got = {}
-    for b in triplet_dataset(src, "all", PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)).iter_batches(
-            batch_size=64, batch_format="numpy"):
+    cfg = PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)
+    for b in iter_batches(triplet_dataset(src, "all", cfg), src.frame_shape, 64, cfg):
         for e, t, fr, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
             got[(names[int(e) >> 24], int(t))] = fr
             assert a == -1  # videos carry no actions
@@ -407,3 +414,25 @@ def test_policies():
         make_policy("sticky:x", 1)
     with pytest.raises(ValueError, match="expected 'random', 'sticky:P' or 'module:factory'"):
         make_policy("greedy", 1)
+
+
+def test_batcher_local_shuffle_emits_every_triplet_once_and_is_seeded():
+    from lapo_ray.data.triplets import Segment
+
+    def segments():
+        for e, n in enumerate([10, 3, 40, 7]):
+            ep = labelled_episode(e, n)
+            yield Segment(ep.frames, e, 0, ep.actions)
+
+    def run(seed, buffer):
+        b = TripletBatcher(SHAPE, batch_size=6, buffer_size=buffer, seed=seed)
+        return check_triplets(b.batches(segments()))
+
+    ordered = run(0, 0)
+    assert ordered == [(e, t) for e, n in enumerate([10, 3, 40, 7]) for t in range(1, n - 1)]
+    shuffled = run(0, 16)
+    assert sorted(shuffled) == sorted(ordered) and shuffled != ordered
+    assert run(0, 16) == shuffled and run(1, 16) != shuffled
+    # drop_last keeps only full batches
+    sizes = [len(b["step"]) for b in TripletBatcher(SHAPE, 6, 16, drop_last=True).batches(segments())]
+    assert set(sizes) == {6} and sum(sizes) == 6 * (len(ordered) // 6)

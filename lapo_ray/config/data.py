@@ -54,9 +54,10 @@ class PipelineConfig:
     global_shuffle: Literal["segments", "files", "none"] = "segments"
     shuffle_seed: int = 0
     local_shuffle_buffer: int = field(default=1024, metadata={"help": "triplets; 0 disables"})
-    segments_per_block: int = 4
+    segments_per_block: int = field(default=4, metadata={"help": "segments fetched per read from Ray Data"})
+    prefetch_blocks: int = 4
     expand_num_cpus: float = field(
-        default=0.5, metadata={"help": "CPUs per triplet-expansion task; leave room for Train workers"}
+        default=0.5, metadata={"help": "CPUs per Ray Data transform task; leave room for Train workers"}
     )
     on_bad_files: Literal["raise", "skip"] = "raise"
 

@@ -5,15 +5,18 @@ int64 (B,), ``step`` int64 (B,) = t within the episode, and ``action`` int64 (B,
 taken at o[t] (that led to o[t+1]) where the source has actions, -1 otherwise. Only evaluation
 reads ``action``.
 
-Two consumers share ``segment_triplets``: the Ray Data pipeline (``triplet_dataset``) that feeds
-Ray Train workers, and a plain single-process reader (``iter_plain_batches``) used for probes
-and as the benchmark reference.
+Ray Data streams *episode segments* (each frame once), globally shuffled and split across Ray
+Train workers; each consumer cuts its segments into triplets itself (``TripletBatcher``), with a
+seeded local shuffle over triplets. Cutting triplets inside Ray Data instead would push every
+frame through the object store three times; on 2 CPUs that ran 4-5x slower (see
+``jobs/benchmark.py data``). The plain single-process reader (``iter_plain_batches``) uses the
+same batcher on Parquet row groups read directly, and is the benchmark's reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,128 +53,149 @@ class SplitSpec:
         return val if split == "val" else ~val
 
 
-def segment_triplets(
-    frames: np.ndarray, episode_id: int, start: int, actions: Any | None
-) -> dict[str, np.ndarray]:
-    """All triplets of one segment. ``frames`` is (L, H, W, C); returns L - 2 triplets."""
-    n = len(frames) - 2
-    if n <= 0:
-        return {}
-    # sliding_window_view is a view; the copy happens once, into the contiguous batch.
-    windows = np.lib.stride_tricks.sliding_window_view(frames, 3, axis=0)  # (n, H, W, C, 3)
-    out = {
-        "frames": np.ascontiguousarray(np.moveaxis(windows, -1, 1)),
-        "episode_id": np.full(n, episode_id, np.int64),
-        "step": np.arange(start + 1, start + 1 + n, dtype=np.int64),
-    }
-    out["action"] = (
-        np.asarray(actions[1 : n + 1], dtype=np.int64) if actions is not None else np.full(n, -1, np.int64)
-    )
-    return out
+@dataclass
+class Segment:
+    """Decoded frames of one segment; ``frames[i]`` is step ``start + i`` of its episode."""
+
+    frames: np.ndarray
+    episode_id: int
+    start: int
+    actions: np.ndarray | None
 
 
-def _concat(parts: list[dict[str, np.ndarray]], frame_shape) -> dict[str, np.ndarray]:
-    parts = [p for p in parts if p]
-    if not parts:
-        return {
-            "frames": np.zeros((0, 3, *frame_shape), np.uint8),
-            "episode_id": np.zeros(0, np.int64),
-            "step": np.zeros(0, np.int64),
-            "action": np.zeros(0, np.int64),
-        }
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def iter_segment_triplets(
-    table: pa.Table, frame_shape: tuple[int, ...], split: Split, split_spec: SplitSpec
-) -> Iterator[dict[str, np.ndarray]]:
-    """The triplets of each segment of ``table`` that belongs to ``split``, one segment at a time."""
+def iter_segments(table: pa.Table, frame_shape: tuple[int, ...]) -> Iterator[Segment]:
+    """The segments of an Arrow table in ``corpus.SEGMENT_SCHEMA`` (frames are views, no copy)."""
     ids = table.column("episode_id").to_numpy()
-    keep = split_spec.keep(ids, split)
-    if not keep.any():
-        return
     starts = table.column("start").to_numpy()
     counts = table.column("num_frames").to_numpy()
     blobs = table.column("frames")
     actions = table.column("actions") if "actions" in table.column_names else None
-    for i in np.flatnonzero(keep):
-        # as_buffer() is a view of the Arrow memory: no copy until the triplets are built.
-        frames = decode_frames(blobs[i].as_buffer(), int(counts[i]), frame_shape)
-        acts = actions[i].values.to_numpy(zero_copy_only=False) if actions is not None and actions[i].is_valid else None
-        part = segment_triplets(frames, int(ids[i]), int(starts[i]), acts)
-        if part:
-            yield part
+    for i in range(table.num_rows):
+        acts = None
+        if actions is not None and actions[i].is_valid:
+            acts = actions[i].values.to_numpy(zero_copy_only=False)
+        yield Segment(decode_frames(blobs[i].as_buffer(), int(counts[i]), frame_shape),
+                      int(ids[i]), int(starts[i]), acts)
 
 
-def segments_to_triplets(
-    table: pa.Table, frame_shape: tuple[int, ...], split: Split, split_spec: SplitSpec
-):
-    """Keep one split's segments of a block and expand them to triplets (a map_batches fn)."""
-    out = _concat(list(iter_segment_triplets(table, frame_shape, split, split_spec)), frame_shape)
-    if len(out["step"]) == 0:
-        # Ray Data cannot infer a tensor column type from zero rows and would fall back to
-        # pickled objects for the whole column; a one-row block sliced to zero keeps the type.
-        from ray.data.block import BlockAccessor
-
-        one = segment_triplets(np.zeros((3, *frame_shape), np.uint8), 0, 0, None)
-        return BlockAccessor.batch_to_block(one).slice(0, 0)
-    return out
+def select_split(table: pa.Table, split: Split, spec: SplitSpec) -> pa.Table:
+    """Keep the segments of one split's episodes (a map_batches function; zero-copy filter)."""
+    if split == "all":
+        return table
+    return table.filter(pa.array(spec.keep(table.column("episode_id").to_numpy(), split)))
 
 
-def rebatch(parts: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Cut a stream of variable-size parts into batches of ``batch_size`` (the last may be short),
-    copying each triplet once."""
-    held: list[dict[str, np.ndarray]] = []
-    n = 0
-    for part in parts:
-        length, start = len(part["step"]), 0
-        while start < length:
-            take = min(batch_size - n, length - start)
-            held.append({k: v[start : start + take] for k, v in part.items()})
-            n += take
-            start += take
-            if n == batch_size:
-                yield {k: np.concatenate([h[k] for h in held]) for k in held[0]}
-                held, n = [], 0
-    if n:
-        yield {k: np.concatenate([h[k] for h in held]) for k in held[0]}
+class TripletBatcher:
+    """Cuts a stream of segments into batches of triplets.
+
+    With ``buffer_size`` > 0 it holds at least that many candidate triplets and draws each batch
+    at random from them (a seeded local shuffle); with 0 it emits triplets in stream order.
+    Each triplet is copied once, straight into its batch.
+    """
+
+    def __init__(self, frame_shape: tuple[int, ...], batch_size: int, buffer_size: int = 0,
+                 seed: int | None = 0, drop_last: bool = False):
+        self.frame_shape, self.batch_size = tuple(frame_shape), batch_size
+        self.buffer_size, self.drop_last = buffer_size, drop_last
+        self.rng = np.random.default_rng(seed)
+        self.segments: dict[int, Segment] = {}
+        self.remaining: dict[int, int] = {}  # triplets not yet emitted, per held segment
+        self.pool_seg: list[int] = []
+        self.pool_t: list[int] = []
+        self._next_key = 0
+
+    def add(self, seg: Segment) -> None:
+        n = len(seg.frames) - 2
+        if n <= 0:
+            return
+        key = self._next_key
+        self._next_key += 1
+        self.segments[key], self.remaining[key] = seg, n
+        self.pool_seg.extend([key] * n)
+        self.pool_t.extend(range(1, n + 1))
+
+    def ready(self) -> bool:
+        return len(self.pool_t) >= self.batch_size + self.buffer_size
+
+    def _take(self, count: int) -> dict[str, np.ndarray]:
+        if self.buffer_size > 0:
+            picks = self.rng.choice(len(self.pool_t), size=count, replace=False)
+            # Swap-remove the picks from the pool, highest index first so indices stay valid.
+            chosen = []
+            for i in sorted(picks.tolist(), reverse=True):
+                chosen.append((self.pool_seg[i], self.pool_t[i]))
+                self.pool_seg[i], self.pool_t[i] = self.pool_seg[-1], self.pool_t[-1]
+                self.pool_seg.pop()
+                self.pool_t.pop()
+            self.rng.shuffle(chosen)
+        else:
+            chosen = list(zip(self.pool_seg[:count], self.pool_t[:count]))
+            del self.pool_seg[:count], self.pool_t[:count]
+        out = {
+            "frames": np.empty((count, 3, *self.frame_shape), np.uint8),
+            "episode_id": np.empty(count, np.int64),
+            "step": np.empty(count, np.int64),
+            "action": np.full(count, -1, np.int64),
+        }
+        for j, (key, t) in enumerate(chosen):
+            seg = self.segments[key]
+            out["frames"][j] = seg.frames[t - 1 : t + 2]
+            out["episode_id"][j] = seg.episode_id
+            out["step"][j] = seg.start + t
+            if seg.actions is not None:
+                out["action"][j] = seg.actions[t]
+            self.remaining[key] -= 1
+            if self.remaining[key] == 0:
+                del self.segments[key], self.remaining[key]
+        return out
+
+    def batches(self, segments: Iterable[Segment]) -> Iterator[dict[str, np.ndarray]]:
+        for seg in segments:
+            self.add(seg)
+            while self.ready():
+                yield self._take(self.batch_size)
+        while len(self.pool_t) >= self.batch_size:
+            yield self._take(self.batch_size)
+        if self.pool_t and not self.drop_last:
+            yield self._take(len(self.pool_t))
 
 
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
-    """A streaming Ray Dataset of triplets for ``split`` (never materialised as a whole)."""
+    """A streaming Ray Dataset of the episode segments of ``split``, globally shuffled as
+    ``cfg.global_shuffle`` says. Iterate it (or a Ray Train shard of it) with ``torch_batches``."""
     ds = source.segments(files)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
     # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
     # across workers still hands blocks to whichever worker asks first).
     ds.context.execution_options.preserve_order = True
-    if cfg.global_shuffle == "files" or cfg.global_shuffle == "segments":
+    ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": SplitSpec(cfg.val_fraction, cfg.split_seed)},
+                        batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.expand_num_cpus)
+    if cfg.global_shuffle in ("files", "segments"):
         ds = ds.randomize_block_order(seed=cfg.shuffle_seed)
     if cfg.global_shuffle == "segments":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
-    return ds.map_batches(
-        segments_to_triplets,
-        fn_kwargs={
-            "frame_shape": tuple(source.frame_shape),
-            "split": split,
-            "split_spec": SplitSpec(cfg.val_fraction, cfg.split_seed),
-        },
-        batch_size=cfg.segments_per_block,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-        num_cpus=cfg.expand_num_cpus,
-    )
+    return ds
 
 
-def torch_batches(ds, batch_size: int, cfg: PipelineConfig, drop_last: bool = False, epoch: int = 0):
-    """Iterate torch batches from a triplet dataset or a Ray Train dataset shard."""
-    buffer = cfg.local_shuffle_buffer or None
-    return ds.iter_torch_batches(
-        batch_size=batch_size,
-        drop_last=drop_last,
-        local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=(cfg.shuffle_seed + epoch) if buffer else None,
-        device="cpu",
-    )
+def iter_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,
+                 epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """numpy triplet batches from a segment dataset or a Ray Train dataset shard."""
+    shape = tuple(frame_shape)
+    tables = ds.iter_batches(batch_size=cfg.segments_per_block, batch_format="pyarrow",
+                             prefetch_batches=cfg.prefetch_blocks)
+    segments = (seg for t in tables for seg in iter_segments(t, shape))
+    batcher = TripletBatcher(shape, batch_size, cfg.local_shuffle_buffer, seed=cfg.shuffle_seed + epoch,
+                             drop_last=drop_last)
+    return batcher.batches(segments)
+
+
+def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,
+                  epoch: int = 0) -> Iterator[dict[str, Any]]:
+    """Like ``iter_batches``, as torch tensors (zero-copy)."""
+    import torch
+
+    for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch):
+        yield {k: torch.from_numpy(v) for k, v in b.items()}
 
 
 def iter_plain_batches(
@@ -189,12 +213,12 @@ def iter_plain_batches(
     shape = tuple(source.frame_shape)
     files = files or [storage.join(source.uri, s.path) for s in source.manifest.shards]
 
-    def parts() -> Iterator[dict[str, np.ndarray]]:
+    def segments() -> Iterator[Segment]:
         for uri in files:
             fs, path = storage.resolve(uri)
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 for rg in range(pf.num_row_groups):
-                    yield from iter_segment_triplets(pf.read_row_group(rg), shape, split, split_spec)
+                    yield from iter_segments(select_split(pf.read_row_group(rg), split, split_spec), shape)
 
-    return rebatch(parts(), batch_size)
+    return TripletBatcher(shape, batch_size).batches(segments())

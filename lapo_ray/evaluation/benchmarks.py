@@ -42,7 +42,7 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
                "plain_triplets": n_plain, "plain_triplets_per_s": n_plain / t_plain}
     for mode in ("none", "files", "segments"):
         cfg = PipelineConfig(**{**pipe.__dict__, "global_shuffle": mode})
-        n, t = run(torch_batches(triplet_dataset(src, "all", cfg), batch_size, cfg))
+        n, t = run(torch_batches(triplet_dataset(src, "all", cfg), src.frame_shape, batch_size, cfg))
         results[f"ray_{mode}_triplets"] = n
         results[f"ray_{mode}_triplets_per_s"] = n / t
     return results

@@ -47,7 +47,8 @@ def train_ceiling(train_ds, model_cfg: ModelConfig, stage: StageConfig, pipe: Pi
     step, epoch = 0, 0
     while step < steps:
         n = 0
-        for batch in torch_batches(train_ds, stage.batch_size, pipe, drop_last=True, epoch=epoch):
+        shape = (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
+        for batch in torch_batches(train_ds, shape, stage.batch_size, pipe, drop_last=True, epoch=epoch):
             labelled = batch["action"] >= 0
             if labelled.sum() == 0:
                 continue

@@ -14,13 +14,14 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from lapo_ray import storage
 from lapo_ray.config import LabelConfig, ModelConfig, PipelineConfig, config_from_dict
 from lapo_ray.data.sources import Source
-from lapo_ray.data.triplets import triplet_dataset
+from lapo_ray.data.triplets import TripletBatcher, iter_segments, triplet_dataset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.train.checkpoint import load_checkpoint, read_checkpoint_config
 
@@ -36,28 +37,43 @@ def load_dynamics(checkpoint_dir: str) -> LatentDynamics:
 
 
 class IDMLabeller:
-    """Ray Data actor: frames triplets in, latent actions out."""
+    """Ray Data actor: episode segments in, the latent action of every triplet centre out."""
 
-    def __init__(self, checkpoint_uri: str):
+    def __init__(self, checkpoint_uri: str, batch_size: int = 256):
         import ray.train
 
         fs, path = storage.resolve(checkpoint_uri)
         ckpt = ray.train.Checkpoint(path, filesystem=fs)
         with ckpt.as_directory() as d:
             self.model = load_dynamics(d)
+        self.batch_size = batch_size
         torch.set_num_threads(1)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = torch.from_numpy(batch["frames"])
-        latent, codes = self.model.encode(frames)
-        return {
-            "episode_id": batch["episode_id"],
-            "step": batch["step"],
-            "obs": batch["frames"][:, 1],
-            "latent": latent.float().numpy(),
-            "codes": codes.reshape(len(frames), -1).numpy(),
-            "action": batch["action"],
-        }
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        c = self.model.cfg
+        shape = (c.frame_size, c.frame_size, c.channels)
+        parts = []
+        for batch in TripletBatcher(shape, self.batch_size).batches(iter_segments(table, shape)):
+            latent, codes = self.model.encode(torch.from_numpy(batch["frames"]))
+            parts.append({
+                "episode_id": batch["episode_id"],
+                "step": batch["step"],
+                "obs": batch["frames"][:, 1],
+                "latent": latent.float().numpy(),
+                "codes": codes.reshape(len(latent), -1).numpy(),
+                "action": batch["action"],
+            })
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self._empty(shape)
+
+    def _empty(self, shape) -> pa.Table:
+        # A zero-row block must still carry the tensor column types (see triplets.py).
+        from ray.data.block import BlockAccessor
+
+        one = {"episode_id": np.zeros(1, np.int64), "step": np.zeros(1, np.int64),
+               "obs": np.zeros((1, *shape), np.uint8), "latent": np.zeros((1, self.model.cfg.latent_dim), np.float32),
+               "codes": np.zeros((1, self.model.cfg.vq.num_codebooks * self.model.cfg.vq.num_discrete_latents), np.int64),
+               "action": np.zeros(1, np.int64)}
+        return BlockAccessor.batch_to_block(one).slice(0, 0)
 
 
 def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelConfig,
@@ -78,9 +94,9 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
                              segments_per_block=pipe.segments_per_block, expand_num_cpus=pipe.expand_num_cpus)
     ds = triplet_dataset(source, "all", ordered).map_batches(
         IDMLabeller,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "batch_size": cfg.batch_size},
+        batch_size=pipe.segments_per_block,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor,
     )

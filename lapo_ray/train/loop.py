@@ -17,7 +17,6 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from lapo_ray.config import PipelineConfig, StageConfig
-from lapo_ray.data.triplets import torch_batches
 from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -25,6 +24,9 @@ class StageTask(Protocol):
     name: str
 
     def build(self) -> torch.nn.Module: ...
+
+    def batches(self, ds, batch_size: int, pipe: PipelineConfig, drop_last: bool, epoch: int) -> Iterator[dict]:
+        """torch batches of this stage's input from a dataset or a Ray Train shard."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss of one batch, plus scalar metrics to average over the report window."""
@@ -72,26 +74,43 @@ class _Window:
         return {k: v / max(1, self.steps) for k, v in (self.sums or {}).items()}
 
 
-def _all_reduce_max(value: float, world: int) -> float:
+def _all_reduce(value: float, world: int, op: str) -> float:
     if world == 1:
         return value
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t.item())
 
 
-def _batches_forever(shard, batch_size: int, pipe: PipelineConfig, start_epoch: int) -> Iterator[tuple[int, dict]]:
+def _all_reduce_max(value: float, world: int) -> float:
+    return _all_reduce(value, world, "MAX")
+
+
+def _all_reduce_min(value: float, world: int) -> float:
+    return _all_reduce(value, world, "MIN")
+
+
+def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConfig, start_epoch: int,
+                     world: int) -> Iterator[tuple[int, dict]]:
+    """Endless (epoch, batch) pairs. Ranks may hold a few batches more or fewer per epoch (the
+    split is equal in segments, not triplets), and a rank that ran dry while the others still
+    waited in DDP's all-reduce would hang the group: so every step the ranks agree (all-reduce
+    MIN) that each has a batch, and all start the next epoch together otherwise."""
     epoch = start_epoch
     while True:
         n = 0
-        for batch in torch_batches(shard, batch_size, pipe, drop_last=True, epoch=epoch):
+        it = iter(task.batches(shard, batch_size, pipe, True, epoch))
+        while True:
+            batch = next(it, None)
+            if _all_reduce_min(float(batch is not None), world) == 0.0:
+                break
             n += 1
             yield epoch, batch
         if n == 0:
             raise RuntimeError(
-                f"the training split yields no batch of {batch_size} triplets per worker; "
+                f"the training split yields no full batch of {batch_size} per worker; "
                 "use a smaller batch size, fewer workers or a larger corpus"
             )
         epoch += 1
@@ -135,11 +154,12 @@ def run_stage(config: dict[str, Any]) -> None:
     val_batches = []
     if cfg.val_batches > 0:
         val_shard = ray.train.get_dataset_shard("val")
-        for i, b in enumerate(torch_batches(val_shard, local_bs, PipelineConfig(local_shuffle_buffer=0))):
+        eval_pipe = PipelineConfig(local_shuffle_buffer=0, segments_per_block=pipe.segments_per_block)
+        for i, b in enumerate(task.batches(val_shard, local_bs, eval_pipe, False, 0)):
             val_batches.append(b)
             if i + 1 >= cfg.val_batches:
                 break
-    batches = _batches_forever(ray.train.get_dataset_shard("train"), local_bs, pipe, epoch)
+    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world)
     autocast = use_bf16(cfg, device)
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 

@@ -24,7 +24,7 @@ import torch
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
 from lapo_ray.data.sources import Source, open_source
-from lapo_ray.data.triplets import triplet_dataset
+from lapo_ray.data.triplets import iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint
 from lapo_ray.train.labelling import label_corpus, latents_dataset, load_dynamics
 from lapo_ray.train.metrics import MetricsSink, read_metrics
@@ -45,7 +45,7 @@ def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str
         return None
     parts, have = [], 0
     ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files)
-    for b in ds.iter_batches(batch_size=512, batch_format="numpy"):
+    for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe)):
         keep = b["action"] >= 0
         parts.append({k: b[k][keep] for k in ("frames", "action", "episode_id")})
         have += int(keep.sum())

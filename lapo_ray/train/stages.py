@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lapo_ray.config import ModelConfig, ProbeConfig
+from lapo_ray.data.triplets import torch_batches
 from lapo_ray.models import LatentDynamics, LatentPolicy
 
 
@@ -37,6 +38,10 @@ class Stage1Task:
 
     def build(self) -> torch.nn.Module:
         return LatentDynamics(self.model_cfg)
+
+    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+        c = self.model_cfg
+        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch)
 
     def loss(self, model, batch):
         out = model(batch["frames"])
@@ -72,6 +77,12 @@ class Stage2Task:
     def build(self) -> torch.nn.Module:
         c = self.model_cfg
         return LatentPolicy(c.policy, c.latent_dim, c.channels, c.frame_size)
+
+    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+        buffer = pipe.local_shuffle_buffer or None
+        return ds.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=buffer,
+                                     local_shuffle_seed=pipe.shuffle_seed + epoch if buffer else None,
+                                     device="cpu")
 
     def loss(self, model, batch):
         loss = F.mse_loss(model(batch["obs"]).float(), batch["latent"].float())
