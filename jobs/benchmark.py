@@ -30,11 +30,14 @@ def main(argv=None) -> int:
 
         r = bench_data(args.corpus, args.frames, args.batch_size)
         print(json.dumps(r, indent=2))
-        print(f"\nplain numpy reader: {r['plain_triplets_per_s']:,.0f} triplets/s")
-        for mode in ("none", "files", "segments"):
-            rate = r[f"ray_{mode}_triplets_per_s"]
-            print(f"Ray Data pipeline (global shuffle={mode}): {rate:,.0f} triplets/s "
-                  f"= {rate / r['plain_triplets_per_s']:.2f} x plain")
+        plain = r["plain"]["triplets_per_s"]
+        print(f"\n{r['corpus_frames']:,}-frame corpus, batches of {r['batch_size']}")
+        print(f"plain numpy reader: {plain:,.0f} triplets/s")
+        for mode in ("files", "none", "segments"):
+            x = r[f"ray_{mode}"]
+            print(f"Ray Data pipeline (global shuffle={mode}): {x['triplets_per_s']:,.0f} triplets/s "
+                  f"= {x['triplets_per_s'] / plain:.2f} x plain (steady {x['steady_triplets_per_s']:,.0f}/s "
+                  f"after a first batch at {x['first_batch_s']:.1f} s)")
     else:
         from lapo_ray.evaluation.benchmarks import bench_stage1
 

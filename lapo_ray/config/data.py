@@ -49,11 +49,11 @@ class PipelineConfig:
 
     val_fraction: float = 0.05
     split_seed: int = 0
-    # "segments": random_shuffle over episode segments (global); "files": only the order of
-    # shards/files is shuffled; "none": source order (evaluation passes).
-    global_shuffle: Literal["segments", "files", "none"] = "segments"
+    # "files": files read in a seeded random order (streaming); "segments": an exact
+    # random_shuffle of all segments (all-to-all, not streaming); "none": source order.
+    global_shuffle: Literal["files", "segments", "none"] = "files"
     shuffle_seed: int = 0
-    local_shuffle_buffer: int = field(default=1024, metadata={"help": "triplets; 0 disables"})
+    local_shuffle_buffer: int = field(default=2048, metadata={"help": "triplets held for the local shuffle; 0 disables"})
     segments_per_block: int = field(default=4, metadata={"help": "segments fetched per read from Ray Data"})
     prefetch_blocks: int = 4
     expand_num_cpus: float = field(

@@ -66,8 +66,12 @@ class Source:
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         raise NotImplementedError
 
+    def scan_files(self) -> list[str]:
+        """Every file of the source, in its natural order, without opening them."""
+        raise NotImplementedError
+
     def segments(self, files: list[str] | None = None):
-        """A Ray Dataset of segment rows for ``files`` (default: all files from ``scan``)."""
+        """A Ray Dataset of segment rows for ``files`` in the given order (default: all files)."""
         raise NotImplementedError
 
 
@@ -108,19 +112,17 @@ def _apply(fn: Callable[[str], dict[str, Any]], path: str) -> dict[str, Any]:
     return fn(path)
 
 
-def _rows_dataset(paths: list[str], read: Callable[[int, str], list[dict[str, Any]]], name: str):
+def _rows_dataset(paths: list[str], read: Callable[[str], list[dict[str, Any]]]):
     """A Ray Dataset that reads each file in its own task, emitting segment rows."""
     import ray.data
-
-    index = {p: i for i, p in enumerate(sorted(paths))}
 
     def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
         rows: list[dict[str, Any]] = []
         for p in batch["path"]:
-            rows.extend(read(index[p], p))
+            rows.extend(read(p))
         return rows_to_table(rows)
 
-    return ray.data.from_items([{"path": p} for p in sorted(paths)]).map_batches(
+    return ray.data.from_items([{"path": p} for p in paths]).map_batches(
         read_batch, batch_size=1, batch_format="numpy", num_cpus=1
     )
 
@@ -167,10 +169,13 @@ class CorpusSource(Source):
             report.triplets = self.manifest.num_triplets
         return report
 
+    def scan_files(self) -> list[str]:
+        return [storage.join(self.uri, s.path) for s in self.manifest.shards]
+
     def segments(self, files: list[str] | None = None):
         import ray.data
 
-        files = files or [storage.join(self.uri, s.path) for s in self.manifest.shards]
+        files = files or self.scan_files()
         fs, _ = storage.resolve(self.uri)
         paths = [storage.resolve(f)[1] for f in files]
         return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
@@ -259,6 +264,9 @@ class LapoNpzSource(Source):
         return {"path": path, "error": None, "frames": sum(map(len, eps)), "episodes": len(eps),
                 "triplets": sum(len(e) - 2 for e in eps)}
 
+    def scan_files(self) -> list[str]:
+        return list(self.paths)
+
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "npz")
 
@@ -266,13 +274,13 @@ class LapoNpzSource(Source):
         msf, shape = self.max_segment_frames, self.frame_shape
         index = {p: i for i, p in enumerate(self.paths)}
 
-        def read(_: int, path: str) -> list[dict[str, Any]]:
+        def read(path: str) -> list[dict[str, Any]]:
             rows = []
             for ep in npz_episodes(path, index[path], shape):
                 rows.extend(episode_to_rows(ep, msf))
             return rows
 
-        return _rows_dataset(files or self.paths, read, self.name)
+        return _rows_dataset(files or self.paths, read)
 
 
 # --------------------------------------------------------------------------- video files
@@ -330,6 +338,9 @@ class VideoFolderSource(Source):
             return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
         return {"path": path, "error": None, "frames": n, "episodes": 1, "triplets": n - 2}
 
+    def scan_files(self) -> list[str]:
+        return list(self.paths)
+
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "video")
 
@@ -337,11 +348,11 @@ class VideoFolderSource(Source):
         msf, size = self.max_segment_frames, self.frame_size
         index = {p: i for i, p in enumerate(self.paths)}
 
-        def read(_: int, path: str) -> list[dict[str, Any]]:
+        def read(path: str) -> list[dict[str, Any]]:
             ep = Episode(_episodes_file_id(index[path], 0), decode_video(path, size))
             return episode_to_rows(ep, msf)
 
-        return _rows_dataset(files or self.paths, read, self.name)
+        return _rows_dataset(files or self.paths, read)
 
 
 def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | None = None,

@@ -161,17 +161,26 @@ class TripletBatcher:
 
 
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
-    """A streaming Ray Dataset of the episode segments of ``split``, globally shuffled as
-    ``cfg.global_shuffle`` says. Iterate it (or a Ray Train shard of it) with ``torch_batches``."""
+    """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
+    shard of it) with ``torch_batches``/``iter_batches``, which cut the triplets.
+
+    Global shuffling, seeded: ``files`` reads the files in a random order (streaming: the first
+    batch arrives after one file is read); ``segments`` adds a full ``random_shuffle`` of the
+    segments, which is exact but all-to-all (the whole split passes through the object store,
+    spilling to disk, before the first batch). The local shuffle over triplets happens in the
+    consumer.
+    """
+    files = list(files or source.scan_files())
+    if cfg.global_shuffle in ("files", "segments"):
+        files = [files[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(files))]
     ds = source.segments(files)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
     # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
     # across workers still hands blocks to whichever worker asks first).
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": SplitSpec(cfg.val_fraction, cfg.split_seed)},
-                        batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.expand_num_cpus)
-    if cfg.global_shuffle in ("files", "segments"):
-        ds = ds.randomize_block_order(seed=cfg.shuffle_seed)
+    if split != "all":
+        ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": SplitSpec(cfg.val_fraction, cfg.split_seed)},
+                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.expand_num_cpus)
     if cfg.global_shuffle == "segments":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
     return ds

@@ -29,20 +29,23 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
     n_total = src.manifest.num_triplets
     pipe = pipe or PipelineConfig(val_fraction=0.0)
 
-    def run(batches) -> tuple[int, float]:
-        t0, n = time.perf_counter(), 0
+    def run(batches) -> dict[str, float]:
+        """Whole-pass rate (start-up included) and steady rate (after the first batch)."""
+        t0, n, first, t1 = time.perf_counter(), 0, 0, None
         for i, b in enumerate(batches):
+            if t1 is None:
+                t1, first = time.perf_counter(), len(b["step"])
             n += len(b["step"])
             if max_batches and i + 1 >= max_batches:
                 break
-        return n, time.perf_counter() - t0
+        end = time.perf_counter()
+        return {"triplets": n, "triplets_per_s": n / (end - t0),
+                "steady_triplets_per_s": (n - first) / max(end - t1, 1e-9), "first_batch_s": t1 - t0}
 
-    n_plain, t_plain = run(iter_plain_batches(src, "all", batch_size))
-    results = {"corpus_frames": src.manifest.num_frames, "corpus_triplets": n_total,
-               "plain_triplets": n_plain, "plain_triplets_per_s": n_plain / t_plain}
-    for mode in ("none", "files", "segments"):
+    results: dict[str, Any] = {"corpus_frames": src.manifest.num_frames, "corpus_triplets": n_total,
+                               "batch_size": batch_size}
+    results["plain"] = run(iter_plain_batches(src, "all", batch_size))
+    for mode in ("files", "none", "segments"):
         cfg = PipelineConfig(**{**pipe.__dict__, "global_shuffle": mode})
-        n, t = run(torch_batches(triplet_dataset(src, "all", cfg), src.frame_shape, batch_size, cfg))
-        results[f"ray_{mode}_triplets"] = n
-        results[f"ray_{mode}_triplets_per_s"] = n / t
+        results[f"ray_{mode}"] = run(torch_batches(triplet_dataset(src, "all", cfg), src.frame_shape, batch_size, cfg))
     return results
