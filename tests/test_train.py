@@ -177,14 +177,21 @@ def test_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_l
     thread = threading.Thread(target=lambda: box.update(result=run_stage1(cfg, corpus, SlowStage1(cfg.model, pid_file))))
     thread.start()
     stage_dir = os.path.join(cfg.out, "stage1")
+    snapshot = os.path.join(stage_dir, "checkpoint_manager_snapshot.json")
+
+    def registered_step() -> int:
+        """The newest checkpoint Ray Train has registered (a folder on disk may not be yet)."""
+        try:
+            results = json.load(open(snapshot))["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return max((r["metrics"]["step"] for r in results), default=0)
+
     deadline = time.time() + 240
-    while time.time() < deadline:
-        ckpt = latest_checkpoint(stage_dir)
-        if ckpt and json.load(open(os.path.join(ckpt, "state.json")))["step"] >= 6:
-            break
-        time.sleep(0.2)
-    killed_after = json.load(open(os.path.join(latest_checkpoint(stage_dir), "state.json")))["step"]
-    assert killed_after < 24, "the run finished before the worker could be killed"
+    while time.time() < deadline and registered_step() < 6:
+        time.sleep(0.1)
+    killed_after = registered_step()
+    assert 6 <= killed_after < 24, f"could not kill mid-run (registered step {killed_after})"
     os.kill(int(open(pid_file).read()), signal.SIGKILL)
     thread.join(timeout=300)
     result = box["result"]

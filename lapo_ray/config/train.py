@@ -27,6 +27,7 @@ class StageConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    torch_threads: int = field(default=0, metadata={"help": "intra-op threads per worker; 0: cores / local workers"})
     report_every: int = 500
     checkpoint_every: int = 5000
     val_batches: int = 4

@@ -53,7 +53,7 @@ def _mlp(in_dim: int, hidden: Iterable[int], out_dim: int) -> nn.Sequential:
 def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarray,
                    cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
     """Train the probe MLP on ``~test_mask`` and report its accuracy on ``test_mask``."""
-    x = torch.as_tensor(np.asarray(latents, np.float32))
+    x = torch.tensor(np.asarray(latents, np.float32))
     y = torch.as_tensor(np.asarray(actions, np.int64))
     tr, te = ~torch.as_tensor(test_mask), torch.as_tensor(test_mask)
     if tr.sum() == 0 or te.sum() == 0:
@@ -98,10 +98,11 @@ def encode_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], frames: np.nda
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def gap_closed(acc: float, floor: float, ceiling: float) -> float:
-    """Share of the floor-to-ceiling gap that ``acc`` closes (NaN if there is no gap)."""
+def gap_closed(acc: float, floor: float, ceiling: float) -> float | None:
+    """Share of the floor-to-ceiling gap that ``acc`` closes (None when the ceiling does not
+    rise above the floor, so there is no gap to close)."""
     gap = ceiling - floor
-    return float((acc - floor) / gap) if gap > 1e-9 else float("nan")
+    return float((acc - floor) / gap) if gap > 1e-9 else None
 
 
 def probe_report(idm_acc: dict[str, float], floor_acc: dict[str, float], ceiling_acc: float | None,

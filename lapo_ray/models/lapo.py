@@ -25,7 +25,10 @@ class LatentDynamics(nn.Module):
         self.cfg = cfg
         c, s = cfg.channels, cfg.frame_size
         self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * c, frame_size=s)
-        self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels)
+        self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels, norm=cfg.wm.norm)
+        # Conv weights in channels-last too, matching the input: measured on 2 AVX2 cores,
+        # 5-10% faster steps than a channels-last input alone, 15-30% faster than plain NCHW.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames: uint8 (B, 3, H, W, C) holding o[t-1], o[t], o[t+1].

@@ -17,6 +17,7 @@ class FrameEncoder(nn.Module):
         super().__init__()
         self.cnn = ImpalaCNN(channels, frame_size, cfg.impala_scale, cfg.impala_channels, cfg.impala_features)
         self.out_features = cfg.impala_features
+        self.to(memory_format=torch.channels_last)  # conv weights match the channels-last input
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = frames_to_input(obs).contiguous(memory_format=torch.channels_last)

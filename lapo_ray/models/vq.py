@@ -32,15 +32,22 @@ class VQEmbeddingEMA(nn.Module):
         self.cfg = cfg
         n, m, d = cfg.num_codebooks, cfg.num_embs, cfg.emb_dim
         # Same init as the official code: codes uniform in +-5/M, counts at zero and the sums at
-        # the codes themselves. That mix is not self-consistent (sum / count is not the code), so
-        # during the first ~1/(1-decay) steps the codes sit far out and shrink back to the data.
+        # the codes themselves. The mix is not self-consistent (sum / count is not the code): after
+        # the first update a used code sits at decay/(1-decay) * init / count + its inputs' mean
+        # and an unused one at ~init / eps, far from the data, until the init term decays away
+        # (a few times 1/(1-decay) steps). Kept for fidelity to the paper's training dynamics.
         embeddings = torch.empty(n, m, d).uniform_(-5.0 / m, 5.0 / m)
         self.register_buffer("embeddings", embeddings)
         self.register_buffer("ema_cluster_size", torch.zeros(n, m))
         self.register_buffer("ema_w", embeddings.clone())
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum the batch statistics over data-parallel ranks (identity when not distributed)."""
+        """Sum the batch statistics over data-parallel ranks (identity when not distributed).
+
+        This is a collective: with `sync_ema` on, every rank of the process group must run the
+        same number of updating forward passes (training mode), or they block each other.
+        Non-updating passes (eval mode, `encode`) never communicate.
+        """
         if self.cfg.sync_ema and dist.is_available() and dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t

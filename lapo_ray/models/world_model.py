@@ -61,19 +61,33 @@ def _border_case_index(n: int, device: torch.device) -> torch.Tensor:
     return idx
 
 
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm as in the official U-Net, or GroupNorm with the same affine parameters.
+
+    BatchNorm normalises by each worker's own batch, so under data parallelism on CPU (where
+    SyncBatchNorm does not run) N workers do not compute what one worker computes on the global
+    batch; GroupNorm has no batch dependence, so any number of workers trains the same model.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    raise ValueError(f"world-model norm must be 'batch' or 'group', got {kind!r}")
+
+
 class DownBlock(nn.Module):
     """conv 3x3 -> batch norm -> residual -> maxpool 2 -> relu; halves the spatial size.
 
     With `cond_channels`, the conv also sees a vector broadcast over the image (BroadcastConv).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, cond_channels: int = 0):
+    def __init__(self, in_channels: int, out_channels: int, cond_channels: int = 0, norm: str = "batch"):
         super().__init__()
         if cond_channels:
             self.conv: nn.Conv2d = BroadcastConv(in_channels, cond_channels, out_channels)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm = nn.BatchNorm2d(out_channels)
+        self.norm = make_norm(norm, out_channels)
         self.res = ResidualLayer(out_channels, out_channels // 2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,10 +98,10 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """transposed conv 2x2/2 -> batch norm -> residual -> relu; doubles the spatial size."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch"):
         super().__init__()
         self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.norm = nn.BatchNorm2d(out_channels)
+        self.norm = make_norm(norm, out_channels)
         self.res = ResidualLayer(out_channels, out_channels // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +116,8 @@ class WorldModel(nn.Module):
     (32b .. b, back to 64 pixels) with U-Net skips; the deepest skip is the latent action itself.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, action_dim: int, frame_size: int, base_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, action_dim: int, frame_size: int, base_channels: int,
+                 norm: str = "batch"):
         super().__init__()
         levels = int(math.log2(frame_size)) - 1
         if frame_size < 4 or 2 ** (levels + 1) != frame_size:
@@ -111,10 +126,10 @@ class WorldModel(nn.Module):
         down_widths = [b * 2**i for i in range(levels)]  # b, 2b, ..., 16b at S=64
 
         # The first block sees the latent action broadcast over the frame.
-        self.down = nn.ModuleList([DownBlock(in_channels, down_widths[0], cond_channels=action_dim)])
+        self.down = nn.ModuleList([DownBlock(in_channels, down_widths[0], cond_channels=action_dim, norm=norm)])
         prev = down_widths[0]
         for w in down_widths[1:]:
-            self.down.append(DownBlock(prev, w))
+            self.down.append(DownBlock(prev, w, norm=norm))
             prev = w
         # 2x2 -> 1x1: the bottleneck sees the whole frame.
         self.bottleneck = nn.Conv2d(prev, 2 * prev, kernel_size=2)
@@ -122,9 +137,9 @@ class WorldModel(nn.Module):
         self.up = nn.ModuleList()
         x_ch, skip_ch = 2 * prev, action_dim
         for w in reversed(down_widths):
-            self.up.append(UpBlock(x_ch + skip_ch, w))
+            self.up.append(UpBlock(x_ch + skip_ch, w, norm=norm))
             x_ch, skip_ch = w, w
-        self.up.append(UpBlock(b + b, b))  # last skip is the first down block's output
+        self.up.append(UpBlock(b + b, b, norm=norm))  # last skip is the first down block's output
 
         # The raw context frames are concatenated once more before the output head, so the model
         # only has to learn what changes between frames.

@@ -116,6 +116,24 @@ def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConf
         epoch += 1
 
 
+def _data_parallel(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """Wrap in DDP. The VQ codebook keeps itself in sync (its EMA statistics are all-reduced in
+    forward), so DDP need not broadcast buffers, which would otherwise replace every rank's
+    codebook update with rank 0's. BatchNorm layers are the exception: on GPU they become
+    SyncBatchNorm; on CPU, where SyncBatchNorm does not run, rank 0's running statistics are
+    broadcast (the batch statistics stay per rank; the ``cpu`` preset uses GroupNorm instead)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if world == 1:
+        return model.to(device)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        has_bn = False
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": has_bn})
+
+
 def run_stage(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``. ``config`` holds ``task`` (a StageTask),
     ``stage`` (StageConfig), ``pipeline`` (PipelineConfig) and ``run_config`` (the resolved
@@ -130,7 +148,10 @@ def run_stage(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    # Intra-op threads: the node's cores shared among its workers. Ray Data's reads need little
+    # CPU next to a CPU training step, so a worker holding 1 logical CPU may still use 2 cores.
+    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    torch.set_num_threads(threads)
 
     model = task.build().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,11 +164,7 @@ def run_stage(config: dict[str, Any]) -> None:
         resumed_from = step
         if rank == 0:
             print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
-    # The VQ codebook is synchronised by the VQ module itself (all-reduced EMA statistics);
-    # DDP's buffer broadcast would overwrite every rank's update with rank 0's.
-    ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"broadcast_buffers": False}
-    ) if world > 1 else model.to(ray.train.torch.get_device())
+    ddp_model = _data_parallel(model, world)
     device = ray.train.torch.get_device()
 
     local_bs = cfg.batch_size // world

@@ -214,8 +214,9 @@ def write_report(out: str, summary: dict[str, Any], rows: list[dict[str, Any]]) 
                   f"| floor: untrained IDM | {p['floor_untrained_idm']:.3f} |",
                   f"| majority action | {p['majority_rate']:.3f} |"]
         if "ceiling_supervised_idm" in p:
+            closed = "undefined (the ceiling is not above the floor)" if p["gap_closed"] is None else f"{p['gap_closed']:.2f}"
             lines += [f"| ceiling: IDM trained on true actions | {p['ceiling_supervised_idm']:.3f} |", "",
-                      f"**Share of the floor-to-ceiling gap closed: {p['gap_closed']:.2f}**"]
+                      f"**Share of the floor-to-ceiling gap closed: {closed}**"]
         lines += ["", f"Probe: {p['n_train']} train / {p['n_test']} test triplets, after "
                   f"{p['stage1_steps']} stage-1 steps.", "", "![latent map](plots/latent_map.png)", ""]
     last = {}
