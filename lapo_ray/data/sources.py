@@ -234,31 +234,19 @@ def npz_episodes(path: str, file_index: int, frame_shape=None) -> list[Episode]:
     return episodes
 
 
-class LapoNpzSource(Source):
-    """``root/<game>/<split>/<n>.npz`` (or ``root`` pointing at the split folder itself)."""
+class FileSource(Source):
+    """A source whose files each hold whole episodes (``read_episodes``); episodes never span files."""
 
-    def __init__(self, root: str, game: str | None = None, split: str = "train",
-                 max_segment_frames: int = 256):
-        folder = storage.join(root, game, split) if game else root
-        self.folder = folder
-        self.paths = sorted(
-            storage.list_files(folder, suffix=".npz"),
-            key=lambda p: (len(posixpath.basename(p)), posixpath.basename(p)),
-        )
-        if not self.paths:
-            raise CorpusError(f"{folder}: no .npz files")
-        self.paths = [self._uri(p) for p in self.paths]
-        self.name = f"lapo-npz:{folder}"
-        self.frame_shape = (64, 64, 3)
-        self.has_actions = True
-        self.max_segment_frames = max_segment_frames
+    kind = "file"
+    paths: list[str]
+    max_segment_frames: int
 
-    def _uri(self, path: str) -> str:
-        return storage.join(self.folder, posixpath.basename(path)) if "://" in self.folder else path
+    def read_episodes(self, path: str, file_index: int) -> list[Episode]:
+        raise NotImplementedError
 
     def _check(self, path: str) -> dict[str, Any]:
         try:
-            eps = npz_episodes(path, 0, self.frame_shape)
+            eps = self.read_episodes(path, 0)
         except CorpusError as e:
             return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
         return {"path": path, "error": None, "frames": sum(map(len, eps)), "episodes": len(eps),
@@ -268,19 +256,48 @@ class LapoNpzSource(Source):
         return list(self.paths)
 
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
-        return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "npz")
+        return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, self.kind)
 
     def segments(self, files: list[str] | None = None):
-        msf, shape = self.max_segment_frames, self.frame_shape
+        # Episode ids come from the file's index in the full, sorted listing, so they do not
+        # change with the order or subset of files read.
         index = {p: i for i, p in enumerate(self.paths)}
 
         def read(path: str) -> list[dict[str, Any]]:
-            rows = []
-            for ep in npz_episodes(path, index[path], shape):
-                rows.extend(episode_to_rows(ep, msf))
-            return rows
+            return [row for ep in self.read_episodes(path, index[path])
+                    for row in episode_to_rows(ep, self.max_segment_frames)]
 
         return _rows_dataset(files or self.paths, read)
+
+
+class LapoNpzSource(FileSource):
+    """``root/<game>/<split>/<n>.npz`` (or ``root`` pointing at the split folder itself)."""
+
+    kind = "npz"
+
+    def __init__(self, root: str, game: str | None = None, split: str = "train",
+                 max_segment_frames: int = 256):
+        folder = storage.join(root, game, split) if game else root
+        self.folder = folder
+        paths = sorted(
+            storage.list_files(folder, suffix=".npz"),
+            key=lambda p: (len(posixpath.basename(p)), posixpath.basename(p)),
+        )
+        if not paths:
+            raise CorpusError(f"{folder}: no .npz files")
+        self.paths = [_as_uri(folder, p) for p in paths]
+        self.name = f"lapo-npz:{folder}"
+        self.frame_shape = (64, 64, 3)
+        self.has_actions = True
+        self.max_segment_frames = max_segment_frames
+
+    def read_episodes(self, path: str, file_index: int) -> list[Episode]:
+        return npz_episodes(path, file_index, self.frame_shape)
+
+
+def _as_uri(folder: str, path: str) -> str:
+    """A listed file as a URI when the folder is one (pyarrow lists bare paths)."""
+    return storage.join(folder, posixpath.basename(path)) if "://" in folder else path
 
 
 # --------------------------------------------------------------------------- video files
@@ -311,18 +328,16 @@ def decode_video(path: str, frame_size: tuple[int, int]) -> np.ndarray:
     return np.stack(frames)
 
 
-class VideoFolderSource(Source):
+class VideoFolderSource(FileSource):
     """Every video file directly inside ``folder``; each file is one episode."""
+
+    kind = "video"
 
     def __init__(self, folder: str, frame_size: tuple[int, int] = (64, 64),
                  max_segment_frames: int = 256):
         self.folder = folder
-        found = storage.list_files(folder)
-        self.paths = [
-            storage.join(folder, posixpath.basename(p)) if "://" in folder else p
-            for p in found
-            if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
-        ]
+        self.paths = [_as_uri(folder, p) for p in storage.list_files(folder)
+                      if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS]
         if not self.paths:
             raise CorpusError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
         self.name = f"videos:{folder}"
@@ -331,28 +346,8 @@ class VideoFolderSource(Source):
         self.has_actions = False
         self.max_segment_frames = max_segment_frames
 
-    def _check(self, path: str) -> dict[str, Any]:
-        try:
-            n = len(decode_video(path, self.frame_size))
-        except CorpusError as e:
-            return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
-        return {"path": path, "error": None, "frames": n, "episodes": 1, "triplets": n - 2}
-
-    def scan_files(self) -> list[str]:
-        return list(self.paths)
-
-    def scan(self, on_bad: OnBad = "raise") -> ScanReport:
-        return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, "video")
-
-    def segments(self, files: list[str] | None = None):
-        msf, size = self.max_segment_frames, self.frame_size
-        index = {p: i for i, p in enumerate(self.paths)}
-
-        def read(path: str) -> list[dict[str, Any]]:
-            ep = Episode(_episodes_file_id(index[path], 0), decode_video(path, size))
-            return episode_to_rows(ep, msf)
-
-        return _rows_dataset(files or self.paths, read)
+    def read_episodes(self, path: str, file_index: int) -> list[Episode]:
+        return [Episode(_episodes_file_id(file_index, 0), decode_video(path, self.frame_size))]
 
 
 def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | None = None,

@@ -49,3 +49,68 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
         cfg = PipelineConfig(**{**pipe.__dict__, "global_shuffle": mode})
         results[f"ray_{mode}"] = run(torch_batches(triplet_dataset(src, "all", cfg), src.frame_shape, batch_size, cfg))
     return results
+
+
+def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: int = 64,
+                 frames: int = 200_000) -> dict[str, Any]:
+    """Stage-1 samples/s: a plain single-process PyTorch loop over in-memory batches (the
+    reference: model and optimiser only) vs Ray Train with 1 and 2 workers on the Ray Data
+    pipeline. Rates are measured after the first report window, so start-up is excluded."""
+    import dataclasses
+    import os
+    import tempfile
+
+    import torch
+
+    from lapo_ray.config import PRETRAIN_PRESETS
+    from lapo_ray.data.sources import CorpusSource
+    from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
+    from lapo_ray.models import LatentDynamics
+    from lapo_ray.train.loop import lr_factor, use_bf16
+    from lapo_ray.train.stages import Stage1Task
+    from lapo_ray.train.trainer import fit_stage
+
+    ensure_bench_corpus(corpus, frames)
+    src = CorpusSource(corpus)
+    cfg = PRETRAIN_PRESETS[preset]()
+    stage = dataclasses.replace(cfg.stage1, batch_size=batch_size, steps=steps, report_every=steps // 2,
+                                checkpoint_every=steps, val_batches=1)
+    results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "steps": steps,
+                               "precision": "bf16" if use_bf16(stage, torch.device("cpu")) else "fp32"}
+
+    # Plain loop: the same model, optimiser, schedule and precision, batches already in memory.
+    batches = []
+    for b in iter_plain_batches(src, "train", batch_size, SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)):
+        batches.append(torch.from_numpy(b["frames"]))
+        if len(batches) == 16:
+            break
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = LatentDynamics(cfg.model).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    bf16 = use_bf16(stage, torch.device("cpu"))
+    t0 = None
+    for step in range(steps):
+        if step == steps // 2:
+            t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = stage.lr * lr_factor(step, stage)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batches[step % len(batches)])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+        opt.step()
+    results["plain_samples_per_s"] = (steps - steps // 2) * batch_size / (time.perf_counter() - t0)
+
+    run_config = cfg.to_dict()
+    for workers in (1, 2):
+        st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
+        with tempfile.TemporaryDirectory() as out:
+            result = fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
+                               triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
+                               out, run_config)
+        results[f"ray_{workers}w_samples_per_s"] = result.metrics["samples_per_s"]
+        results[f"ray_{workers}w_samples_per_s_per_worker"] = result.metrics["samples_per_s_per_worker"]
+        results[f"ray_{workers}w_data_wait_frac"] = result.metrics["data_wait_frac"]
+    return results
