@@ -45,6 +45,9 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
     results: dict[str, Any] = {"corpus_frames": src.manifest.num_frames, "corpus_triplets": n_total,
                                "batch_size": batch_size}
     results["plain"] = run(iter_plain_batches(src, "all", batch_size))
+    # Start Ray Data's worker processes once, so the first mode measured does not pay for it.
+    warm = PipelineConfig(global_shuffle="none", local_shuffle_buffer=0)
+    next(iter(torch_batches(triplet_dataset(src, "all", warm, src.scan_files()[:1]), src.frame_shape, batch_size, warm)))
     for mode in ("files", "none", "segments"):
         cfg = PipelineConfig(**{**pipe.__dict__, "global_shuffle": mode})
         results[f"ray_{mode}"] = run(torch_batches(triplet_dataset(src, "all", cfg), src.frame_shape, batch_size, cfg))
