@@ -105,7 +105,9 @@ def cpu_pretrain() -> PretrainConfig:
                            checkpoint_every=200, cpus_per_worker=1.0),
         stage2=StageConfig(lr=1e-3, batch_size=64, steps=250, warmup_steps=25, report_every=125,
                            checkpoint_every=250, cpus_per_worker=1.0),
-        label=LabelConfig(num_actors=2),
+        # Two half-CPU labelling actors leave a whole CPU for Ray Data's reads: actors holding
+        # both CPUs of a 2-CPU node starve the read tasks and the job hangs.
+        label=LabelConfig(num_actors=2, cpus_per_actor=0.5),
         data=PipelineConfig(val_fraction=0.1),
         probe=ProbeConfig(triplets=4096),
     )
