@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lapo_ray.config import config_from_dict
 from lapo_ray.config.models import ModelConfig, VQConfig, model_preset
 from lapo_ray.models import LatentDynamics, VQEmbeddingEMA, build_models, frames_to_input, num_params
 from lapo_ray.models.world_model import BroadcastConv
@@ -85,12 +86,12 @@ def test_output_shapes(preset: str):
 def test_config_json_round_trip():
     for name in ("paper", "cpu"):
         cfg = model_preset(name)
-        restored = ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg))))
+        restored = config_from_dict(ModelConfig, json.loads(json.dumps(dataclasses.asdict(cfg))))
         assert restored == cfg
         assert restored.latent_dim == cfg.vq.num_codebooks * cfg.vq.num_discrete_latents * cfg.vq.emb_dim
     assert model_preset("paper").latent_dim == 128
-    with pytest.raises(ValueError):
-        ModelConfig.from_dict({"vq": {"num_codes": 3}})
+    with pytest.raises(ValueError, match=r"unknown keys for VQConfig: \['num_codes'\]"):
+        config_from_dict(ModelConfig, {"vq": {"num_codes": 3}})
 
 
 def test_broadcast_conv_equals_conv_on_concatenated_map():
@@ -120,7 +121,7 @@ def test_rebuild_from_config_dict_and_state_dict(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
 
     torch.manual_seed(1)
-    rebuilt = build_models(ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text())))
+    rebuilt = build_models(config_from_dict(ModelConfig, json.loads((tmp_path / "config.json").read_text())))
     state = torch.load(tmp_path / "m.pt")
     rebuilt.dynamics.load_state_dict(state["dynamics"])
     rebuilt.policy.load_state_dict(state["policy"])

@@ -81,27 +81,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of `dataclasses.asdict`, also accepting the lists that a JSON round trip makes."""
-        subs = {"idm": IDMConfig, "wm": WorldModelConfig, "vq": VQConfig, "policy": PolicyConfig}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in subs:
-                kwargs[key] = _sub_from_dict(subs[key], value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
-
-
-def _sub_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
-    # JSON has no tuples; the channel lists must come back as tuples to stay hashable and equal.
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
 
 def paper_model_config() -> ModelConfig:
     """Official LAPO defaults: IDM 3.69 M params, world model 7.81 M params, latent dim 128."""

@@ -76,3 +76,27 @@ def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: str = "episode_return_norm",
+                       title: str = "normalised return (random 0, expert 1)") -> None:
+    """One line per fine-tuning variant: ``key`` against environment steps, plus decoder accuracy."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, rows in runs.items():
+        pts = [(r["env_steps"], r[key]) for r in rows if key in r and r[key] == r[key]]
+        if pts:
+            axes[0].plot(*zip(*pts), marker="o", ms=2, label=name)
+        acc = [(r["env_steps"], r["decoder_accuracy"]) for r in rows
+               if r.get("decoder_accuracy") is not None and r["decoder_accuracy"] == r["decoder_accuracy"]]
+        if acc:
+            axes[1].plot(*zip(*acc), marker="o", ms=2, label=name)
+    axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
+    axes[0].set(title=title, xlabel="environment steps")
+    axes[1].set(title="decoder accuracy vs. actions taken", xlabel="environment steps", ylim=(0, 1))
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

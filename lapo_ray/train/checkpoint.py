@@ -8,13 +8,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from lapo_ray import storage
+from lapo_ray.config import ModelConfig, config_from_dict
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -66,3 +69,37 @@ def latest_checkpoint(stage_uri: str) -> str | None:
     if best is None:
         return None
     return best if "://" not in stage_uri else stage_uri.split("://")[0] + "://" + best
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str) -> Iterator[str]:
+    """A local folder holding the checkpoint at ``uri`` (a path, or a URI downloaded for the block)."""
+    if "://" not in uri:
+        yield uri
+        return
+    import ray.train
+
+    fs, path = storage.resolve(uri)
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        yield d
+
+
+def load_dynamics(uri: str):
+    """The stage-1 model (IDM + world model) from its checkpoint alone: its config travels with it."""
+    from lapo_ray.models import LatentDynamics
+
+    with local_checkpoint(uri) as d:
+        model = LatentDynamics(config_from_dict(ModelConfig, read_checkpoint_config(d)["model"]))
+        load_checkpoint(d, model)
+    return model.eval()
+
+
+def load_latent_policy(uri: str):
+    """The stage-2 latent policy and its ModelConfig from its checkpoint alone."""
+    from lapo_ray.models import LatentPolicy
+
+    with local_checkpoint(uri) as d:
+        cfg = config_from_dict(ModelConfig, read_checkpoint_config(d)["model"])
+        policy = LatentPolicy(cfg.policy, cfg.latent_dim, cfg.channels, cfg.frame_size)
+        load_checkpoint(d, policy)
+    return policy.eval(), cfg

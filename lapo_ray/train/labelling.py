@@ -18,34 +18,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lapo_ray import storage
-from lapo_ray.config import LabelConfig, ModelConfig, PipelineConfig, config_from_dict
+from lapo_ray import storage, telemetry
+from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.triplets import TripletBatcher, iter_segments, triplet_dataset
-from lapo_ray.models import LatentDynamics
-from lapo_ray.train.checkpoint import load_checkpoint, read_checkpoint_config
+from lapo_ray.train.checkpoint import load_dynamics
 
 LATENTS_DIR = "latents"
-
-
-def load_dynamics(checkpoint_dir: str) -> LatentDynamics:
-    """Rebuild the stage-1 model from a checkpoint folder alone (its config travels with it)."""
-    model_cfg = config_from_dict(ModelConfig, read_checkpoint_config(checkpoint_dir)["model"])
-    model = LatentDynamics(model_cfg)
-    load_checkpoint(checkpoint_dir, model)
-    return model.eval()
 
 
 class IDMLabeller:
     """Ray Data actor: episode segments in, the latent action of every triplet centre out."""
 
     def __init__(self, checkpoint_uri: str, batch_size: int = 256):
-        import ray.train
-
-        fs, path = storage.resolve(checkpoint_uri)
-        ckpt = ray.train.Checkpoint(path, filesystem=fs)
-        with ckpt.as_directory() as d:
-            self.model = load_dynamics(d)
+        self.model = load_dynamics(checkpoint_uri)
         self.batch_size = batch_size
         torch.set_num_threads(1)
 
@@ -63,6 +49,7 @@ class IDMLabeller:
                 "codes": codes.reshape(len(latent), -1).numpy(),
                 "action": batch["action"],
             })
+            telemetry.count("labelled_frames", len(latent))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self._empty(shape)
 
     def _empty(self, shape) -> pa.Table:

@@ -25,8 +25,8 @@ from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
 from lapo_ray.data.sources import Source, open_source
 from lapo_ray.data.triplets import iter_batches, triplet_dataset
-from lapo_ray.train.checkpoint import latest_checkpoint
-from lapo_ray.train.labelling import label_corpus, latents_dataset, load_dynamics
+from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+from lapo_ray.train.labelling import label_corpus, latents_dataset
 from lapo_ray.train.metrics import MetricsSink, read_metrics
 from lapo_ray.train.stages import ProbeSet, Stage1Task, Stage2Task
 from lapo_ray.train.trainer import fit_stage

@@ -1,0 +1,233 @@
+"""Configs of the RL room: online fine-tuning with PPO, offline decoding and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lapo_ray.config.data import PROCGEN_GAMES
+from lapo_ray.config.models import PolicyConfig, cpu_model_config
+from lapo_ray.config.train import WandbConfig
+
+
+@dataclass
+class PartSchedule:
+    """Learning rate of one part of the agent: ``scale`` x ``PPOConfig.lr``, zero before ``start``
+    environment steps, then decaying linearly to zero at the end of the run (the official LAPO
+    stage 3 trains the new heads before the pretrained layers). ``scale`` 0 freezes the part."""
+
+    scale: float = 1.0
+    start: int = 0
+    ramp: int = field(default=0, metadata={"help": "env steps over which the lr rises from 0 after start"})
+
+    def schedule(self, lr: float, total_steps: int) -> float | list[list[float]]:
+        """RLlib's piecewise-linear ``lr_or_lr_schedule`` over sampled env steps (0.0: frozen)."""
+        peak = lr * self.scale
+        if peak == 0.0:
+            return 0.0
+        s, r = self.start, self.ramp
+        if s == 0 and r == 0:
+            points = [[0, peak]]
+        elif r == 0:
+            points = [[0, 0.0], [s, 0.0], [s + 1, peak]]
+        elif s == 0:
+            points = [[0, 0.0], [r, peak]]
+        else:
+            points = [[0, 0.0], [s, 0.0], [s + r, peak]]
+        points.append([max(total_steps, points[-1][0] + 1), 0.0])
+        return points
+
+
+@dataclass
+class EnvConfig:
+    """Which Procgen levels the agent trains on."""
+
+    game: str = "coinrun"
+    distribution_mode: Literal["easy", "hard"] = "easy"
+    num_levels: int = field(default=0, metadata={"help": "0: the unbounded level set"})
+    start_level: int = 0
+
+
+@dataclass
+class PPOConfig:
+    """PPO on RLlib's new API stack, with the per-part schedules of the LAPO agent.
+
+    One training iteration collects ``num_env_runners x envs_per_runner x rollout_length`` steps
+    (64 x 64 in the paper) and makes ``num_epochs`` passes over it in ``num_minibatches``.
+    """
+
+    env_steps: int = 4_000_000
+    rollout_length: int = field(default=64, metadata={"help": "steps per env per iteration"})
+    cpus_per_env_runner: float = 1.0
+    num_learners: int = field(default=0, metadata={"help": "0: learn in the driver; N: N learner actors"})
+    use_gpu: bool = False
+    lr: float = field(default=1e-2, metadata={"help": "base lr; each part's schedule scales it"})
+    scratch_lr: float = field(default=5e-4, metadata={"help": "lr of every part when training from scratch"})
+    gamma: float = 0.999
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_clip: float = field(
+        default=10.0,
+        metadata={"help": "RLlib's clamp on the value loss (the paper clips the value prediction to +-0.2 "
+                  "around the old one, which RLlib's PPO loss does not offer)"},
+    )
+    entropy_coeff: float = 0.0025
+    vf_coeff: float = 0.5
+    num_epochs: int = 3
+    num_minibatches: int = 8
+    grad_clip: float = 0.5
+    normalize_rewards: bool = field(
+        default=True, metadata={"help": "scale rewards by the running std of the discounted return"}
+    )
+    reward_clip: float = 10.0
+    # Parts of the agent (see lapo_ray.rl.module.LapoAgentModule).
+    convs: PartSchedule = field(default_factory=PartSchedule)
+    trunk: PartSchedule = field(default_factory=PartSchedule)
+    rl_head: PartSchedule = field(default_factory=PartSchedule)
+    value_head: PartSchedule = field(default_factory=PartSchedule)
+    decoder: PartSchedule = field(default_factory=PartSchedule)
+    decoder_sl: bool = field(
+        default=True,
+        metadata={"help": "train the decoder on the IDM's latents of the rollouts (the paper's RL + SL); "
+                  "false: the 'RL, no SL' ablation"},
+    )
+    sl_coeff: float = 1.0
+    max_env_runner_restarts: int = 1000
+
+    def part_schedules(self, scratch: bool) -> dict[str, float | list[list[float]]]:
+        """Per-part lr schedules; from scratch every part trains from the first step at scratch_lr."""
+        parts = {"convs": self.convs, "trunk": self.trunk, "rl_head": self.rl_head,
+                 "value_head": self.value_head, "decoder": self.decoder}
+        if scratch:
+            return {name: PartSchedule().schedule(self.scratch_lr, self.env_steps) for name in parts}
+        return {name: part.schedule(self.lr, self.env_steps) for name, part in parts.items()}
+
+
+@dataclass
+class EvalConfig:
+    """Mean return over ``episodes`` episodes on the training levels and on held-out levels."""
+
+    episodes: int = 64
+    num_envs: int = 32
+    held_out_start_level: int = field(
+        default=1_000_000, metadata={"help": "first level seed of the held-out set"}
+    )
+    greedy: bool = field(default=False, metadata={"help": "argmax actions instead of sampling"})
+    seed: int = 12345
+
+
+@dataclass
+class DecoderConfig:
+    """Offline training of the decoder (latent action -> real action) on k labelled frames."""
+
+    k: int = field(default=256, metadata={"help": "action-labelled frames used for offline decoding (16-8192)"})
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    label_smoothing: float = 0.05
+    held_out: int = field(default=2048, metadata={"help": "labelled validation triplets to report accuracy on"})
+
+
+@dataclass
+class FinetuneConfig:
+    """Online decoding: PPO from the latent policy (or from scratch) on many rollout workers."""
+
+    out: str = field(default="artifacts/finetune", metadata={"help": "artifact folder (path or URI)"})
+    pretrain: str = field(default="artifacts/pretrain", metadata={"help": "pretrain artifact folder"})
+    scratch: bool = field(default=False, metadata={"help": "PPO from scratch (the baseline); ignores --pretrain"})
+    num_env_runners: int = field(default=2, metadata={"help": "rollout actors (0: sample in the driver)"})
+    envs_per_runner: int = field(default=32, metadata={"help": "Procgen envs stepped together by each runner"})
+    cpus_per_env_runner: float = 1.0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    decoder_hidden: tuple[int, ...] = (192, 128, 64)
+    scratch_policy: PolicyConfig = field(default_factory=PolicyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def train_batch(self) -> int:
+        return max(1, self.num_env_runners) * self.envs_per_runner * self.ppo.rollout_length
+
+    def validate(self) -> None:
+        if self.num_env_runners < 0 or self.envs_per_runner <= 0 or self.ppo.rollout_length <= 0:
+            raise ValueError("--num-env-runners must be >= 0; --envs-per-runner and --ppo.rollout-length positive")
+        if self.train_batch % self.ppo.num_minibatches:
+            raise ValueError(f"train batch {self.train_batch} (runners x envs x rollout length) is not "
+                             f"divisible by --ppo.num-minibatches {self.ppo.num_minibatches}")
+        if self.ppo.env_steps <= 0:
+            raise ValueError("--ppo.env-steps must be positive")
+        if self.env.game not in PROCGEN_GAMES:
+            raise ValueError(f"--env.game {self.env.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+
+
+@dataclass
+class DecodeConfig:
+    """Offline decoding: the decoder learns from k action-labelled frames, then plays."""
+
+    out: str = field(default="artifacts/decode", metadata={"help": "artifact folder (path or URI)"})
+    pretrain: str = field(default="artifacts/pretrain", metadata={"help": "pretrain artifact folder"})
+    corpus: str = field(default="", metadata={"help": "labelled corpus; empty: the one the pretrain job used"})
+    decoder_hidden: tuple[int, ...] = (192, 128, 64)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 1 <= self.decoder.k <= 1_000_000:
+            raise ValueError(f"--decoder.k must be a positive number of labelled frames, got {self.decoder.k}")
+        if self.env.game not in PROCGEN_GAMES:
+            raise ValueError(f"--env.game {self.env.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+
+
+@dataclass
+class EvaluateConfig:
+    """Mean raw and normalised return of a fine-tuned or decoded agent."""
+
+    agent: str = field(default="artifacts/finetune", metadata={"help": "a finetune or decode artifact folder"})
+    out: str = field(default="", metadata={"help": "where evaluation.json goes; empty: inside --agent"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def paper_finetune() -> FinetuneConfig:
+    """The official LAPO stage 3: 64 envs x 64 steps, 8 minibatches, 3 epochs, gamma 0.999,
+    lambda 0.95, clip 0.2, entropy 0.0025, 4M steps, lr 1e-2 scaled per part: the convolutions stay
+    frozen, the value head starts at 25k steps, the RL head at 35k, the trunk at 50k."""
+    return FinetuneConfig(
+        num_env_runners=2, envs_per_runner=32,
+        ppo=PPOConfig(
+            convs=PartSchedule(scale=0.0),
+            trunk=PartSchedule(scale=0.1, start=50_000, ramp=150_000),
+            rl_head=PartSchedule(scale=0.25, start=35_000, ramp=15_000),
+            value_head=PartSchedule(scale=0.25, start=25_000, ramp=25_000),
+            decoder=PartSchedule(scale=0.1),
+        ),
+        scratch_policy=PolicyConfig(),
+    )
+
+
+def cpu_finetune() -> FinetuneConfig:
+    """Minutes on 2 cores: the cpu-preset policy, 2 runners x 16 envs x 64 steps per iteration and
+    the paper's part schedules compressed to a budget of 100k steps."""
+    return FinetuneConfig(
+        num_env_runners=2, envs_per_runner=16, cpus_per_env_runner=0.5,
+        ppo=PPOConfig(
+            env_steps=100_000, num_minibatches=4,
+            convs=PartSchedule(scale=0.0),
+            trunk=PartSchedule(scale=0.1, start=10_000, ramp=10_000),
+            rl_head=PartSchedule(scale=0.25, start=4_000, ramp=4_000),
+            value_head=PartSchedule(scale=0.25, start=0, ramp=4_000),
+            decoder=PartSchedule(scale=0.1),
+        ),
+        scratch_policy=cpu_model_config().policy,
+        eval=EvalConfig(episodes=32, num_envs=16),
+        checkpoint_every=5,
+    )
+
+
+FINETUNE_PRESETS = {"paper": paper_finetune, "cpu": cpu_finetune}
+DECODE_PRESETS = {"paper": DecodeConfig, "cpu": lambda: DecodeConfig(eval=EvalConfig(episodes=32, num_envs=16))}
+EVALUATE_PRESETS = {"paper": EvaluateConfig, "cpu": lambda: EvaluateConfig(eval=EvalConfig(episodes=32, num_envs=16))}

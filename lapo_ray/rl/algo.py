@@ -1,0 +1,213 @@
+"""Online decoding (stage 3): PPO on RLlib's new API stack, from the latent policy or from scratch.
+
+The loop is plain ``algo.train()`` iterations; everything LAPO-specific lives in the RLModule
+(:mod:`lapo_ray.rl.module`) and the Learner with its connectors (:mod:`lapo_ray.rl.learner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from lapo_ray import storage
+from lapo_ray.config.rl import FinetuneConfig
+from lapo_ray.envs import normalize_return, register_with_rllib
+from lapo_ray.progress import Progress
+from lapo_ray.train.checkpoint import latest_checkpoint
+from lapo_ray.train.metrics import MetricsSink
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def pretrain_checkpoints(pretrain_uri: str) -> tuple[str, str]:
+    """(stage-1, stage-2) checkpoint URIs of a pretrain artifact folder, or a clear error."""
+    found = []
+    for stage in ("stage1", "stage2"):
+        ckpt = latest_checkpoint(storage.join(pretrain_uri, stage))
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{pretrain_uri}: no {stage} checkpoint; run `python jobs/pretrain.py --out {pretrain_uri}` first "
+                f"(or pass --scratch true for PPO from scratch)"
+            )
+        found.append(ckpt)
+    return found[0], found[1]
+
+
+def module_spec(cfg: FinetuneConfig):
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from lapo_ray.rl.module import LapoAgentModule
+
+    stage2 = None if cfg.scratch else pretrain_checkpoints(cfg.pretrain)[1]
+    return RLModuleSpec(
+        module_class=LapoAgentModule,
+        model_config={
+            "latent_policy_checkpoint": stage2,
+            "policy": dataclasses.asdict(cfg.scratch_policy),
+            "decoder_hidden": list(cfg.decoder_hidden),
+        },
+    )
+
+
+def build_algorithm_config(cfg: FinetuneConfig):
+    """The RLlib ``PPOConfig`` for a FinetuneConfig (also what the tests and benchmarks build)."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from lapo_ray.rl.learner import LapoPPOLearner
+
+    ppo = cfg.ppo
+    idm = None
+    if not cfg.scratch and ppo.decoder_sl:
+        idm = pretrain_checkpoints(cfg.pretrain)[0]
+    env_config = {"game": cfg.env.game, "distribution_mode": cfg.env.distribution_mode,
+                  "num_levels": cfg.env.num_levels, "start_level": cfg.env.start_level,
+                  "num_threads": 1}
+    return (
+        PPOConfig()
+        .environment(env=register_with_rllib(), env_config=env_config)
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_envs_per_env_runner=cfg.envs_per_runner,
+            gym_env_vectorize_mode="vector_entry_point",
+            rollout_fragment_length=ppo.rollout_length,
+            num_cpus_per_env_runner=cfg.cpus_per_env_runner,
+        )
+        .learners(
+            num_learners=ppo.num_learners,
+            num_gpus_per_learner=1 if ppo.use_gpu else 0,
+            learner_class=LapoPPOLearner,
+            learner_config_dict={
+                "lapo_parts": ppo.part_schedules(cfg.scratch),
+                "lapo_idm_checkpoint": idm,
+                "lapo_sl_coeff": ppo.sl_coeff,
+                "lapo_normalize_rewards": ppo.normalize_rewards,
+                "lapo_reward_clip": ppo.reward_clip,
+            },
+        )
+        .training(
+            train_batch_size_per_learner=cfg.train_batch // max(1, ppo.num_learners),
+            minibatch_size=cfg.train_batch // ppo.num_minibatches // max(1, ppo.num_learners),
+            num_epochs=ppo.num_epochs,
+            gamma=ppo.gamma,
+            lambda_=ppo.gae_lambda,
+            clip_param=ppo.clip,
+            vf_clip_param=ppo.vf_clip,
+            vf_loss_coeff=ppo.vf_coeff,
+            entropy_coeff=ppo.entropy_coeff,
+            use_kl_loss=False,
+            grad_clip=ppo.grad_clip,
+            grad_clip_by="global_norm",
+        )
+        .rl_module(rl_module_spec=module_spec(cfg))
+        .fault_tolerance(
+            restart_failed_env_runners=True,
+            max_num_env_runner_restarts=ppo.max_env_runner_restarts,
+        )
+        .debugging(seed=cfg.seed)
+        .reporting(metrics_num_episodes_for_smoothing=20)
+    )
+
+
+def _save(algo, out_uri: str) -> None:
+    """Replace ``<out>/checkpoint`` without ever leaving a half-written one behind."""
+    target = storage.join(out_uri, CHECKPOINT_DIR)
+    if storage.is_local(out_uri):
+        tmp = target + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        algo.save_to_path(os.path.abspath(tmp))
+        old = target + ".old"
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        fs, path = storage.resolve(target)
+        algo.save_to_path(path, filesystem=fs)
+
+
+def _scalar(d: dict[str, Any], *keys: str, default: float = float("nan")) -> float:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    try:
+        return float(d)
+    except (TypeError, ValueError):
+        return default
+
+
+def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_steps: int) -> dict[str, Any]:
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    env = result.get(ENV_RUNNER_RESULTS, {})
+    learner = result.get(LEARNER_RESULTS, {}).get("default_policy", {})
+    steps = int(_scalar(result, NUM_ENV_STEPS_SAMPLED_LIFETIME, default=_scalar(env, NUM_ENV_STEPS_SAMPLED_LIFETIME, default=0)))
+    ret = _scalar(env, "episode_return_mean")
+    return {
+        "env_steps": steps,
+        "episode_return": ret,
+        "episode_return_norm": normalize_return(game, ret) if ret == ret else ret,
+        "episode_len": _scalar(env, "episode_len_mean"),
+        "env_steps_per_s": (steps - prev_steps) / max(seconds, 1e-9),
+        "decoder_accuracy": _scalar(learner, "decoder_accuracy"),
+        "decoder_sl_loss": _scalar(learner, "decoder_sl_loss"),
+        "policy_loss": _scalar(learner, "policy_loss"),
+        "vf_loss": _scalar(learner, "vf_loss"),
+        "entropy": _scalar(learner, "entropy"),
+        "healthy_env_runners": _scalar(env, "num_healthy_workers", default=float("nan")),
+    }
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) PPO until ``cfg.ppo.env_steps``; checkpoint, metrics and curve in ``cfg.out``."""
+    out = cfg.out
+    storage.makedirs(out)
+    variant = "scratch" if cfg.scratch else ("rl+sl" if cfg.ppo.decoder_sl else "rl")
+    storage.write_json(storage.join(out, "config.json"), {"variant": variant, **dataclasses.asdict(cfg)})
+    algo = build_algorithm_config(cfg).build_algo()
+    try:
+        ckpt = storage.join(out, CHECKPOINT_DIR)
+        if storage.exists(ckpt):
+            fs, path = storage.resolve(ckpt)
+            algo.restore_from_path(path, filesystem=None if storage.is_local(out) else fs)
+            print(f"finetune: resumed from {ckpt}", flush=True)
+        sink = MetricsSink(out, f"finetune-{variant}", cfg.wandb, dataclasses.asdict(cfg))
+        progress = Progress(cfg.ppo.env_steps, f"finetune {variant} {cfg.env.game}", unit="steps", interval=10)
+        steps, it, row = 0, 0, {}
+        while True:
+            t0 = time.time()
+            result = algo.train()
+            row = iteration_metrics(result, cfg.env.game, time.time() - t0, steps)
+            it += 1
+            progress.update(row["env_steps"] - steps,
+                            extra=f"return {row['episode_return']:.2f} (norm {row['episode_return_norm']:.2f}), "
+                                  f"decoder acc {row['decoder_accuracy']:.2f}")
+            steps = row["env_steps"]
+            sink.log({"step": steps, "iteration": it, **row})
+            done = steps >= cfg.ppo.env_steps
+            if done or it % cfg.checkpoint_every == 0:
+                _save(algo, out)
+            if done:
+                break
+        progress.print()
+        sink.finish()
+    finally:
+        algo.stop()
+    _plot(out, variant)
+    return {"out": out, "variant": variant, "env_steps": steps, **row}
+
+
+def _plot(out: str, variant: str) -> None:
+    from lapo_ray.evaluation.plots import plot_return_curves
+    from lapo_ray.train.metrics import read_metrics
+
+    rows = read_metrics(out)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "return.png")
+        plot_return_curves({variant: rows}, path)
+        with open(path, "rb") as f:
+            storage.write_bytes(storage.join(out, "plots", "return.png"), f.read())

@@ -1,0 +1,268 @@
+"""Stage 3 on RLlib: the LAPO agent module, its Learner (decoder supervision, reward scaling,
+per-part optimisers), PPO runs with 2 env runners, env-runner failure, offline decoding and
+evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from lapo_ray.config import PretrainConfig, cpu_pretrain, config_from_dict  # noqa: F401
+from lapo_ray.config.models import PolicyConfig
+from lapo_ray.config.rl import EvalConfig, FinetuneConfig, PartSchedule, PPOConfig, cpu_finetune
+from lapo_ray.models import build_models
+from lapo_ray.train.checkpoint import save_checkpoint
+
+OBS_SPACE = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+ACT_SPACE = gym.spaces.Discrete(15)
+
+
+def tiny_pretrain_config() -> PretrainConfig:
+    cfg = cpu_pretrain()
+    cfg.model.policy = PolicyConfig(impala_scale=1, impala_channels=(4, 8, 8), impala_features=32)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory) -> str:
+    """A pretrain artifact folder in the real checkpoint layout, with random (seeded) weights."""
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = tiny_pretrain_config()
+    torch.manual_seed(0)
+    models = build_models(cfg.model)
+    # Non-trivial head weights, so a wrongly transferred layer cannot pass by being near zero.
+    torch.nn.init.normal_(models.policy.head.weight, std=0.5)
+    for stage, model in (("stage1", models.dynamics), ("stage2", models.policy)):
+        save_checkpoint(str(out / stage / "checkpoint_000000"), model, None,
+                        {"step": 1, "train_seconds": 0.0, "done": True}, cfg.to_dict())
+    return str(out)
+
+
+def build_module(pretrain_dir: str | None):
+    from lapo_ray.rl.module import LapoAgentModule
+    from lapo_ray.train.checkpoint import latest_checkpoint
+
+    stage2 = None if pretrain_dir is None else latest_checkpoint(os.path.join(pretrain_dir, "stage2"))
+    return LapoAgentModule(
+        observation_space=OBS_SPACE, action_space=ACT_SPACE,
+        model_config={"latent_policy_checkpoint": stage2,
+                      "policy": dataclasses.asdict(tiny_pretrain_config().model.policy),
+                      "decoder_hidden": [16, 16]},
+    )
+
+
+def random_obs(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8))
+
+
+def test_module_reproduces_the_latent_policy_exactly(pretrain_dir):
+    from lapo_ray.train.checkpoint import latest_checkpoint, load_latent_policy
+
+    policy, _ = load_latent_policy(latest_checkpoint(os.path.join(pretrain_dir, "stage2")))
+    module = build_module(pretrain_dir)
+    obs = random_obs(8)
+    with torch.no_grad():
+        expected = policy(obs)
+        got = module.latent_action(obs)
+    assert expected.abs().max() > 0.1  # a real signal, not zeros
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # The RL trunk starts as the same linear layer but is a separate parameter.
+    assert module.fc_rl.weight is not module.fc_sl.weight
+    torch.testing.assert_close(module.fc_rl.weight, module.fc_sl.weight, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in module.latent_head.parameters())
+
+
+def test_initial_action_distribution_is_the_decoded_latent_policy(pretrain_dir):
+    from ray.rllib.core.columns import Columns
+
+    module = build_module(pretrain_dir)
+    obs = random_obs(16, seed=1)
+    with torch.no_grad():
+        logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        decoded = module.decoded_logits(module.latent_action(obs))
+        values = module.compute_values({Columns.OBS: obs})
+    assert torch.count_nonzero(module.rl_head.weight) == 0
+    probs, expected = torch.softmax(logits, -1), torch.softmax(decoded, -1)
+    assert (expected.max(-1).values - expected.min(-1).values).min() > 1e-4  # not uniform
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-7)
+    assert values.shape == (16,)
+    # The agent's logits are the mean of both heads: moving the RL head moves them by half.
+    with torch.no_grad():
+        module.rl_head.bias[3] = 2.0
+        shifted = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(shifted - logits, torch.nn.functional.one_hot(torch.tensor(3), 15).float().expand(16, 15))
+
+
+def test_scratch_module_has_no_latent_path_and_starts_uniform():
+    from ray.rllib.core.columns import Columns
+
+    module = build_module(None)
+    assert module.scratch and not hasattr(module, "decoder")
+    with torch.no_grad():
+        logits = module.forward_inference({Columns.OBS: random_obs(4)})[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(torch.softmax(logits, -1), torch.full((4, 15), 1 / 15))
+    assert module.part_parameters("decoder") == []
+
+
+def test_part_schedules_follow_the_paper_order():
+    ppo = PPOConfig(env_steps=1000, lr=1.0, convs=PartSchedule(0.0), rl_head=PartSchedule(0.25, start=100, ramp=50),
+                    value_head=PartSchedule(0.5, ramp=10), trunk=PartSchedule(0.1, start=200), decoder=PartSchedule())
+    s = ppo.part_schedules(scratch=False)
+    assert s["convs"] == 0.0
+    assert s["rl_head"] == [[0, 0.0], [100, 0.0], [150, 0.25], [1000, 0.0]]
+    assert s["value_head"] == [[0, 0.0], [10, 0.5], [1000, 0.0]]
+    assert s["trunk"] == [[0, 0.0], [200, 0.0], [201, 0.1], [1000, 0.0]]
+    assert s["decoder"] == [[0, 1.0], [1000, 0.0]]
+    scratch = ppo.part_schedules(scratch=True)
+    assert all(v == [[0, ppo.scratch_lr], [1000, 0.0]] for v in scratch.values())
+
+
+def test_bad_finetune_flags_are_named(capsys):
+    from lapo_ray.config.cli import parse_config
+    from lapo_ray.config.rl import FINETUNE_PRESETS
+
+    with pytest.raises(SystemExit):
+        parse_config(FinetuneConfig, FINETUNE_PRESETS, ["--num-env-runners", "two"])
+    assert "argument --num-env-runners: invalid int value: 'two'" in capsys.readouterr().err
+    cfg = cpu_finetune()
+    cfg.ppo.num_minibatches = 7
+    with pytest.raises(ValueError, match=r"train batch 2048 \(runners x envs x rollout length\) is not divisible by "
+                                         r"--ppo.num-minibatches 7"):
+        cfg.validate()
+    cfg = cpu_finetune()
+    cfg.env.game = "pong"
+    with pytest.raises(ValueError, match="'pong' is not a Procgen game"):
+        cfg.validate()
+
+
+def test_missing_pretrain_folder_is_a_clear_error(tmp_path):
+    from lapo_ray.rl.algo import pretrain_checkpoints
+
+    with pytest.raises(FileNotFoundError, match=r"no stage1 checkpoint; run `python jobs/pretrain.py"):
+        pretrain_checkpoints(str(tmp_path / "nothing-here"))
+
+
+# ---- PPO on RLlib (Ray) -------------------------------------------------------------------
+
+
+def tiny_finetune(pretrain_dir: str | None, out: str, **ppo_overrides) -> FinetuneConfig:
+    cfg = cpu_finetune()
+    cfg.out = out
+    cfg.pretrain = pretrain_dir or ""
+    cfg.scratch = pretrain_dir is None
+    cfg.num_env_runners, cfg.envs_per_runner, cfg.cpus_per_env_runner = 2, 4, 0.5
+    cfg.decoder_hidden = (16, 16)
+    cfg.scratch_policy = tiny_pretrain_config().model.policy
+    cfg.ppo = dataclasses.replace(cfg.ppo, rollout_length=16, num_minibatches=2, num_epochs=1, env_steps=256,
+                                  **ppo_overrides)
+    cfg.checkpoint_every = 1
+    cfg.wandb.mode = "disabled"
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["rl+sl", "rl", "scratch"])
+def test_ppo_two_env_runners_two_iterations(ray_local, pretrain_dir, tmp_path, variant):
+    from lapo_ray.rl.algo import build_algorithm_config, iteration_metrics
+
+    cfg = tiny_finetune(None if variant == "scratch" else pretrain_dir, str(tmp_path), decoder_sl=variant == "rl+sl")
+    algo = build_algorithm_config(cfg).build_algo()
+    try:
+        steps = 0
+        for _ in range(2):
+            result = algo.train()
+            row = iteration_metrics(result, "coinrun", 1.0, steps)
+            assert row["env_steps"] - steps == cfg.train_batch  # 2 runners x 4 envs x 16 steps
+            steps = row["env_steps"]
+            for key in ("policy_loss", "vf_loss", "entropy"):
+                assert np.isfinite(row[key]), (key, row)
+            if variant == "rl+sl":
+                assert 0.0 <= row["decoder_accuracy"] <= 1.0
+                assert np.isfinite(row["decoder_sl_loss"])
+            else:
+                assert np.isnan(row["decoder_accuracy"])
+        # Frozen parts (the convolutions in the cpu preset) really stay put; trained parts move.
+        learner_module = algo.learner_group._learner.module["default_policy"]
+        if variant != "scratch":
+            assert not any(p.requires_grad for p in learner_module.convs.parameters())
+    finally:
+        algo.stop()
+
+
+def test_env_runner_killed_during_training_is_replaced(ray_local, pretrain_dir, tmp_path):
+    from lapo_ray.rl.algo import build_algorithm_config, iteration_metrics
+
+    cfg = tiny_finetune(pretrain_dir, str(tmp_path))
+    algo = build_algorithm_config(cfg).build_algo()
+    try:
+        algo.train()
+        group = algo.env_runner_group
+        pids = group.foreach_env_runner(lambda runner: os.getpid(), local_env_runner=False)
+        assert len(set(pids)) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        steps = []
+        for _ in range(3):
+            steps.append(iteration_metrics(algo.train(), "coinrun", 1.0, 0)["env_steps"])
+        assert steps == sorted(steps) and steps[-1] > steps[0]  # training went on
+        # The dead runner was restarted: two healthy runners again, one of them a new process.
+        for _ in range(30):
+            if group.num_healthy_remote_workers() == 2:
+                break
+            algo.train()
+        assert group.num_healthy_remote_workers() == 2
+        new_pids = group.foreach_env_runner(lambda runner: os.getpid(), local_env_runner=False)
+        assert pids[0] not in new_pids and pids[1] in new_pids
+    finally:
+        algo.stop()
+
+
+def _episode(frames: np.ndarray, lookback: int, terminated: bool):
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    n = len(frames) - 1 - lookback
+    return SingleAgentEpisode(
+        observations=list(frames), actions=list(range(n + lookback)), rewards=[0.0] * (n + lookback),
+        terminated=terminated, len_lookback_buffer=lookback,
+    )
+
+
+def test_idm_labels_cover_exactly_the_complete_triplets(pretrain_dir):
+    from lapo_ray.rl.connectors import AddIDMLatentsToBatch, LabelTripletsWithIDM
+    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+
+    idm = load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1")))
+    frames = random_obs(7, seed=3).numpy()
+    fresh_done = _episode(frames[1:], lookback=0, terminated=True)  # obs o1..o6, 5 steps, ended
+    continued = _episode(frames, lookback=1, terminated=False)  # o0 in the lookback, 6 obs, 5 steps
+    shared: dict = {}
+    LabelTripletsWithIDM(idm=idm)(rl_module=None, batch={}, episodes=[fresh_done, continued], shared_data=shared)
+    labels = shared["lapo_idm_labels"]
+
+    def encode(i):  # the IDM's latent of the triplet centred on frames[i]
+        return idm.encode(torch.from_numpy(frames[i - 1:i + 2][None]))[0][0].numpy()
+
+    latents, valid = labels[id(fresh_done)]
+    # Step 0 has no o[t-1]; step 4's o[t+1] is the env's stand-in final frame.
+    assert valid.tolist() == [False, True, True, True, False]
+    for t in (1, 2, 3):
+        np.testing.assert_allclose(latents[t], encode(t + 1), atol=1e-5)
+    latents, valid = labels[id(continued)]
+    # o[t-1] of step 0 comes from the lookback buffer; the chunk did not end, so o[t+1] is real.
+    assert valid.tolist() == [True] * 5
+    for t in range(5):
+        np.testing.assert_allclose(latents[t], encode(t + 1), atol=1e-5)
+    # After PPO's phantom step the batch columns are one longer, and the phantom is unlabelled.
+    from ray.rllib.utils.postprocessing.episodes import add_one_ts_to_episodes_and_truncate
+
+    add_one_ts_to_episodes_and_truncate([fresh_done])
+    batch: dict = {}
+    AddIDMLatentsToBatch()(rl_module=None, batch=batch, episodes=[fresh_done],
+                           shared_data={"lapo_idm_labels": {id(fresh_done): labels[id(fresh_done)]}})
+    mask = [m for items in batch["lapo_idm_latent_mask"].values() for m in items]
+    assert mask == [False, True, True, True, False, False]
