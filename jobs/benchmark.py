@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py data      # Ray Data triplet pipeline vs a plain numpy reader
     python jobs/benchmark.py stage1    # Ray Train stage 1 (1 and 2 workers) vs a plain PyTorch loop
+    python jobs/benchmark.py envrunners  # RLlib env steps/s with 1 and 2 env runners vs the raw env
 """
 
 import argparse
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     s.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=64)
+    e = sub.add_parser("envrunners", help="env steps/s: RLlib PPO with 1 and 2 env runners vs the raw vector env")
+    e.add_argument("--envs-per-runner", type=int, default=16)
+    e.add_argument("--rollout-length", type=int, default=64)
+    e.add_argument("--iterations", type=int, default=4)
     args = parser.parse_args(argv)
     init_ray()
     if args.what == "data":
@@ -38,6 +43,18 @@ def main(argv=None) -> int:
             print(f"Ray Data pipeline (global shuffle={mode}): {x['triplets_per_s']:,.0f} triplets/s "
                   f"= {x['triplets_per_s'] / plain:.2f} x plain (steady {x['steady_triplets_per_s']:,.0f}/s "
                   f"after a first batch at {x['first_batch_s']:.1f} s)")
+    elif args.what == "envrunners":
+        from lapo_ray.evaluation.benchmarks import bench_env_runners
+
+        r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations)
+        print(json.dumps(r, indent=2))
+        raw = r["raw_vector_env_steps_per_s"]
+        print(f"\nProcgen vector env alone ({r['envs_per_runner']} envs, random actions): {raw:,.0f} steps/s (ceiling)")
+        for n in (1, 2):
+            x = r[f"rllib_{n}_runners"]
+            print(f"RLlib PPO, {n} env runner(s) x {r['envs_per_runner']} envs: sampling "
+                  f"{x['sampling_env_steps_per_s']:,.0f} steps/s ({x['sampling_env_steps_per_s'] / raw:.2f} x raw), "
+                  f"whole iteration incl. learning {x['iteration_env_steps_per_s']:,.0f} steps/s")
     else:
         from lapo_ray.evaluation.benchmarks import bench_stage1
 

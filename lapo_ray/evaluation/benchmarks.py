@@ -117,3 +117,48 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: 
         results[f"ray_{workers}w_samples_per_s_per_worker"] = result.metrics["samples_per_s_per_worker"]
         results[f"ray_{workers}w_data_wait_frac"] = result.metrics["data_wait_frac"]
     return results
+
+
+def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, iterations: int = 4,
+                      runner_counts: tuple[int, ...] = (1, 2), raw_steps: int = 200) -> dict[str, Any]:
+    """Environment steps/s: the Procgen vector env alone (random actions, one process: the ceiling)
+    beside RLlib PPO sampling with 1 and 2 env runners, each stepping ``envs_per_runner`` envs with
+    the cpu-preset agent (from scratch, so no pretrain folder is needed)."""
+    import numpy as np
+
+    from lapo_ray.config.rl import cpu_finetune
+    from lapo_ray.envs import NUM_ACTIONS, make_procgen_vector_env
+    from lapo_ray.rl.algo import build_algorithm_config, sampled_env_steps
+
+    out: dict[str, Any] = {"envs_per_runner": envs_per_runner, "rollout_length": rollout_length}
+    env = make_procgen_vector_env({"game": "coinrun", "num_envs": envs_per_runner, "num_threads": 1})
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    t0 = time.perf_counter()
+    for _ in range(raw_steps):
+        env.step(rng.integers(0, NUM_ACTIONS, envs_per_runner))
+    out["raw_vector_env_steps_per_s"] = raw_steps * envs_per_runner / (time.perf_counter() - t0)
+    env.close()
+    for n in runner_counts:
+        cfg = cpu_finetune()
+        cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, n, envs_per_runner
+        cfg.ppo.rollout_length = rollout_length
+        cfg.ppo.num_minibatches = 4
+        algo = build_algorithm_config(cfg).build_algo()
+        try:
+            algo.train()  # warm-up: worker start, first weights sync
+            sample_s, total_s, steps0 = 0.0, 0.0, sampled_env_steps(algo)
+            for _ in range(iterations):
+                t = time.perf_counter()
+                result = algo.train()
+                total_s += time.perf_counter() - t
+                sample_s += float(result["timers"]["env_runner_sampling_timer"])
+            steps = sampled_env_steps(algo) - steps0
+        finally:
+            algo.stop()
+        out[f"rllib_{n}_runners"] = {
+            "sampling_env_steps_per_s": steps / sample_s,
+            "iteration_env_steps_per_s": steps / total_s,
+            "env_steps": steps,
+        }
+    return out

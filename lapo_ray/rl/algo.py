@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
@@ -114,19 +113,24 @@ def build_algorithm_config(cfg: FinetuneConfig):
 
 def _save(algo, out_uri: str) -> None:
     """Replace ``<out>/checkpoint`` without ever leaving a half-written one behind."""
-    target = storage.join(out_uri, CHECKPOINT_DIR)
-    if storage.is_local(out_uri):
-        tmp = target + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        algo.save_to_path(os.path.abspath(tmp))
-        old = target + ".old"
-        if os.path.exists(target):
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        fs, path = storage.resolve(target)
-        algo.save_to_path(path, filesystem=fs)
+    with tempfile.TemporaryDirectory() as d:
+        algo.save_to_path(os.path.join(d, CHECKPOINT_DIR))
+        storage.upload_dir(os.path.join(d, CHECKPOINT_DIR), storage.join(out_uri, CHECKPOINT_DIR))
+
+
+def _restore(algo, out_uri: str) -> bool:
+    ckpt = storage.join(out_uri, CHECKPOINT_DIR)
+    if not storage.exists(ckpt):
+        return False
+    fs, path = storage.resolve(ckpt)
+    algo.restore_from_path(path, filesystem=fs)
+    return True
+
+
+def sampled_env_steps(algo) -> int:
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    return int(algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
 
 
 def _scalar(d: dict[str, Any], *keys: str, default: float = float("nan")) -> float:
@@ -170,15 +174,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     storage.write_json(storage.join(out, "config.json"), {"variant": variant, **dataclasses.asdict(cfg)})
     algo = build_algorithm_config(cfg).build_algo()
     try:
-        ckpt = storage.join(out, CHECKPOINT_DIR)
-        if storage.exists(ckpt):
-            fs, path = storage.resolve(ckpt)
-            algo.restore_from_path(path, filesystem=None if storage.is_local(out) else fs)
-            print(f"finetune: resumed from {ckpt}", flush=True)
-        sink = MetricsSink(out, f"finetune-{variant}", cfg.wandb, dataclasses.asdict(cfg))
-        progress = Progress(cfg.ppo.env_steps, f"finetune {variant} {cfg.env.game}", unit="steps", interval=10)
         steps, it, row = 0, 0, {}
-        while True:
+        if _restore(algo, out):
+            steps, it = sampled_env_steps(algo), algo.iteration
+            print(f"finetune: resumed from {storage.join(out, CHECKPOINT_DIR)} at {steps} env steps", flush=True)
+        sink = MetricsSink(out, f"finetune-{variant}", cfg.wandb, dataclasses.asdict(cfg))
+        progress = Progress(cfg.ppo.env_steps - steps, f"finetune {variant} {cfg.env.game}", unit="steps",
+                            interval=10)
+        while steps < cfg.ppo.env_steps:
             t0 = time.time()
             result = algo.train()
             row = iteration_metrics(result, cfg.env.game, time.time() - t0, steps)
@@ -188,11 +191,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                   f"decoder acc {row['decoder_accuracy']:.2f}")
             steps = row["env_steps"]
             sink.log({"step": steps, "iteration": it, **row})
-            done = steps >= cfg.ppo.env_steps
-            if done or it % cfg.checkpoint_every == 0:
+            if steps >= cfg.ppo.env_steps or it % cfg.checkpoint_every == 0:
                 _save(algo, out)
-            if done:
-                break
         progress.print()
         sink.finish()
     finally:

@@ -1,0 +1,24 @@
+"""Stage 3 offline: learn the latent -> action decoder from k labelled frames, then play.
+
+    python jobs/decode.py --decoder.k 256                       # from artifacts/pretrain
+    python jobs/decode.py --decoder.k 4096 --out artifacts/decode-k4096
+"""
+
+import json
+import sys
+
+from lapo_ray.config.cli import parse_config
+from lapo_ray.config.rl import DECODE_PRESETS, DecodeConfig
+from lapo_ray.rl.decode import decode_offline
+from lapo_ray.runtime import init_ray
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(DecodeConfig, DECODE_PRESETS, argv, description=__doc__)
+    init_ray()
+    print(json.dumps(decode_offline(cfg), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Stage 3 online: PPO on Procgen from the latent policy (or from scratch) with many rollout actors.
+
+    python jobs/finetune.py --num-env-runners 2                 # from artifacts/pretrain, cpu preset
+    python jobs/finetune.py --scratch true --out artifacts/finetune-scratch
+    python jobs/finetune.py --ppo.decoder-sl false              # the paper's "RL, no SL" ablation
+    python jobs/finetune.py --preset paper --num-env-runners 64 --envs-per-runner 1 --pretrain s3://bucket/pretrain
+"""
+
+import json
+import sys
+
+from lapo_ray.config.cli import parse_config
+from lapo_ray.config.rl import FINETUNE_PRESETS, FinetuneConfig
+from lapo_ray.rl.algo import finetune
+from lapo_ray.runtime import init_ray
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(FinetuneConfig, FINETUNE_PRESETS, argv, description=__doc__)
+    init_ray()
+    print(json.dumps(finetune(cfg), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Offline decoding: a decoder from latent action to real action, learnt from k labelled frames.
+
+The k frames are triplets of the pretraining corpus's train split (the only place true actions
+are read for training); the IDM labels each with its latent action and the decoder learns
+latent -> action by cross-entropy. The agent then plays with the latent policy's predicted
+latents decoded the same way (the RL head stays at zero), so what is evaluated is exactly the
+module that online fine-tuning would start from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lapo_ray import storage
+from lapo_ray.config import PipelineConfig, config_from_dict
+from lapo_ray.config.rl import DecodeConfig
+from lapo_ray.data.sources import open_source
+from lapo_ray.data.triplets import iter_batches, triplet_dataset
+from lapo_ray.envs import OBS_SHAPE, NUM_ACTIONS
+from lapo_ray.evaluation.rollout import evaluate_policy, held_out_levels
+from lapo_ray.progress import Progress
+from lapo_ray.rl.algo import pretrain_checkpoints
+from lapo_ray.train.checkpoint import load_dynamics
+
+MODULE_DIR = "module"
+
+
+def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Up to ``n`` labelled triplets of ``split``, drawn across episodes by a seeded shuffle."""
+    pipe = dataclasses.replace(pipe, global_shuffle="files", shuffle_seed=seed, local_shuffle_buffer=4096)
+    parts, have = [], 0
+    for b in iter_batches(triplet_dataset(source, split, pipe), source.frame_shape, 512, pipe):
+        keep = b["action"] >= 0
+        parts.append({"frames": b["frames"][keep], "action": b["action"][keep]})
+        have += int(keep.sum())
+        if have >= n:
+            break
+    if not parts or have == 0:
+        raise ValueError(f"{source.uri}: no action-labelled triplets in the {split} split; offline decoding "
+                         f"needs a corpus that carries true actions")
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+
+@torch.no_grad()
+def _encode(idm, frames: np.ndarray) -> torch.Tensor:
+    return torch.cat([idm.encode(torch.from_numpy(frames[i:i + 512]))[0] for i in range(0, len(frames), 512)])
+
+
+def build_agent(stage2_uri: str, decoder_hidden: tuple[int, ...]):
+    import gymnasium as gym
+
+    from lapo_ray.rl.module import LapoAgentModule
+
+    return LapoAgentModule(
+        observation_space=gym.spaces.Box(0, 255, OBS_SHAPE, np.uint8),
+        action_space=gym.spaces.Discrete(NUM_ACTIONS),
+        model_config={"latent_policy_checkpoint": stage2_uri, "policy": None,
+                      "decoder_hidden": list(decoder_hidden)},
+    )
+
+
+def agent_logits(module):
+    from ray.rllib.core.columns import Columns
+
+    def logits(obs: torch.Tensor) -> torch.Tensor:
+        return module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+
+    return logits
+
+
+def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
+    stage1, stage2 = pretrain_checkpoints(cfg.pretrain)
+    pre = storage.read_json(storage.join(cfg.pretrain, "config.json"))
+    corpus = cfg.corpus or pre["corpus"] or pre["collect"]["out"]
+    pipe = config_from_dict(PipelineConfig, pre["data"])
+    source = open_source(corpus)
+    if not source.has_actions:
+        raise ValueError(f"{corpus}: this corpus has no true actions; offline decoding needs k labelled frames")
+    torch.manual_seed(cfg.seed)
+    dc = cfg.decoder
+    t0 = time.time()
+    train = labelled_triplets(source, pipe, "train", dc.k, cfg.seed)
+    val = labelled_triplets(source, pipe, "val", dc.held_out, cfg.seed)
+    if len(train["action"]) < dc.k:
+        print(f"decode: the train split has only {len(train['action'])} labelled triplets (asked for {dc.k})", flush=True)
+    idm = load_dynamics(stage1)
+    z_train, z_val = _encode(idm, train["frames"]), _encode(idm, val["frames"])
+    a_train, a_val = torch.from_numpy(train["action"]).long(), torch.from_numpy(val["action"]).long()
+
+    module = build_agent(stage2, cfg.decoder_hidden)
+    def full_loss() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(module.decoded_logits(z_train), a_train).item()
+
+    loss_start = full_loss()
+    opt = torch.optim.Adam(module.decoder.parameters(), lr=dc.lr)
+    n = len(a_train)
+    steps = dc.epochs * max(1, -(-n // dc.batch_size))
+    progress = Progress(steps, f"decode k={n}", unit="steps", interval=10)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(dc.epochs):
+        for idx in torch.randperm(n, generator=gen).split(dc.batch_size):
+            loss = F.cross_entropy(module.decoded_logits(z_train[idx]), a_train[idx], label_smoothing=dc.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            progress.update(1, extra=f"loss {loss.item():.3f}")
+    progress.print()
+    loss_end = full_loss()
+    with torch.no_grad():
+        train_acc = (module.decoded_logits(z_train).argmax(-1) == a_train).float().mean().item()
+        val_acc = (module.decoded_logits(z_val).argmax(-1) == a_val).float().mean().item()
+        # The agent's own view: latent policy on o[t] only, decoded, against the action taken.
+        obs_val = torch.from_numpy(val["frames"][:, 1])
+        agent_acc = (agent_logits(module)(obs_val).argmax(-1) == a_val).float().mean().item()
+    majority = float(np.bincount(val["action"], minlength=NUM_ACTIONS).max() / len(val["action"]))
+    fit_seconds = time.time() - t0
+
+    _save_module(module, cfg.out)
+    report: dict[str, Any] = {
+        "k": int(n), "decoder_train_loss_start": loss_start, "decoder_train_loss_end": loss_end,
+        "decoder_train_accuracy": train_acc,
+        "train_majority_action_rate": float(np.bincount(train["action"], minlength=NUM_ACTIONS).max() / n),
+        # The loss a decoder reaches from the action frequencies alone: below it, latents inform.
+        "train_action_entropy": _entropy(train["action"]), "decoder_val_accuracy": val_acc,
+        "agent_val_accuracy": agent_acc, "majority_action_rate": majority, "val_triplets": int(len(a_val)),
+        "fit_seconds": fit_seconds, "pretrain": cfg.pretrain, "corpus": corpus,
+    }
+    module.eval()
+    env = cfg.env
+    report["train_levels"] = evaluate_policy(agent_logits(module), env, cfg.eval, f"decoded k={n} train levels")
+    report["held_out_levels"] = evaluate_policy(agent_logits(module), held_out_levels(env, cfg.eval), cfg.eval,
+                                                f"decoded k={n} held-out levels")
+    storage.write_json(storage.join(cfg.out, "config.json"), {"variant": "offline-decoded", **dataclasses.asdict(cfg)})
+    storage.write_json(storage.join(cfg.out, "decode.json"), report)
+    return report
+
+
+def _entropy(actions: np.ndarray) -> float:
+    p = np.bincount(actions, minlength=NUM_ACTIONS) / len(actions)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def _save_module(module, out: str) -> None:
+    """RLlib's own module checkpoint (``RLModule.from_checkpoint`` reads it), written atomically."""
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, MODULE_DIR)
+        module.save_to_path(local)
+        storage.upload_dir(local, storage.join(out, MODULE_DIR))

@@ -1,0 +1,59 @@
+"""Evaluate a fine-tuned (``jobs/finetune.py``) or offline-decoded (``jobs/decode.py``) agent."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from lapo_ray import storage
+from lapo_ray.config import config_from_dict
+from lapo_ray.config.rl import EnvConfig, EvaluateConfig
+from lapo_ray.evaluation.rollout import evaluate_policy, held_out_levels
+
+# Where RLlib keeps the module inside an Algorithm checkpoint.
+_MODULE_IN_ALGO = ("learner_group", "learner", "rl_module", "default_policy")
+
+
+def load_agent(agent_uri: str):
+    """(module, agent config dict) from a finetune or decode artifact folder."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from lapo_ray.rl.algo import CHECKPOINT_DIR
+    from lapo_ray.rl.decode import MODULE_DIR
+
+    config_uri = storage.join(agent_uri, "config.json")
+    if not storage.exists(config_uri):
+        raise FileNotFoundError(f"{agent_uri}: not a finetune or decode artifact folder (no config.json)")
+    agent_cfg = storage.read_json(config_uri)
+    if agent_cfg.get("variant") == "offline-decoded":
+        module_uri = storage.join(agent_uri, MODULE_DIR)
+    else:
+        module_uri = storage.join(agent_uri, CHECKPOINT_DIR, *_MODULE_IN_ALGO)
+    if not storage.exists(module_uri):
+        raise FileNotFoundError(f"{agent_uri}: no trained agent at {module_uri}; has the job finished a checkpoint?")
+    fs, path = storage.resolve(module_uri)
+    with tempfile.TemporaryDirectory() as d:
+        if not storage.is_local(module_uri):
+            import pyarrow.fs as pafs
+
+            pafs.copy_files(path, d, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            path = d
+        module = RLModule.from_checkpoint(os.path.abspath(path))
+    return module.eval(), agent_cfg
+
+
+def evaluate_agent(cfg: EvaluateConfig) -> dict[str, Any]:
+    from lapo_ray.rl.decode import agent_logits
+
+    module, agent_cfg = load_agent(cfg.agent)
+    env = config_from_dict(EnvConfig, agent_cfg["env"])
+    name = agent_cfg.get("variant", "agent")
+    report = {
+        "agent": cfg.agent, "variant": name,
+        "train_levels": evaluate_policy(agent_logits(module), env, cfg.eval, f"{name} train levels"),
+        "held_out_levels": evaluate_policy(agent_logits(module), held_out_levels(env, cfg.eval), cfg.eval,
+                                           f"{name} held-out levels"),
+    }
+    storage.write_json(storage.join(cfg.out or cfg.agent, "evaluation.json"), report)
+    return report
