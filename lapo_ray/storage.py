@@ -11,6 +11,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -39,16 +40,24 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path components of a path or URI without touching the scheme."""
+    """Join path components of a path or URI without touching the scheme or the query string
+    (``s3://bucket/run?endpoint_override=host:9000`` keeps its options)."""
     uri = os.fspath(uri)
     if "://" in uri:
         scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{posixpath.join(rest, *parts)}"
+        rest, sep, query = rest.partition("?")
+        return f"{scheme}://{posixpath.join(rest, *parts)}{sep}{query}"
     return os.path.join(uri, *parts)
 
 
 def is_local(uri: str | os.PathLike) -> bool:
     return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The plain local path behind ``uri`` (also for ``file://`` URIs), or None if it is remote."""
+    fs, path = resolve(uri)
+    return path if isinstance(fs, pafs.LocalFileSystem) else None
 
 
 def exists(uri: str) -> bool:
@@ -140,3 +149,27 @@ def append_line(uri: str, line: str) -> None:
 def open_input(uri: str) -> io.RawIOBase:
     fs, path = resolve(uri)
     return fs.open_input_file(path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy the local folder ``local_dir`` to ``uri``, replacing any folder there.
+
+    The copy lands in a temporary sibling first and is moved into place, so a reader (or a
+    resumed run) finds either the old folder or the new one, never a half-written mix.
+    """
+    fs, path = resolve(uri)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = f"{path}.tmp-{tag}", f"{path}.old-{tag}"
+    for root, _, files in os.walk(local_dir):
+        rel = os.path.relpath(root, local_dir)
+        dest = tmp if rel == "." else posixpath.join(tmp, *rel.split(os.sep))
+        fs.create_dir(dest, recursive=True)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as src, fs.open_output_stream(posixpath.join(dest, name)) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    replaced = fs.get_file_info(path).type != pafs.FileType.NotFound
+    if replaced:
+        fs.move(path, old)
+    fs.move(tmp, path)
+    if replaced:
+        fs.delete_dir(old)
