@@ -412,7 +412,7 @@ def test_policies():
     assert np.bincount(np.concatenate([p(obs) for _ in range(50)]), minlength=15).min() > 2000
     with pytest.raises(ValueError, match="'sticky:x'"):
         make_policy("sticky:x", 1)
-    with pytest.raises(ValueError, match="expected 'random', 'sticky:P' or 'module:factory'"):
+    with pytest.raises(ValueError, match="expected 'random', 'sticky:P', 'agent:PATH' or 'module:factory'"):
         make_policy("greedy", 1)
 
 

@@ -23,7 +23,7 @@ class CollectConfig:
     policy: str = field(
         default="sticky:0.75",
         metadata={"help": "'random', 'sticky:P' (repeat the last action with probability P), "
-                  "or a module:callable path"},
+                  "'agent:PATH' (a trained agent folder) or a module:callable path"},
     )
     distribution_mode: Literal["easy", "hard"] = "easy"
     num_levels: int = 0

@@ -58,8 +58,9 @@ class StickyRandomPolicy(RandomPolicy):
 def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
     """Build a policy from its command-line spec.
 
-    ``random``; ``sticky:P``; or ``package.module:factory``, a callable taking
-    ``(num_envs=..., seed=...)`` and returning a policy (how later stages plug in checkpoints).
+    ``random``; ``sticky:P``; ``agent:PATH``, a trained agent (a ``jobs/finetune.py`` or
+    ``jobs/decode.py`` output folder); or ``package.module:factory``, a callable taking
+    ``(num_envs=..., seed=...)`` and returning a policy.
     """
     if spec == "random":
         return RandomPolicy(num_envs, seed)
@@ -69,6 +70,10 @@ def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
         except ValueError:
             raise ValueError(f"policy {spec!r}: expected 'sticky:P' with P a number in [0, 1)") from None
         return StickyRandomPolicy(num_envs, p, seed)
+    if spec.startswith("agent:"):
+        from lapo_ray.rl.evaluate import AgentPolicy  # torch and RLlib only when an agent collects
+
+        return AgentPolicy(spec.split(":", 1)[1], num_envs, seed)
     if ":" in spec:
         module, _, name = spec.partition(":")
         try:
@@ -76,4 +81,4 @@ def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"policy {spec!r}: cannot load {name!r} from {module!r} ({e})") from e
         return factory(num_envs=num_envs, seed=seed)
-    raise ValueError(f"policy {spec!r}: expected 'random', 'sticky:P' or 'module:factory'")
+    raise ValueError(f"policy {spec!r}: expected 'random', 'sticky:P', 'agent:PATH' or 'module:factory'")

@@ -100,3 +100,18 @@ def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: st
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[float], path: str, game: str) -> None:
+    """Offline decoding: return (random 0, demonstrator 1) and decoder accuracy against k."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(ks, returns, marker="o")
+    axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
+    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].set(xscale="log", xlabel="labelled frames k", title=f"{game}: decoded latent policy, return vs demonstrator")
+    axes[1].plot(ks, accuracies, marker="o", color="tab:orange")
+    axes[1].set(xscale="log", xlabel="labelled frames k", ylim=(0, 1), title="decoder accuracy on held-out triplets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

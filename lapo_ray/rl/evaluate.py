@@ -57,3 +57,28 @@ def evaluate_agent(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     storage.write_json(storage.join(cfg.out or cfg.agent, "evaluation.json"), report)
     return report
+
+
+class AgentPolicy:
+    """A trained agent as a collection policy (``--collect.policy agent:PATH``): samples from its
+    action distribution, as the agent does in the environment."""
+
+    def __init__(self, agent_uri: str, num_envs: int, seed: int = 0):
+        import torch
+
+        from lapo_ray.rl.decode import agent_logits
+
+        torch.set_num_threads(1)  # one collector per CPU; procgen steps in its own thread
+        module, _ = load_agent(agent_uri)
+        self._logits = agent_logits(module)
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, obs):
+        import torch
+
+        with torch.no_grad():
+            probs = torch.softmax(self._logits(torch.from_numpy(obs)).float(), -1)
+        return torch.multinomial(probs, 1, generator=self._gen).squeeze(-1).numpy().astype("int64")
+
+    def reset(self, mask) -> None:
+        pass

@@ -1,0 +1,27 @@
+"""The whole LAPO experiment on one Procgen game, one command, resumable step by step:
+demonstrator (PPO) -> observation-only corpus -> stages 1 and 2 -> PPO from the latent policy
+(with and without decoder supervision) and from scratch -> offline decoding at several k -> report.
+
+    python jobs/experiment.py                          # cpu preset, about 90 minutes on 2 cores
+    python jobs/experiment.py --game ninja --out artifacts/exp-ninja
+    python jobs/experiment.py --preset paper --out s3://bucket/lapo-exp   # on a cluster
+"""
+
+import sys
+
+from lapo_ray.config.cli import parse_config
+from lapo_ray.config.experiment import EXPERIMENT_PRESETS, ExperimentConfig
+from lapo_ray.experiment import run_experiment
+from lapo_ray.runtime import init_ray
+
+
+def main(argv=None) -> int:
+    cfg, ns = parse_config(ExperimentConfig, EXPERIMENT_PRESETS, argv, description=__doc__)
+    init_ray()
+    run_experiment(cfg, ns.preset)
+    print(f"report: {cfg.out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

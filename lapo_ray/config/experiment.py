@@ -1,0 +1,106 @@
+"""The end-to-end LAPO experiment on one Procgen game (``jobs/experiment.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
+from lapo_ray.config.data import PROCGEN_GAMES, CollectConfig
+from lapo_ray.config.rl import (
+    DecoderConfig,
+    EvalConfig,
+    FinetuneConfig,
+    cpu_finetune,
+    paper_finetune,
+)
+
+VARIANTS = ("rl+sl", "rl", "scratch")
+
+
+@dataclass
+class ExperimentConfig:
+    """Demonstrator -> observation-only corpus -> stages 1-2 -> online and offline decoding -> report.
+
+    ``game`` and ``seed`` are set once here and copied into every stage.
+    """
+
+    out: str = field(default="artifacts/experiment", metadata={"help": "output folder (path or URI)"})
+    game: str = "starpilot"
+    seed: int = 0
+    demonstrator: FinetuneConfig = field(default_factory=FinetuneConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    variants: str = field(default="rl+sl,rl,scratch", metadata={"help": "online variants: rl+sl, rl, scratch"})
+    decode_k: tuple[int, ...] = field(default=(16, 64, 256, 1024, 4096),
+                                      metadata={"help": "labelled-frame budgets for offline decoding"})
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+    def validate(self) -> None:
+        if self.game not in PROCGEN_GAMES:
+            raise ValueError(f"--game {self.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+        unknown = set(self.variant_list()) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        if not self.decode_k or min(self.decode_k) <= 0:
+            raise ValueError("--decode-k needs positive frame counts")
+        self.resolved().finetune.validate()
+        self.resolved().demonstrator.validate()
+
+    def resolved(self) -> "ExperimentConfig":
+        """A copy with ``game``, ``seed`` and the output folders written into every stage."""
+        c = dataclasses.replace(self)
+        join = lambda *p: "/".join([self.out.rstrip("/"), *p])  # noqa: E731  (URIs and paths alike)
+        c.demonstrator = dataclasses.replace(
+            self.demonstrator, out=join("demonstrator"), scratch=True, seed=self.seed,
+            env=dataclasses.replace(self.demonstrator.env, game=self.game))
+        c.collect = dataclasses.replace(self.collect, out=join("corpus"), game=self.game, seed=self.seed,
+                                        policy=f"agent:{join('demonstrator')}")
+        c.pretrain = dataclasses.replace(self.pretrain, out=join("pretrain"), corpus=join("corpus"))
+        c.finetune = dataclasses.replace(self.finetune, pretrain=join("pretrain"), seed=self.seed,
+                                         env=dataclasses.replace(self.finetune.env, game=self.game))
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cpu_experiment() -> ExperimentConfig:
+    """About 90 minutes on 2 cores: a demonstrator from 300k steps of PPO, a 50k-frame corpus,
+    the cpu pretraining preset, 3 x 100k steps of online decoding, offline decoding at 5 budgets."""
+    demonstrator = cpu_finetune()
+    demonstrator.ppo.env_steps = 300_000
+    demonstrator.checkpoint_every = 10
+    finetune = cpu_finetune()
+    finetune.ppo.env_steps = 100_000
+    pretrain = cpu_pretrain()
+    pretrain.stage1.steps, pretrain.stage1.time_budget_min = 100_000, 12.0
+    pretrain.stage1.report_every, pretrain.stage1.checkpoint_every = 250, 500
+    pretrain.stage2.steps = 1000
+    pretrain.stage2.report_every, pretrain.stage2.checkpoint_every = 250, 500
+    collect = CollectConfig(frames=50_000, num_workers=2, envs_per_worker=16, worker_num_cpus=1.0)
+    return ExperimentConfig(demonstrator=demonstrator, collect=collect, pretrain=pretrain, finetune=finetune,
+                            eval=EvalConfig(episodes=64, num_envs=32))
+
+
+def paper_experiment() -> ExperimentConfig:
+    """The paper's scale: demonstrator trained 25M steps, 8M-frame corpus (the paper's expert
+    data size per game), paper pretraining and 4M steps of fine-tuning. For a cluster."""
+    demonstrator = paper_finetune()
+    demonstrator.ppo.env_steps = 25_000_000
+    return ExperimentConfig(
+        demonstrator=demonstrator,
+        collect=CollectConfig(frames=8_000_000, num_workers=32, envs_per_worker=64),
+        pretrain=paper_pretrain(), finetune=paper_finetune(),
+    )
+
+
+EXPERIMENT_PRESETS = {"cpu": cpu_experiment, "paper": paper_experiment}
+
+__all__ = ["ExperimentConfig", "EXPERIMENT_PRESETS", "VARIANTS"]

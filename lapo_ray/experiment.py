@@ -1,0 +1,289 @@
+"""The whole LAPO experiment on one game, step by step, resumable (``jobs/experiment.py``).
+
+Each step writes ``<out>/steps/<name>.json`` when it has finished; a rerun skips finished steps,
+and the steps themselves resume from their own checkpoints (collection, Ray Train, RLlib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from lapo_ray import storage
+from lapo_ray.config.experiment import ExperimentConfig
+from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
+
+STEPS = ("demonstrator", "random", "collect", "pretrain", "finetune", "decode", "report")
+
+
+def _marker(out: str, name: str) -> str:
+    return storage.join(out, "steps", f"{name}.json")
+
+
+def _step(out: str, name: str, fn) -> dict[str, Any]:
+    marker = _marker(out, name)
+    if storage.exists(marker):
+        print(f"experiment: step {name} already done", flush=True)
+        return storage.read_json(marker)
+    print(f"experiment: step {name} ...", flush=True)
+    t0 = time.time()
+    result = fn()
+    result = {**result, "wall_seconds": result.get("wall_seconds", time.time() - t0)}
+    storage.write_json(marker, result)
+    return result
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "lapo_ray_commit": commit or "unknown", "machine": platform.machine(),
+            "cpus": str(os.cpu_count())}
+
+
+def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]:
+    from lapo_ray.data.collect import collect
+    from lapo_ray.evaluation.rollout import evaluate_policy
+    from lapo_ray.rl.algo import finetune
+    from lapo_ray.rl.decode import decode_offline
+    from lapo_ray.rl.evaluate import evaluate_agent
+    from lapo_ray.train.pretrain import run_pretrain
+
+    c = cfg.resolved()
+    out = cfg.out
+    storage.makedirs(out)
+    storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
+    ev = dataclasses.replace(cfg.eval, seed=cfg.seed + 12345)
+    results: dict[str, Any] = {"versions": versions(), "preset": preset}
+
+    def demonstrator() -> dict[str, Any]:
+        summary = finetune(c.demonstrator)
+        report = evaluate_agent(EvaluateConfig(agent=c.demonstrator.out, eval=ev))
+        return {"finetune": summary, "evaluation": report}
+
+    results["demonstrator"] = _step(out, "demonstrator", demonstrator)
+
+    def random_policy() -> dict[str, Any]:
+        import torch
+
+        def uniform(obs):
+            return torch.zeros(len(obs), 15)
+
+        env = c.finetune.env
+        return {"train_levels": evaluate_policy(uniform, env, ev, "random policy")}
+
+    results["random"] = _step(out, "random", random_policy)
+
+    def collect_step() -> dict[str, Any]:
+        t0 = time.time()
+        manifest = collect(c.collect)
+        seconds = time.time() - t0
+        return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
+                "triplets": manifest.num_triplets, "wall_seconds": seconds,
+                "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy}
+
+    results["collect"] = _step(out, "collect", collect_step)
+
+    def pretrain_step() -> dict[str, Any]:
+        summary = run_pretrain(c.pretrain)
+        return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
+
+    results["pretrain"] = _step(out, "pretrain", pretrain_step)
+
+    online: dict[str, Any] = {}
+    for variant in cfg.variant_list():
+        ft = dataclasses.replace(c.finetune, out=storage.join(out, f"finetune-{variant}"),
+                                 scratch=variant == "scratch",
+                                 ppo=dataclasses.replace(c.finetune.ppo, decoder_sl=variant == "rl+sl"))
+
+        def run_variant(ft=ft) -> dict[str, Any]:
+            t0 = time.time()
+            summary = finetune(ft)
+            seconds = time.time() - t0
+            report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=ev))
+            return {"finetune": summary, "evaluation": report, "wall_seconds": seconds,
+                    "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
+
+        online[variant] = _step(out, f"finetune-{variant}", run_variant)
+    results["finetune"] = online
+
+    offline: dict[str, Any] = {}
+    for k in cfg.decode_k:
+        dc = DecodeConfig(out=storage.join(out, f"decode-k{k}"), pretrain=c.pretrain.out,
+                          decoder=dataclasses.replace(cfg.decoder, k=k), env=c.finetune.env, eval=ev,
+                          seed=cfg.seed, decoder_hidden=c.finetune.decoder_hidden)
+        offline[str(k)] = _step(out, f"decode-k{k}", lambda dc=dc: decode_offline(dc))
+    results["decode"] = offline
+
+    write_report(cfg, results)
+    return results
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def _demo_norm(raw: float, random_raw: float, demo_raw: float) -> float:
+    """Normalised so that the random policy scores 0 and the demonstrator 1."""
+    span = demo_raw - random_raw
+    return float("nan") if abs(span) < 1e-9 else (raw - random_raw) / span
+
+
+def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
+    from lapo_ray.evaluation.plots import plot_offline_decoding, plot_return_curves
+    from lapo_ray.train.metrics import read_metrics
+
+    out = cfg.out
+    demo_raw = results["demonstrator"]["evaluation"]["train_levels"]["return_mean"]
+    rand_raw = results["random"]["train_levels"]["return_mean"]
+    norm = lambda raw: _demo_norm(raw, rand_raw, demo_raw)  # noqa: E731
+
+    curves = {}
+    for variant in results["finetune"]:
+        rows = read_metrics(storage.join(out, f"finetune-{variant}"))
+        curves[variant] = [{**r, "return_vs_demo": norm(r["episode_return"])} for r in rows
+                           if r.get("episode_return") is not None]
+    plots = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "online.png")
+        plot_return_curves(curves, path, key="return_vs_demo",
+                           title=f"{cfg.game}: return, random policy = 0, demonstrator = 1")
+        plots["online"] = _upload(path, out, "online.png")
+        ks = sorted(int(k) for k in results["decode"])
+        path = os.path.join(d, "offline.png")
+        plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],
+                              [results["decode"][str(k)]["decoder_val_accuracy"] for k in ks], path, cfg.game)
+        plots["offline"] = _upload(path, out, "offline.png")
+    pre_plots = storage.join(out, "pretrain", "plots")
+    for name in ("latent_map.png", "training_curves.png"):
+        src = storage.join(pre_plots, name)
+        if storage.exists(src):
+            storage.write_bytes(storage.join(out, "plots", name), storage.read_bytes(src))
+            plots[name] = f"plots/{name}"
+
+    storage.write_bytes(storage.join(out, "report.md"), render_report(cfg, results, norm, plots).encode())
+    storage.write_json(storage.join(out, "results.json"), results)
+
+
+def _upload(local: str, out: str, name: str) -> str:
+    with open(local, "rb") as f:
+        storage.write_bytes(storage.join(out, "plots", name), f.read())
+    return f"plots/{name}"
+
+
+def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: dict[str, str]) -> str:
+    v = results["versions"]
+    demo, rand = results["demonstrator"], results["random"]
+    demo_eval = demo["evaluation"]["train_levels"]
+    lines = [
+        f"# LAPO on {cfg.game}: latent actions from video, then an agent",
+        "",
+        f"Produced by `python jobs/experiment.py --preset {results.get('preset', 'cpu')}`. "
+        f"Seed {cfg.seed}; lapo_ray commit `{v['lapo_ray_commit'][:12]}`; Python {v['python']}, Ray {v['ray']}, "
+        f"PyTorch {v['torch']}, numpy {v['numpy']}; {v['cpus']} CPUs, no GPU.",
+        "",
+        "Returns are normalised so that the uniform random policy scores 0 and the demonstrator 1, "
+        "both measured here with the same evaluation (mean over "
+        f"{demo_eval['episodes']} episodes, sampled actions). The official Procgen normalisation "
+        "(random 0, the paper's 50M-step PPO expert 1) is given beside it.",
+        "",
+        "## Demonstrator",
+        "",
+        f"PPO from scratch for {demo['finetune']['env_steps']:,} environment steps "
+        f"({demo['wall_seconds'] / 60:.1f} min). This is a weak demonstrator, not an expert: the paper's "
+        "experts trained for 50M steps. Its evaluation on its training levels: raw return "
+        f"{demo_eval['return_mean']:.2f} (official normalisation {demo_eval['return_norm_mean']:.2f}); "
+        f"random policy: {rand['train_levels']['return_mean']:.2f} "
+        f"({rand['train_levels']['return_norm_mean']:.2f}).",
+        "",
+        "## Corpus and latent actions",
+        "",
+    ]
+    col, pre = results["collect"], results["pretrain"]
+    lines += [
+        f"{col['frames']:,} frames ({col['episodes']} episodes) collected from the demonstrator on "
+        f"{cfg.collect.num_workers} actors at {col['frames_per_s']:,.0f} frames/s. Its actions are stored in a "
+        "column that only evaluation reads.",
+        "",
+    ]
+    probe = pre.get("probe") or {}
+    if probe:
+        lines += [
+            "| probe on held-out triplets | accuracy |",
+            "|---|---|",
+            f"| trained IDM (unlabelled video) | {probe.get('probe_acc', float('nan')):.3f} |",
+            f"| untrained IDM (floor) | {probe.get('floor_untrained_idm', float('nan')):.3f} |",
+            f"| same IDM trained on true actions (ceiling) | {probe.get('ceiling_supervised_idm', float('nan')):.3f} |",
+            f"| majority action | {probe.get('majority_rate', float('nan')):.3f} |",
+            "",
+            f"Share of the floor-to-ceiling gap closed: **{probe.get('gap_closed', float('nan')):.2f}**.",
+            "",
+        ]
+    if "latent_map.png" in plots:
+        lines += [f"![latent actions]({plots['latent_map.png']})", ""]
+    lines += ["## Online decoding: PPO from the latent policy vs. from scratch", "",
+              f"![online]({plots['online']})", "",
+              "| variant | env steps | wall time | env steps/s | final return (raw) | vs demonstrator | "
+              "official norm. | held-out levels vs demonstrator | final decoder acc. |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    finals = {}
+    for variant, r in results["finetune"].items():
+        tr, ho = r["evaluation"]["train_levels"], r["evaluation"]["held_out_levels"]
+        finals[variant] = norm(tr["return_mean"])
+        acc = r["finetune"].get("decoder_accuracy")
+        lines.append(
+            f"| {variant} | {r['finetune']['env_steps']:,} | {r['wall_seconds'] / 60:.1f} min | "
+            f"{r['env_steps_per_s']:.0f} | {tr['return_mean']:.2f} ± {tr['return_std'] / np.sqrt(tr['episodes']):.2f} | "
+            f"{finals[variant]:.2f} | {tr['return_norm_mean']:.2f} | {norm(ho['return_mean']):.2f} | "
+            f"{'' if acc is None or acc != acc else f'{acc:.2f}'} |")
+    lines += ["", verdict(finals, results), ""]
+    lines += ["## Offline decoding from k labelled frames", "", f"![offline]({plots['offline']})", "",
+              "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return vs demonstrator |",
+              "|---|---|---|---|"]
+    for k in sorted(results["decode"], key=int):
+        r = results["decode"][k]
+        lines.append(f"| {k} | {r['decoder_val_accuracy']:.3f} | {r['agent_val_accuracy']:.3f} | "
+                     f"{norm(r['train_levels']['return_mean']):.2f} |")
+    lines += ["", "## Wall-clock time and throughput", "", "| step | wall time | throughput |", "|---|---|---|"]
+    lines.append(f"| demonstrator (PPO) | {demo['wall_seconds'] / 60:.1f} min | "
+                 f"{demo['finetune'].get('env_steps_per_s', float('nan')):.0f} env steps/s (last iteration) |")
+    lines.append(f"| collection | {col['wall_seconds'] / 60:.1f} min | {col['frames_per_s']:,.0f} frames/s |")
+    lines.append(f"| pretraining (stage 1, probe, labelling, stage 2) | {pre['wall_seconds'] / 60:.1f} min | "
+                 f"stage 1: {pre.get('stage1', {}).get('steps', 0)} steps |")
+    for variant, r in results["finetune"].items():
+        lines.append(f"| online {variant} | {r['wall_seconds'] / 60:.1f} min | {r['env_steps_per_s']:.0f} env steps/s |")
+    for k in sorted(results["decode"], key=int):
+        lines.append(f"| offline decoding k={k} | {results['decode'][k]['wall_seconds'] / 60:.1f} min | |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(finals: dict[str, float], results: dict[str, Any]) -> str:
+    if "scratch" not in finals or "rl+sl" not in finals:
+        return "The comparison needs both the rl+sl and the scratch variants."
+    a, b = finals["rl+sl"], finals["scratch"]
+    steps = results["finetune"]["scratch"]["finetune"]["env_steps"]
+    tr_a = results["finetune"]["rl+sl"]["evaluation"]["train_levels"]
+    tr_b = results["finetune"]["scratch"]["evaluation"]["train_levels"]
+    sem = np.hypot(tr_a["return_std"] / np.sqrt(tr_a["episodes"]), tr_b["return_std"] / np.sqrt(tr_b["episodes"]))
+    diff = tr_a["return_mean"] - tr_b["return_mean"]
+    if diff > 2 * sem:
+        word = "**beats**"
+    elif diff < -2 * sem:
+        word = "**does worse than**"
+    else:
+        word = "**is not distinguishable from**"
+    return (f"At {steps:,} environment steps, PPO from the latent policy (RL + SL) {word} PPO from scratch: "
+            f"{a:.2f} vs {b:.2f} of the demonstrator's return (raw difference {diff:+.2f}, two standard "
+            f"errors {2 * sem:.2f}).")
