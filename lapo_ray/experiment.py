@@ -183,6 +183,13 @@ def _upload(local: str, out: str, name: str) -> str:
     return f"plots/{name}"
 
 
+def _f(x: Any, fmt: str = ".3f") -> str:
+    """A figure for the report; None and NaN (undefined, e.g. a gap with no room) print as n/a."""
+    if x is None or (isinstance(x, float) and x != x):
+        return "n/a"
+    return format(x, fmt)
+
+
 def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: dict[str, str]) -> str:
     v = results["versions"]
     demo, rand = results["demonstrator"], results["random"]
@@ -223,12 +230,12 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
         lines += [
             "| probe on held-out triplets | accuracy |",
             "|---|---|",
-            f"| trained IDM (unlabelled video) | {probe.get('probe_acc', float('nan')):.3f} |",
-            f"| untrained IDM (floor) | {probe.get('floor_untrained_idm', float('nan')):.3f} |",
-            f"| same IDM trained on true actions (ceiling) | {probe.get('ceiling_supervised_idm', float('nan')):.3f} |",
-            f"| majority action | {probe.get('majority_rate', float('nan')):.3f} |",
+            f"| trained IDM (unlabelled video) | {_f(probe.get('probe_acc'))} |",
+            f"| untrained IDM (floor) | {_f(probe.get('floor_untrained_idm'))} |",
+            f"| same IDM trained on true actions (ceiling) | {_f(probe.get('ceiling_supervised_idm'))} |",
+            f"| majority action | {_f(probe.get('majority_rate'))} |",
             "",
-            f"Share of the floor-to-ceiling gap closed: **{probe.get('gap_closed', float('nan')):.2f}**.",
+            f"Share of the floor-to-ceiling gap closed: **{_f(probe.get('gap_closed'), '.2f')}**.",
             "",
         ]
     if "latent_map.png" in plots:

@@ -92,6 +92,8 @@ def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: st
         if acc:
             axes[1].plot(*zip(*acc), marker="o", ms=2, label=name)
     axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
+    if key == "return_vs_demo":
+        axes[0].axhline(1.0, color="grey", lw=0.8, ls="--", label="demonstrator")
     axes[0].set(title=title, xlabel="environment steps")
     axes[1].set(title="decoder accuracy vs. actions taken", xlabel="environment steps", ylim=(0, 1))
     for ax in axes:

@@ -163,6 +163,10 @@ def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_st
         "vf_loss": _scalar(learner, "vf_loss"),
         "entropy": _scalar(learner, "entropy"),
         "healthy_env_runners": _scalar(env, "num_healthy_workers", default=float("nan")),
+        # Where an iteration's time goes: sampling on the env runners vs the Learner update.
+        "sample_seconds": _scalar(result, "timers", "env_runner_sampling_timer"),
+        "learn_seconds": _scalar(result, "timers", "learner_update_timer"),
+        "iteration_seconds": seconds,
     }
 
 
