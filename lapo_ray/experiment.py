@@ -18,7 +18,7 @@ import numpy as np
 
 from lapo_ray import storage
 from lapo_ray.config.experiment import ExperimentConfig
-from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
+from lapo_ray.config.rl import DecodeConfig, EvaluateConfig
 
 STEPS = ("demonstrator", "random", "collect", "pretrain", "finetune", "decode", "report")
 

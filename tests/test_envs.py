@@ -1,8 +1,7 @@
-"""Tests for lapo_ray.envs against the real procgen library (and, once, a real RLlib PPO)."""
+"""Tests for lapo_ray.envs against the real procgen library."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import gymnasium as gym
@@ -18,7 +17,6 @@ from lapo_ray.envs import (
     episode_timeout,
     make_procgen_vector_env,
     normalize_return,
-    register_with_rllib,
 )
 
 
@@ -322,75 +320,4 @@ def test_normalize_return_unknown_game() -> None:
 # --- RLlib ------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_rllib_ppo_trains_on_the_vector_env() -> None:
-    import ray  # a hard dependency: a broken install must fail here, not skip
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.connectors.env_to_module.observation_preprocessor import (
-        SingleAgentObservationPreprocessor,
-    )
-    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
-
-    class UInt8ToFloat(SingleAgentObservationPreprocessor):
-        """RLlib's default CNN needs float input; the env's contract is uint8 frames."""
-
-        def recompute_output_observation_space(self, obs_space, act_space):
-            return gym.spaces.Box(0.0, 1.0, obs_space.shape, np.float32)
-
-        def preprocess(self, observation, episode):
-            return observation.astype(np.float32) / 255.0
-
-    # RLlib's own view of each finished episode next to the env's statistics for it: equal
-    # lengths and returns mean RLlib consumed the NEXT_STEP autoreset without losing a step.
-    finished: list[tuple[int, int, float, float]] = []
-
-    def on_episode_end(*, episode, **kwargs) -> None:
-        stats = episode.get_infos(-1)["episode"]
-        if episode.t_started == 0:  # a whole episode, not the tail chunk of a cut one
-            finished.append((episode.t, int(stats["l"]), episode.get_return(), float(stats["r"])))
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        config = (
-            PPOConfig()
-            .environment(env=register_with_rllib(), env_config={"game": "bossfight"})
-            .env_runners(
-                num_env_runners=0,
-                num_envs_per_env_runner=4,
-                gym_env_vectorize_mode="vector_entry_point",
-                rollout_fragment_length=64,
-                env_to_module_connector=lambda env, spaces, device: UInt8ToFloat(),
-            )
-            .training(train_batch_size=256, minibatch_size=128, num_epochs=1)
-            .rl_module(
-                model_config=DefaultModelConfig(
-                    conv_filters=[(8, (8, 8), 4), (16, (4, 4), 2)], head_fcnet_hiddens=[32]
-                )
-            )
-            .callbacks(on_episode_end=on_episode_end)
-            .debugging(seed=7)
-        )
-        algo = config.build_algo()
-        try:
-            # RLlib created the env through the vector entry point: one native procgen env.
-            assert isinstance(algo.env_runner.env.unwrapped, ProcgenVectorEnv)
-            assert algo.env_runner.env.unwrapped.num_envs == 4
-            result = algo.train()
-        finally:
-            algo.stop()
-    finally:
-        ray.shutdown()
-
-    runners = result["env_runners"]
-    assert runners["num_env_steps_sampled"] >= 256
-    # Random-ish bossfight episodes last ~30 steps: 64 steps per sub-env finish several, so
-    # episodes that began on an autoreset step are compared too.
-    assert runners["num_episodes"] > 0
-    assert len(finished) >= 6, "the local env runner should report several finished episodes"
-    for rllib_len, env_len, rllib_ret, env_ret in finished:
-        assert rllib_len == env_len
-        assert rllib_ret == pytest.approx(env_ret, abs=1e-4)
-    assert 1 <= runners["episode_len_mean"] <= episode_timeout("bossfight")
-    assert math.isfinite(runners["episode_return_mean"])
-    learner = result["learners"]["default_policy"]
-    assert all(math.isfinite(learner[k]) for k in ("total_loss", "policy_loss", "vf_loss"))
+# RLlib PPO on this env (vector_entry_point, 2 env runners) is exercised by tests/test_rl.py.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import PretrainConfig, cpu_pretrain, config_from_dict  # noqa: F401
+from lapo_ray.config import PretrainConfig, cpu_pretrain
 from lapo_ray.config.models import PolicyConfig
 from lapo_ray.config.rl import EvalConfig, FinetuneConfig, PartSchedule, PPOConfig, cpu_finetune
 from lapo_ray.models import build_models
@@ -167,51 +167,55 @@ def tiny_finetune(pretrain_dir: str | None, out: str, **ppo_overrides) -> Finetu
     return cfg
 
 
-@pytest.mark.parametrize("variant", ["rl+sl", "rl", "scratch"])
-def test_ppo_two_env_runners_two_iterations(ray_local, pretrain_dir, tmp_path, variant):
-    from lapo_ray.rl.algo import build_algorithm_config, iteration_metrics
+def check_iterations(algo, cfg: FinetuneConfig, n: int, supervised: bool) -> int:
+    """Train ``n`` iterations; each samples exactly one train batch and has finite losses."""
+    from lapo_ray.rl.algo import iteration_metrics, sampled_env_steps
 
-    cfg = tiny_finetune(None if variant == "scratch" else pretrain_dir, str(tmp_path), decoder_sl=variant == "rl+sl")
+    steps = sampled_env_steps(algo)
+    for _ in range(n):
+        row = iteration_metrics(algo.train(), "coinrun", 1.0, steps)
+        assert row["env_steps"] - steps == cfg.train_batch  # 2 runners x 4 envs x 16 steps
+        steps = row["env_steps"]
+        for key in ("policy_loss", "vf_loss", "entropy"):
+            assert np.isfinite(row[key]), (key, row)
+        if supervised:
+            assert 0.0 <= row["decoder_accuracy"] <= 1.0 and np.isfinite(row["decoder_sl_loss"])
+        else:
+            assert np.isnan(row["decoder_accuracy"])
+    return steps
+
+
+def test_ppo_from_scratch_two_env_runners(ray_local, tmp_path):
+    from lapo_ray.rl.algo import build_algorithm_config
+
+    cfg = tiny_finetune(None, str(tmp_path))
     algo = build_algorithm_config(cfg).build_algo()
     try:
-        steps = 0
-        for _ in range(2):
-            result = algo.train()
-            row = iteration_metrics(result, "coinrun", 1.0, steps)
-            assert row["env_steps"] - steps == cfg.train_batch  # 2 runners x 4 envs x 16 steps
-            steps = row["env_steps"]
-            for key in ("policy_loss", "vf_loss", "entropy"):
-                assert np.isfinite(row[key]), (key, row)
-            if variant == "rl+sl":
-                assert 0.0 <= row["decoder_accuracy"] <= 1.0
-                assert np.isfinite(row["decoder_sl_loss"])
-            else:
-                assert np.isnan(row["decoder_accuracy"])
-        # Frozen parts (the convolutions in the cpu preset) really stay put; trained parts move.
-        learner_module = algo.learner_group._learner.module["default_policy"]
-        if variant != "scratch":
-            assert not any(p.requires_grad for p in learner_module.convs.parameters())
+        check_iterations(algo, cfg, 2, supervised=False)
+        module = algo.learner_group._learner.module["default_policy"]
+        assert module.scratch and all(p.requires_grad for p in module.convs.parameters())
     finally:
         algo.stop()
 
 
-def test_env_runner_killed_during_training_is_replaced(ray_local, pretrain_dir, tmp_path):
-    from lapo_ray.rl.algo import build_algorithm_config, iteration_metrics
+def test_ppo_with_decoder_supervision_survives_a_killed_env_runner(ray_local, pretrain_dir, tmp_path):
+    """RL + SL with 2 env runners: two iterations with finite losses, then one runner process is
+    SIGKILLed; training goes on and the runner is replaced."""
+    from lapo_ray.rl.algo import build_algorithm_config
 
     cfg = tiny_finetune(pretrain_dir, str(tmp_path))
     algo = build_algorithm_config(cfg).build_algo()
     try:
-        algo.train()
+        steps = check_iterations(algo, cfg, 2, supervised=True)
+        module = algo.learner_group._learner.module["default_policy"]
+        assert not any(p.requires_grad for p in module.convs.parameters())  # frozen in the cpu preset
         group = algo.env_runner_group
         pids = group.foreach_env_runner(lambda runner: os.getpid(), local_env_runner=False)
         assert len(set(pids)) == 2
         os.kill(pids[0], signal.SIGKILL)
-        steps = []
-        for _ in range(3):
-            steps.append(iteration_metrics(algo.train(), "coinrun", 1.0, 0)["env_steps"])
-        assert steps == sorted(steps) and steps[-1] > steps[0]  # training went on
-        # The dead runner was restarted: two healthy runners again, one of them a new process.
-        for _ in range(30):
+        after = [iteration_steps(algo) for _ in range(3)]
+        assert after == sorted(after) and after[0] > steps  # training went on
+        for _ in range(30):  # the restart is asynchronous
             if group.num_healthy_remote_workers() == 2:
                 break
             algo.train()
@@ -220,6 +224,13 @@ def test_env_runner_killed_during_training_is_replaced(ray_local, pretrain_dir, 
         assert pids[0] not in new_pids and pids[1] in new_pids
     finally:
         algo.stop()
+
+
+def iteration_steps(algo) -> int:
+    from lapo_ray.rl.algo import sampled_env_steps
+
+    algo.train()
+    return sampled_env_steps(algo)
 
 
 def _episode(frames: np.ndarray, lookback: int, terminated: bool):

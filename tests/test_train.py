@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import threading
@@ -13,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, StageConfig
+from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig
 from lapo_ray.data.corpus import Episode, write_corpus
 from lapo_ray.data.sources import CorpusSource
 from lapo_ray.data.triplets import iter_batches, triplet_dataset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.train.checkpoint import latest_checkpoint
-from lapo_ray.train.metrics import read_metrics
 from lapo_ray.train.stages import Stage1Task
 from lapo_ray.train.trainer import fit_stage
 

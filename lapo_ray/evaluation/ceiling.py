@@ -8,7 +8,6 @@ size could reach if it had the labels.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
