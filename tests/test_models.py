@@ -329,3 +329,29 @@ def test_stage1_training_reduces_world_model_loss():
     # Seeds 0-3 end at 0.14-0.21 of the first loss and 0.017-0.046 absolute (seed 0: 0.034).
     assert losses[-1] < 0.4 * losses[0], losses
     assert losses[-1] < 0.8 * copy_last_frame, (losses[-1], copy_last_frame)
+
+
+def test_dead_codes_are_revived_by_splitting_and_counts_are_preserved():
+    def run(threshold: float):
+        torch.manual_seed(0)
+        cfg = VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
+                       dead_code_threshold=threshold)
+        vq = VQEmbeddingEMA(cfg).train()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            _, _, _, stats = vq(torch.randn(64, cfg.latent_dim, generator=gen) * 0.5)
+        return vq, stats
+
+    collapsed, off = run(0.0)
+    revived, on = run(0.1)
+    # Gaussian inputs leave most codes of the official init unused; splitting brings all back.
+    assert off["usage"].max() <= 0.25 and off["perplexity"].max() < 4
+    assert on["usage"].min() == 1.0 and on["perplexity"].min() > 12
+    # Splits move counts between codes, never create or destroy them.
+    torch.testing.assert_close(revived.ema_cluster_size.sum(), collapsed.ema_cluster_size.sum(), rtol=1e-3, atol=0)
+    # Each code is still the ratio of its EMA sum and count.
+    torch.testing.assert_close(revived.embeddings, revived.ema_w / revived.ema_cluster_size.unsqueeze(-1))
+    # Deterministic: the same inputs give the same codebook (what keeps DDP ranks identical).
+    again, _ = run(0.1)
+    torch.testing.assert_close(again.embeddings, revived.embeddings, rtol=0, atol=0)
+    assert "num_updates" not in revived.state_dict()  # checkpoints keep the official layout

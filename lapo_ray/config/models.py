@@ -28,6 +28,10 @@ class VQConfig:
     commitment_cost: float = 0.05
     decay: float = 0.999
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
+    # A code whose EMA count falls below this fraction of a uniform share (total / num_embs) is
+    # re-seeded by splitting the most used code, k-means style. 0 keeps the official behaviour,
+    # where a code that loses its inputs stays unused for good.
+    dead_code_threshold: float = 0.0
     # All-reduce the per-batch code counts and sums across data-parallel ranks before the EMA
     # update, so every rank holds the codebook a single worker would learn on the global batch.
     sync_ema: bool = True

@@ -40,6 +40,9 @@ class VQEmbeddingEMA(nn.Module):
         self.register_buffer("embeddings", embeddings)
         self.register_buffer("ema_cluster_size", torch.zeros(n, m))
         self.register_buffer("ema_w", embeddings.clone())
+        # Seeds the split noise: identical on every rank because every rank makes the same updates.
+        # Not persistent, so checkpoints keep the official buffer layout.
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum the batch statistics over data-parallel ranks (identity when not distributed).
@@ -117,6 +120,35 @@ class VQEmbeddingEMA(nn.Module):
         self.ema_cluster_size.add_(eps).div_(total + m * eps).mul_(total)
         self.ema_w.mul_(decay).add_(sums, alpha=1 - decay)
         self.embeddings.copy_(self.ema_w / self.ema_cluster_size.unsqueeze(-1))
+        self.num_updates.add_(1)
+        if self.cfg.dead_code_threshold > 0:
+            self._split_into_dead_codes()
+
+    @torch.no_grad()
+    def _split_into_dead_codes(self) -> None:
+        """Move each dead code next to the most used code of its codebook and split that code's
+        count between the two, so both start with real inputs; totals are preserved.
+
+        Deterministic given the buffers (noise from a generator seeded by the update count), so
+        data-parallel ranks, which hold identical buffers, make identical splits.
+        """
+        sizes, m = self.ema_cluster_size, self.cfg.num_embs
+        dead = sizes < self.cfg.dead_code_threshold * sizes.sum(-1, keepdim=True) / m
+        if not dead.any():
+            return
+        gen = torch.Generator().manual_seed(int(self.num_updates))
+        for c, j in dead.nonzero().tolist():
+            parent = int(sizes[c].argmax())
+            alive = ~dead[c]
+            spread = self.embeddings[c, alive].std(0).mean() if alive.sum() > 1 else self.embeddings[c, parent].abs().mean()
+            delta = (torch.randn(self.cfg.emb_dim, generator=gen) * 0.1 * (spread + 1e-6)).to(sizes.device)
+            half = sizes[c, parent] / 2
+            centre = self.embeddings[c, parent].clone()
+            for code, sign in ((parent, -1.0), (j, 1.0)):
+                self.embeddings[c, code] = centre + sign * delta
+                sizes[c, code] = half
+                self.ema_w[c, code] = self.embeddings[c, code] * half
+            dead[c, j] = False
 
     @torch.no_grad()
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
