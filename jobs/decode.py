@@ -10,14 +10,13 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.rl import DECODE_PRESETS, DecodeConfig
 from lapo_ray.rl.decode import decode_offline
-from lapo_ray.runtime import init_ray
+from lapo_ray.runtime import init_ray, run_job
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(DecodeConfig, DECODE_PRESETS, argv, description=__doc__)
     init_ray()
-    print(json.dumps(decode_offline(cfg), indent=2, default=str))
-    return 0
+    return run_job(lambda: print(json.dumps(decode_offline(cfg), indent=2, default=str)))
 
 
 if __name__ == "__main__":

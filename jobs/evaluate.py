@@ -11,13 +11,12 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.rl import EVALUATE_PRESETS, EvaluateConfig
 from lapo_ray.rl.evaluate import evaluate_agent
+from lapo_ray.runtime import run_job
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(EvaluateConfig, EVALUATE_PRESETS, argv, description=__doc__)
-    report = evaluate_agent(cfg)
-    print(json.dumps(report, indent=2))
-    return 0
+    return run_job(lambda: print(json.dumps(evaluate_agent(cfg), indent=2)))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.experiment import EXPERIMENT_PRESETS, ExperimentConfig
 from lapo_ray.experiment import run_experiment
-from lapo_ray.runtime import init_ray
+from lapo_ray.runtime import init_ray, run_job
 
 
 def main(argv=None) -> int:
     cfg, ns = parse_config(ExperimentConfig, EXPERIMENT_PRESETS, argv, description=__doc__)
     init_ray()
-    run_experiment(cfg, ns.preset)
-    print(f"report: {cfg.out}/report.md")
-    return 0
+    return run_job(lambda: (run_experiment(cfg, ns.preset), print(f"report: {cfg.out}/report.md")))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.rl import FINETUNE_PRESETS, FinetuneConfig
 from lapo_ray.rl.algo import finetune
-from lapo_ray.runtime import init_ray
+from lapo_ray.runtime import init_ray, run_job
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(FinetuneConfig, FINETUNE_PRESETS, argv, description=__doc__)
     init_ray()
-    print(json.dumps(finetune(cfg), indent=2, default=str))
-    return 0
+    return run_job(lambda: print(json.dumps(finetune(cfg), indent=2, default=str)))
 
 
 if __name__ == "__main__":

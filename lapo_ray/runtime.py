@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -23,3 +25,17 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     # Plain log lines instead of terminal progress bars: they read well in `ray job logs`.
     DataContext.get_current().enable_progress_bars = False
+
+
+def run_job(body: Callable[[], object]) -> int:
+    """Run a job's body. Bad input (a missing folder or file, a value that makes no sense) ends it
+    with one line naming the input and exit status 2 instead of a traceback; LAPO_DEBUG=1 shows
+    the traceback too."""
+    try:
+        body()
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        if os.environ.get("LAPO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -347,3 +347,16 @@ def test_offline_decoding_learns_from_k_labels_and_plays(ray_local, pretrain_dir
         assert torch.count_nonzero(module.rl_head.weight) == 0
         torch.testing.assert_close(torch.softmax(reloaded, -1),
                                    torch.softmax(module.decoded_logits(module.latent_action(obs)), -1))
+
+
+def test_jobs_name_a_missing_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    missing = str(tmp_path / "no-such-agent")
+    proc = subprocess.run([sys.executable, os.path.join(root, "jobs", "evaluate.py"), "--agent", missing],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {missing}: not a finetune or decode artifact folder (no config.json)"
+    assert "Traceback" not in proc.stderr

@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from lapo_ray import storage
+from lapo_ray import storage, telemetry
 from lapo_ray.config.rl import FinetuneConfig
 from lapo_ray.envs import normalize_return, register_with_rllib
 from lapo_ray.progress import Progress
@@ -189,6 +189,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             t0 = time.time()
             result = algo.train()
             row = iteration_metrics(result, cfg.env.game, time.time() - t0, steps)
+            telemetry.count("env_steps", row["env_steps"] - steps, {"component": f"ppo-{variant}"})
+            telemetry.gauge("env_steps_per_s", row["env_steps_per_s"], {"component": f"ppo-{variant}"})
             it += 1
             progress.update(row["env_steps"] - steps,
                             extra=f"return {row['episode_return']:.2f} (norm {row['episode_return_norm']:.2f}), "
