@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lapo_ray import storage
+from lapo_ray import storage, telemetry
 from lapo_ray.config.data import CollectConfig
 from lapo_ray.data.corpus import (
     SHARD_DIR,
@@ -117,6 +117,7 @@ class Collector:
             self.rows.extend(episode_to_rows(ep, self.cfg.max_segment_frames))
             self.buffered += len(frames)
             self.collected += len(frames)
+            telemetry.count("frames_collected", len(frames), {"game": self.cfg.game})
             if ended:
                 self.returns.append(float(np.sum(self.ep_rewards[i])))
         self.ep_frames[i], self.ep_actions[i], self.ep_rewards[i] = [], [], []

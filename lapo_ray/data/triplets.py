@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 import pyarrow as pa
 
+from lapo_ray import telemetry
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.data.corpus import decode_frames
 from lapo_ray.data.sources import Source
@@ -195,7 +196,13 @@ def iter_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_las
     segments = (seg for t in tables for seg in iter_segments(t, shape))
     batcher = TripletBatcher(shape, batch_size, cfg.local_shuffle_buffer, seed=cfg.shuffle_seed + epoch,
                              drop_last=drop_last)
-    return batcher.batches(segments)
+    return _counted(batcher.batches(segments))
+
+
+def _counted(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    for b in batches:
+        telemetry.count("triplets_served", len(b["step"]))
+        yield b
 
 
 def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,

@@ -68,7 +68,9 @@ def latest_checkpoint(stage_uri: str) -> str | None:
             best, best_step = d, step
     if best is None:
         return None
-    return best if "://" not in stage_uri else stage_uri.split("://")[0] + "://" + best
+    # Built from the caller's URI, not from the filesystem's path: that keeps the URI's own
+    # spelling and any options in its query string (e.g. an S3 endpoint_override).
+    return best if "://" not in stage_uri else storage.join(stage_uri, os.path.basename(best))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from lapo_ray import telemetry
 from lapo_ray.config import PipelineConfig, StageConfig
 from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -202,6 +203,7 @@ def run_stage(config: dict[str, Any]) -> None:
         window.steps += 1
         window.wait += t1 - t0
         window.add({**metrics, "grad_norm": float(grad_norm)})
+        telemetry.count("train_samples", local_bs, {"stage": task.name})
 
         over_budget = train_seconds >= budget_s
         if step % 10 == 0 or over_budget:
@@ -212,6 +214,8 @@ def run_stage(config: dict[str, Any]) -> None:
             continue
 
         elapsed = time.perf_counter() - window.start
+        telemetry.gauge("train_samples_per_s", window.steps * local_bs / elapsed,
+                        {"stage": task.name, "rank": str(rank)})
         out = {f"train/{k}": v for k, v in window.means().items()}
         model.eval()
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):

@@ -37,7 +37,8 @@ class MetricsSink:
         if self._run is None:
             import wandb
 
-            local = self.out_uri if storage.is_local(self.out_uri) else "."
+            # A file:// URI is local too, but wandb takes it for a relative folder named "file:".
+            local = storage.local_path(self.out_uri) or "."
             os.environ.setdefault("WANDB_SILENT", "true")
             self._run = wandb.init(
                 project=self.wandb_cfg.project or "lapo_ray", mode=mode, dir=local,
