@@ -106,7 +106,11 @@ def cpu_model_config() -> ModelConfig:
         # 2 x 2 latents of 16 codes still carry 16 bits per transition, far above the
         # log2(15) ~ 3.9 bits of a Procgen action. A faster EMA decay shortens the start-up
         # transient of the codebook, which matters for runs of a few thousand steps.
-        vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99),
+        # Dead codes are re-seeded: on the default CoinRun corpus, 800 stage-1 steps reached a
+        # held-out probe accuracy of 0.142 with it against 0.115 without (floor 0.080, ceiling
+        # 0.229), with codebook perplexities 12.3/12.2 against 1.6/3.8 of 16.
+        vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
+                    dead_code_threshold=0.1),
         policy=PolicyConfig(impala_scale=1, impala_channels=(8, 16, 32), impala_features=256),
     )
 
