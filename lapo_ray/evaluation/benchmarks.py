@@ -81,7 +81,19 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: 
     results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "steps": steps,
                                "precision": "bf16" if use_bf16(stage, torch.device("cpu")) else "fp32"}
 
+    run_config = cfg.to_dict()
+    for workers in (1, 2):
+        st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
+        with tempfile.TemporaryDirectory() as out:
+            result = fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
+                               triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
+                               out, run_config)
+        results[f"ray_{workers}w_samples_per_s"] = result.metrics["samples_per_s"]
+        results[f"ray_{workers}w_samples_per_s_per_worker"] = result.metrics["samples_per_s_per_worker"]
+        results[f"ray_{workers}w_data_wait_frac"] = result.metrics["data_wait_frac"]
+
     # Plain loop: the same model, optimiser, schedule and precision, batches already in memory.
+    # It runs last, so nothing the driver computed can still hold a core while Ray trains.
     batches = []
     for b in iter_plain_batches(src, "train", batch_size, SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)):
         batches.append(torch.from_numpy(b["frames"]))
@@ -105,17 +117,6 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
         opt.step()
     results["plain_samples_per_s"] = (steps - steps // 2) * batch_size / (time.perf_counter() - t0)
-
-    run_config = cfg.to_dict()
-    for workers in (1, 2):
-        st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
-        with tempfile.TemporaryDirectory() as out:
-            result = fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
-                               triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
-                               out, run_config)
-        results[f"ray_{workers}w_samples_per_s"] = result.metrics["samples_per_s"]
-        results[f"ray_{workers}w_samples_per_s_per_worker"] = result.metrics["samples_per_s_per_worker"]
-        results[f"ray_{workers}w_data_wait_frac"] = result.metrics["data_wait_frac"]
     return results
 
 

@@ -162,7 +162,6 @@ def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_st
         "policy_loss": _scalar(learner, "policy_loss"),
         "vf_loss": _scalar(learner, "vf_loss"),
         "entropy": _scalar(learner, "entropy"),
-        "healthy_env_runners": _scalar(env, "num_healthy_workers", default=float("nan")),
         # Where an iteration's time goes: sampling on the env runners vs the Learner update.
         "sample_seconds": _scalar(result, "timers", "env_runner_sampling_timer"),
         "learn_seconds": _scalar(result, "timers", "learner_update_timer"),
@@ -189,6 +188,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             t0 = time.time()
             result = algo.train()
             row = iteration_metrics(result, cfg.env.game, time.time() - t0, steps)
+            row["healthy_env_runners"] = algo.env_runner_group.num_healthy_remote_workers()
             telemetry.count("env_steps", row["env_steps"] - steps, {"component": f"ppo-{variant}"})
             telemetry.gauge("env_steps_per_s", row["env_steps_per_s"], {"component": f"ppo-{variant}"})
             it += 1
