@@ -229,7 +229,8 @@ def test_vq_stays_fp32_under_bf16_autocast():
     assert codes.flatten().tolist() == [1, 1, 1, 1]
     assert z_q.dtype == z_cont.dtype == stats["loss"].dtype == torch.float32
     for name, buf in vq.named_buffers():
-        assert buf.dtype == torch.float32, name
+        if name != "num_updates":  # the update counter that seeds dead-code splits
+            assert buf.dtype == torch.float32, name
     # The EMA step is 1% of a 1e-3 gap: only representable in fp32.
     assert 1.0 < vq.embeddings[0, 1, 0].item() < 1.0 + 1e-3
 
