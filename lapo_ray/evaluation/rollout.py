@@ -75,3 +75,12 @@ def evaluate_policy(logits_fn: Callable[[torch.Tensor], torch.Tensor], env: EnvC
         "episode_len_mean": float(np.mean([x for ls in lengths for x in ls])),
         "greedy": ev.greedy, "seed": ev.seed,
     }
+
+
+def evaluate_on_both_level_sets(logits_fn: Callable[[torch.Tensor], torch.Tensor], env: EnvConfig,
+                                ev: EvalConfig, label: str) -> dict[str, Any]:
+    """``{"train_levels": ..., "held_out_levels": ...}``: the agent on its own levels and on new ones."""
+    return {
+        "train_levels": evaluate_policy(logits_fn, env, ev, f"{label} train levels"),
+        "held_out_levels": evaluate_policy(logits_fn, held_out_levels(env, ev), ev, f"{label} held-out levels"),
+    }

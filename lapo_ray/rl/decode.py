@@ -25,7 +25,8 @@ from lapo_ray.config.rl import DecodeConfig
 from lapo_ray.data.sources import open_source
 from lapo_ray.data.triplets import iter_batches, triplet_dataset
 from lapo_ray.envs import OBS_SHAPE, NUM_ACTIONS
-from lapo_ray.evaluation.rollout import evaluate_policy, held_out_levels
+from lapo_ray.evaluation.probe import encode_in_batches
+from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
 from lapo_ray.progress import Progress
 from lapo_ray.rl.algo import pretrain_checkpoints
 from lapo_ray.train.checkpoint import load_dynamics
@@ -49,9 +50,8 @@ def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: in
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
-@torch.no_grad()
 def _encode(idm, frames: np.ndarray) -> torch.Tensor:
-    return torch.cat([idm.encode(torch.from_numpy(frames[i:i + 512]))[0] for i in range(0, len(frames), 512)])
+    return torch.from_numpy(encode_in_batches(lambda f: idm.encode(f)[0], frames, batch_size=512))
 
 
 def build_agent(stage2_uri: str, decoder_hidden: tuple[int, ...]):
@@ -136,9 +136,7 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
     }
     module.eval()
     env = cfg.env
-    report["train_levels"] = evaluate_policy(agent_logits(module), env, cfg.eval, f"decoded k={n} train levels")
-    report["held_out_levels"] = evaluate_policy(agent_logits(module), held_out_levels(env, cfg.eval), cfg.eval,
-                                                f"decoded k={n} held-out levels")
+    report.update(evaluate_on_both_level_sets(agent_logits(module), env, cfg.eval, f"decoded k={n}"))
     storage.write_json(storage.join(cfg.out, "config.json"), {"variant": "offline-decoded", **dataclasses.asdict(cfg)})
     storage.write_json(storage.join(cfg.out, "decode.json"), report)
     return report

@@ -9,7 +9,7 @@ from typing import Any
 from lapo_ray import storage
 from lapo_ray.config import config_from_dict
 from lapo_ray.config.rl import EnvConfig, EvaluateConfig
-from lapo_ray.evaluation.rollout import evaluate_policy, held_out_levels
+from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
 
 # Where RLlib keeps the module inside an Algorithm checkpoint.
 _MODULE_IN_ALGO = ("learner_group", "learner", "rl_module", "default_policy")
@@ -51,9 +51,7 @@ def evaluate_agent(cfg: EvaluateConfig) -> dict[str, Any]:
     name = agent_cfg.get("variant", "agent")
     report = {
         "agent": cfg.agent, "variant": name,
-        "train_levels": evaluate_policy(agent_logits(module), env, cfg.eval, f"{name} train levels"),
-        "held_out_levels": evaluate_policy(agent_logits(module), held_out_levels(env, cfg.eval), cfg.eval,
-                                           f"{name} held-out levels"),
+        **evaluate_on_both_level_sets(agent_logits(module), env, cfg.eval, name),
     }
     storage.write_json(storage.join(cfg.out or cfg.agent, "evaluation.json"), report)
     return report
