@@ -67,7 +67,13 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
     ev = dataclasses.replace(cfg.eval, seed=cfg.seed + 12345)
-    results: dict[str, Any] = {"versions": versions(), "preset": preset}
+    # The versions of the first invocation are kept: a resumed run reports the code that ran
+    # its steps, and the report names the commit that wrote it if that differs.
+    first = storage.join(out, "steps", "versions.json")
+    if not storage.exists(first):
+        storage.write_json(first, versions())
+    results: dict[str, Any] = {"versions": storage.read_json(first), "report_versions": versions(),
+                               "preset": preset}
 
     def demonstrator() -> dict[str, Any]:
         summary = finetune(c.demonstrator)
@@ -194,12 +200,31 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
     v = results["versions"]
     demo, rand = results["demonstrator"], results["random"]
     demo_eval = demo["evaluation"]["train_levels"]
+    written = results.get("report_versions", v)["lapo_ray_commit"]
+    total_min = sum(_walls(results)) / 60
+    c = cfg.resolved()
+    s1 = results["pretrain"].get("stage1", {})
     lines = [
         f"# LAPO on {cfg.game}: latent actions from video, then an agent",
         "",
         f"Produced by `python jobs/experiment.py --preset {results.get('preset', 'cpu')}`. "
-        f"Seed {cfg.seed}; lapo_ray commit `{v['lapo_ray_commit'][:12]}`; Python {v['python']}, Ray {v['ray']}, "
-        f"PyTorch {v['torch']}, numpy {v['numpy']}; {v['cpus']} CPUs, no GPU.",
+        f"lapo_ray commit `{v['lapo_ray_commit'][:12]}`"
+        + (f" (report written at `{written[:12]}`)" if written != v["lapo_ray_commit"] else "")
+        + f"; Python {v['python']}, Ray {v['ray']}, PyTorch {v['torch']}, numpy {v['numpy']}; "
+        f"{v['cpus']} CPUs, no GPU.",
+        "",
+        f"**Seeds.** Experiment seed {cfg.seed}: PPO (every variant and the demonstrator), collection, "
+        f"pretraining shuffles and offline decoding. Evaluation environments are seeded {cfg.seed + 12345}; "
+        f"training levels are Procgen's unbounded {c.finetune.env.distribution_mode} set from level "
+        f"{c.finetune.env.start_level}, held-out levels start at {cfg.eval.held_out_start_level:,}.",
+        "",
+        f"**Budget.** Demonstrator: {c.demonstrator.ppo.env_steps:,} PPO steps. Corpus: "
+        f"{c.collect.frames:,} frames. Stage 1: at most {c.pretrain.stage1.steps:,} steps or "
+        f"{c.pretrain.stage1.time_budget_min:g} min (ran {s1.get('steps', 0):,} steps, batch "
+        f"{c.pretrain.stage1.batch_size}); stage 2: {c.pretrain.stage2.steps:,} steps. Online: "
+        f"{c.finetune.ppo.env_steps:,} env steps per variant on {c.finetune.num_env_runners} env runners x "
+        f"{c.finetune.envs_per_runner} envs. Offline: k = {', '.join(str(k) for k in cfg.decode_k)}. "
+        f"Evaluation: {cfg.eval.episodes} episodes per level set. Total wall time: **{total_min:.0f} min**.",
         "",
         "Returns are normalised so that the uniform random policy scores 0 and the demonstrator 1, "
         "both measured here with the same evaluation (mean over "
@@ -274,6 +299,12 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
     for k in sorted(results["decode"], key=int):
         lines.append(f"| offline decoding k={k} | {results['decode'][k]['wall_seconds'] / 60:.1f} min | |")
     return "\n".join(lines) + "\n"
+
+
+def _walls(results: dict[str, Any]) -> list[float]:
+    steps = [results.get(k, {}) for k in ("demonstrator", "random", "collect", "pretrain")]
+    steps += list(results.get("finetune", {}).values()) + list(results.get("decode", {}).values())
+    return [float(s.get("wall_seconds", 0.0)) for s in steps]
 
 
 def verdict(finals: dict[str, float], results: dict[str, Any]) -> str:

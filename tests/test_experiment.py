@@ -51,3 +51,46 @@ def test_verdict_says_beats_only_beyond_two_standard_errors():
     assert "**is not distinguishable from**" in verdict({"rl+sl": 0.3, "scratch": 0.2}, _results(5.0, 4.5))
     text = verdict({"rl+sl": 0.0, "scratch": 0.5}, _results(3.0, 4.5))
     assert "**does worse than**" in text and "raw difference -1.50" in text and "75,000 environment steps" in text
+
+
+def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> dict:
+    ev = lambda m: {"return_mean": m, "return_std": 2.0, "episodes": 16, "return_norm_mean": m / 10}  # noqa: E731
+    versions = lambda c: {"python": "3.11.7", "ray": "2.60.0", "torch": "2.13.0", "numpy": "1.26.4",  # noqa: E731
+                          "lapo_ray_commit": c, "machine": "x86_64", "cpus": "2"}
+    online = lambda m, acc: {"finetune": {"env_steps": 75_000, "decoder_accuracy": acc},  # noqa: E731
+                             "evaluation": {"train_levels": ev(m), "held_out_levels": ev(m)},
+                             "wall_seconds": 600.0, "env_steps_per_s": 125.0}
+    return {
+        "versions": versions(run_commit), "report_versions": versions(report_commit), "preset": "cpu",
+        "demonstrator": {"finetune": {"env_steps": 200_000, "env_steps_per_s": 140.0},
+                         "evaluation": {"train_levels": ev(8.0)}, "wall_seconds": 1500.0},
+        "random": {"train_levels": ev(2.0), "wall_seconds": 60.0},
+        "collect": {"frames": 50_000, "episodes": 300, "frames_per_s": 400.0, "wall_seconds": 125.0},
+        "pretrain": {"probe": {"probe_acc": 0.4, "floor_untrained_idm": 0.2, "ceiling_supervised_idm": 0.6,
+                               "majority_rate": 0.15, "gap_closed": 0.5},
+                     "stage1": {"steps": 2_500}, "wall_seconds": 1200.0},
+        "finetune": {"rl+sl": online(6.5, 0.8), "rl": online(5.0, float("nan")), "scratch": online(4.0, float("nan"))},
+        "decode": {str(k): {"decoder_val_accuracy": 0.3, "agent_val_accuracy": 0.25, "train_levels": ev(3.0),
+                            "wall_seconds": 30.0} for k in (16, 4096)},
+    }
+
+
+def test_report_states_seeds_budget_versions_and_the_verdict():
+    from lapo_ray.experiment import render_report
+
+    cfg = cpu_experiment()
+    res = _full_results()
+    text = render_report(cfg, res, lambda raw: _demo_norm(raw, 2.0, 8.0), {"online": "plots/online.png",
+                                                                            "offline": "plots/offline.png"})
+    assert "lapo_ray commit `aaaaaaaaaaaa`; Python 3.11.7, Ray 2.60.0, PyTorch 2.13.0" in text
+    assert "report written at" not in text
+    assert "Experiment seed 0" in text and "seeded 12345" in text and "held-out levels start at 1,000,000" in text
+    assert "Demonstrator: 200,000 PPO steps" in text and "Corpus: 50,000 frames" in text
+    assert "12 min (ran 2,500 steps" in text and "75,000 env steps per variant" in text
+    # 1500 + 60 + 125 + 1200 + 3 x 600 + 2 x 30 seconds = 4745 s = 79 min
+    assert "Total wall time: **79 min**" in text
+    assert "| rl+sl | 75,000 | 10.0 min | 125 | 6.50 ± 0.50 | 0.75 |" in text
+    assert "**beats**" in text  # 6.5 vs 4.0 with two standard errors of 1.41
+    resumed = render_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
+                            {"online": "o.png", "offline": "f.png"})
+    assert "(report written at `bbbbbbbbbbbb`)" in resumed
