@@ -179,6 +179,9 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
             storage.write_bytes(storage.join(out, "plots", name), storage.read_bytes(src))
             plots[name] = f"plots/{name}"
 
+    s1_rows = read_metrics(storage.join(out, "pretrain"), "stage1")
+    results["stage1_final"] = {k: v for k, v in (s1_rows[-1] if s1_rows else {}).items()
+                               if k.startswith(("train/vq", "val/", "train/wm")) or k == "step"}
     storage.write_bytes(storage.join(out, "report.md"), render_report(cfg, results, norm, plots).encode())
     storage.write_json(storage.join(out, "results.json"), results)
 
@@ -281,6 +284,8 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
             f"{finals[variant]:.2f} | {tr['return_norm_mean']:.2f} | {norm(ho['return_mean']):.2f} | "
             f"{'' if acc is None or acc != acc else f'{acc:.2f}'} |")
     lines += ["", verdict(finals, results), ""]
+    if "**beats**" not in lines[-2]:
+        lines += ["### Why not", ""] + diagnosis(results) + [""]
     lines += ["## Offline decoding from k labelled frames", "", f"![offline]({plots['offline']})", "",
               "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return vs demonstrator |",
               "|---|---|---|---|"]
@@ -299,6 +304,54 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
     for k in sorted(results["decode"], key=int):
         lines.append(f"| offline decoding k={k} | {results['decode'][k]['wall_seconds'] / 60:.1f} min | |")
     return "\n".join(lines) + "\n"
+
+
+def diagnosis(results: dict[str, Any]) -> list[str]:
+    """The measured suspects when the latent start does not win: the demonstrator's quality,
+    whether the latent actions carry the action, the codebook, and the decoders."""
+    demo = results["demonstrator"]["evaluation"]["train_levels"]
+    rand = results["random"]["train_levels"]
+    sem = lambda e: e["return_std"] / np.sqrt(max(e["episodes"], 1))  # noqa: E731
+    margin = demo["return_mean"] - rand["return_mean"]
+    z = margin / max(float(np.hypot(sem(demo), sem(rand))), 1e-9)
+    out = [f"- **Demonstrator.** {demo['return_mean']:.2f} against the random policy's {rand['return_mean']:.2f} "
+           f"(difference {margin:+.2f}, {z:.1f} standard errors)."
+           + (f" It is barely better than random, so the corpus holds little purposeful play to imitate, and on "
+              f"the random = 0 / demonstrator = 1 scale one standard error of a {demo['episodes']}-episode mean "
+              f"is about {sem(demo) / max(abs(margin), 1e-9):.2f}." if z < 4 else "")]
+    probe = results["pretrain"].get("probe") or {}
+    if probe:
+        gap = probe.get("gap_closed", float("nan"))
+        text = (f"- **Latent actions.** The probe reaches {_f(probe.get('probe_acc'))} against a floor of "
+                f"{_f(probe.get('floor_untrained_idm'))} and a majority rate of {_f(probe.get('majority_rate'))}, "
+                f"closing {_f(gap, '.2f')} of the gap to the supervised ceiling of "
+                f"{_f(probe.get('ceiling_supervised_idm'))}.")
+        if gap == gap and gap < 0.1:
+            text += (f" The actions are visible in the frames (the same IDM trained on the true actions reaches "
+                     f"{_f(probe.get('ceiling_supervised_idm'))}), but in {probe.get('stage1_steps', '?')} steps of stage 1 "
+                     "the unsupervised IDM did not learn them: its latent tells the probe nothing beyond the majority "
+                     "action, so the latent policy has none of the demonstrator's behaviour to pass on.")
+        out.append(text)
+    s1 = results.get("stage1_final") or {}
+    usage = [v for k, v in sorted(s1.items()) if k.startswith("train/vq_usage")]
+    perp = [v for k, v in sorted(s1.items()) if k.startswith("train/vq_perplexity")]
+    if usage:
+        out.append(f"- **Codebook.** At the end of stage 1 the codebooks use {', '.join(f'{u:.0%}' for u in usage)} "
+                   f"of their codes (perplexity {', '.join(f'{p:.1f}' for p in perp)}); world-model validation loss "
+                   f"{_f(s1.get('val/wm_loss'), '.4g')}."
+                   + (" The bottleneck has not collapsed: the codes vary, with something other than the action."
+                      if min(usage) > 0.5 and probe and probe.get("gap_closed", 1.0) < 0.1 else ""))
+    dec = results.get("decode") or {}
+    if dec:
+        k = max(dec, key=int)
+        out.append(f"- **Decoders.** Offline, a decoder trained on k = {int(k):,} labelled frames predicts held-out "
+                   f"true actions with accuracy {dec[k]['decoder_val_accuracy']:.3f} (majority rate "
+                   f"{_f(probe.get('majority_rate'))}).")
+    acc = (results["finetune"].get("rl+sl") or {}).get("finetune", {}).get("decoder_accuracy")
+    if acc is not None and acc == acc:
+        out[-1] += (f" Online, the RL + SL decoder ends at {acc:.2f} accuracy on the actions the agent itself "
+                    "took (its own policy's actions, so this measures agreement, not knowledge of the game).")
+    return out
 
 
 def _walls(results: dict[str, Any]) -> list[float]:

@@ -50,6 +50,13 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """``uri`` with a relative local path made absolute against this process's working folder.
+    Anything handed to a Ray worker needs it: workers run in their own working folders."""
+    uri = os.fspath(uri)
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def is_local(uri: str | os.PathLike) -> bool:
     return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
 

@@ -94,3 +94,24 @@ def test_report_states_seeds_budget_versions_and_the_verdict():
     resumed = render_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
                             {"online": "o.png", "offline": "f.png"})
     assert "(report written at `bbbbbbbbbbbb`)" in resumed
+
+
+def test_a_lost_comparison_names_its_measured_causes():
+    from lapo_ray.experiment import render_report
+
+    res = _full_results()
+    res["finetune"]["rl+sl"]["evaluation"]["train_levels"]["return_mean"] = 4.2  # within noise of scratch
+    res["demonstrator"]["evaluation"]["train_levels"]["return_mean"] = 3.0  # 1.0 above random: 1.4 SE
+    res["pretrain"]["probe"].update(probe_acc=0.2, gap_closed=0.0, stage1_steps=1357)
+    res["stage1_final"] = {"train/vq_usage_cb0": 0.98, "train/vq_usage_cb1": 0.97, "train/vq_perplexity_cb0": 13.5,
+                           "train/vq_perplexity_cb1": 12.3, "val/wm_loss": 0.0034}
+    text = render_report(cpu_experiment(), res, lambda raw: _demo_norm(raw, 2.0, 3.0),
+                         {"online": "o.png", "offline": "f.png"})
+    assert "**is not distinguishable from**" in text and "### Why not" in text
+    assert "3.00 against the random policy's 2.00 (difference +1.00, 1.4 standard errors)" in text
+    assert "barely better than random" in text
+    assert "in 1357 steps of stage 1 the unsupervised IDM did not learn them" in text
+    assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text and "has not collapsed" in text
+    assert "k = 4,096 labelled frames" in text and "RL + SL decoder ends at 0.80" in text
+    assert "### Why not" not in render_report(cpu_experiment(), _full_results(), lambda raw: raw,
+                                              {"online": "o.png", "offline": "f.png"})

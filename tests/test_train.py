@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig
+from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, WandbConfig
 from lapo_ray.data.corpus import Episode, write_corpus
 from lapo_ray.data.sources import CorpusSource
 from lapo_ray.data.triplets import iter_batches, triplet_dataset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.train.checkpoint import latest_checkpoint
+from lapo_ray.train.metrics import MetricsSink, read_metrics
 from lapo_ray.train.stages import Stage1Task
 from lapo_ray.train.trainer import fit_stage
 
@@ -76,12 +77,12 @@ class RecordingStage1(Stage1Task):
         return super().validate(model, batches)
 
 
-def run_stage1(cfg, corpus, task=None):
+def run_stage1(cfg, corpus, task=None, sink=None):
     src = CorpusSource(corpus)
     run_config = cfg.to_dict()
     return fit_stage(task or Stage1Task(cfg.model), cfg.stage1, cfg.data,
                      triplet_dataset(src, "train", cfg.data), triplet_dataset(src, "val", cfg.data),
-                     cfg.out, run_config)
+                     cfg.out, run_config, sink)
 
 
 def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus, tmp_path, ray_local):
@@ -141,15 +142,22 @@ def test_one_and_two_workers_report_the_same_metrics(corpus, tmp_path, ray_local
     assert names[1] == names[2]
 
 
-def test_rerun_resumes_from_the_latest_checkpoint(corpus, tmp_path, ray_local):
-    cfg = tiny_config(str(tmp_path / "run"), steps=6, checkpoint_every=3)
-    first = run_stage1(dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, steps=3)), corpus)
+def test_rerun_resumes_from_the_latest_checkpoint(corpus, tmp_path, ray_local, monkeypatch):
+    # A relative output folder, as `python jobs/pretrain.py` gives it: Ray's workers run in
+    # folders of their own, and rank 0's metrics must still land in this one.
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("run", steps=6, checkpoint_every=3)
+    sink = lambda: MetricsSink(cfg.out, "stage1", WandbConfig(mode="disabled"), {})  # noqa: E731
+    first = run_stage1(dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, steps=3)), corpus, sink=sink())
     assert first.metrics["step"] == 3
-    second = run_stage1(cfg, corpus)
+    second = run_stage1(cfg, corpus, sink=sink())
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 6
-    state = json.load(open(os.path.join(latest_checkpoint(os.path.join(cfg.out, "stage1")), "state.json")))
+    state = json.load(open(os.path.join(latest_checkpoint(str(tmp_path / "run" / "stage1")), "state.json")))
     assert state["step"] == 6 and state["done"] is True
+    rows = read_metrics(str(tmp_path / "run"), "stage1")
+    assert [r["step"] for r in rows][-1] == 6 and 3 in [r["step"] for r in rows]
+    assert [r["resumed_from_step"] for r in rows if r["step"] > 3] == [3] * sum(r["step"] > 3 for r in rows)
 
 
 class SlowStage1(Stage1Task):

@@ -26,6 +26,8 @@ class MetricsSink:
     """Picklable: built on the driver, used on Ray Train's rank 0."""
 
     def __init__(self, out_uri: str, stage: str, wandb_cfg: WandbConfig, run_config: dict[str, Any]):
+        # Resolved here, on the driver: rank 0 runs in a working folder of Ray's own.
+        out_uri = storage.absolute(out_uri)
         self.path = storage.join(out_uri, "metrics.jsonl")
         self.out_uri, self.stage, self.wandb_cfg, self.run_config = out_uri, stage, wandb_cfg, run_config
         self._run = None
