@@ -15,11 +15,14 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
+# The callback interface of Ray Data's executor (a developer API; public in name only).
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from lapo_ray import telemetry
 from lapo_ray.config.data import PipelineConfig
@@ -161,6 +164,35 @@ class TripletBatcher:
             yield self._take(len(self.pool_t))
 
 
+class PacedScheduling(ExecutionCallback):
+    """A Ray Data execution callback that caps the streaming executor's scheduling loop at one
+    step per ``period_s``.
+
+    When the consumer (a training step) is the bottleneck, the executor is backpressured: it has
+    no task to wait on, or only tasks whose output it may not read yet, so its loop never blocks
+    and spins. Measured on 2 cores with a 200k-frame corpus, the SplitCoordinator then used
+    0.67 of a core and a 1-worker stage 1 ran at 54 samples/s against 155 for the plain loop.
+    A loop that waits on running tasks already takes ~0.1 s per step and is never slowed; the
+    cost elsewhere is at most ``period_s`` of latency per dispatch, small next to reading a
+    block of segments.
+    """
+
+    period_s = 0.02
+
+    def __init__(self):
+        super().__init__()
+        self._last = None
+
+    def before_execution_starts(self, executor) -> None:
+        self._last = time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        now = time.perf_counter()
+        if self._last is not None and now - self._last < self.period_s:
+            time.sleep(self.period_s - (now - self._last))
+        self._last = time.perf_counter()
+
+
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
     """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
     shard of it) with ``torch_batches``/``iter_batches``, which cut the triplets.
@@ -175,6 +207,10 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     if cfg.global_shuffle in ("files", "segments"):
         files = [files[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(files))]
     ds = source.segments(files)
+    # The context travels with the dataset to Ray Train's SplitCoordinator and to every
+    # worker's iterator, and so does the callback.
+    if PacedScheduling not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes.append(PacedScheduling)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
     # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
     # across workers still hands blocks to whichever worker asks first).
