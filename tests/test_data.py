@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from lapo_ray.data.corpus import (
 )
 from lapo_ray.data.sources import CorpusSource, LapoNpzSource, VideoFolderSource, open_source
 from lapo_ray.data.triplets import (
+    PacedScheduling,
     SplitSpec,
     TripletBatcher,
     iter_batches,
@@ -436,3 +438,20 @@ def test_batcher_local_shuffle_emits_every_triplet_once_and_is_seeded():
     # drop_last keeps only full batches
     sizes = [len(b["step"]) for b in TripletBatcher(SHAPE, 6, 16, drop_last=True).batches(segments())]
     assert set(sizes) == {6} and sum(sizes) == 6 * (len(ordered) // 6)
+
+
+def test_scheduling_is_paced_and_travels_with_every_dataset(corpus, ray_local):
+    src = CorpusSource(corpus)
+    for split in ("train", "val"):
+        ds = triplet_dataset(src, split, PipelineConfig())
+        assert ds.context.custom_execution_callback_classes.count(PacedScheduling) == 1
+    pace = PacedScheduling()
+    pace.before_execution_starts(None)
+    t0 = time.perf_counter()
+    for _ in range(4):  # a loop with nothing to wait on: 4 steps take at least 4 periods
+        pace.on_execution_step(None)
+    assert time.perf_counter() - t0 >= 4 * PacedScheduling.period_s * 0.95
+    time.sleep(2 * PacedScheduling.period_s)  # a step that already took longer is not delayed
+    t1 = time.perf_counter()
+    pace.on_execution_step(None)
+    assert time.perf_counter() - t1 < PacedScheduling.period_s / 2
