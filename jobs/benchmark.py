@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     s.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every mode")
     e = sub.add_parser("envrunners", help="env steps/s: RLlib PPO with 1 and 2 env runners vs the raw vector env")
     e.add_argument("--envs-per-runner", type=int, default=16)
     e.add_argument("--rollout-length", type=int, default=64)
@@ -58,15 +59,17 @@ def main(argv=None) -> int:
     else:
         from lapo_ray.evaluation.benchmarks import bench_stage1
 
-        r = bench_stage1(args.corpus, args.preset, args.steps, args.batch_size)
-        print(json.dumps(r, indent=2))
-        plain = r["plain_samples_per_s"]
-        print(f"\nstage 1, {r['preset']} preset, batch {r['batch_size']}, {r['precision']}")
-        print(f"plain PyTorch loop (no Ray):  {plain:8.1f} samples/s")
+        r = bench_stage1(args.corpus, args.preset, args.steps, args.batch_size, rounds=args.rounds)
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "samples_per_s"} if isinstance(v, dict) else v)
+                          for k, v in r.items()}, indent=2))
+        plain = r["plain"]["median"]
+        print(f"\nstage 1, {r['preset']} preset, batch {r['batch_size']}, {r['precision']}; median (quartiles) of "
+              f"{r['window']}-step windows over {r['rounds']} interleaved rounds")
+        print(f"plain PyTorch loop (no Ray):  {plain:8.1f} samples/s ({r['plain']['q1']:.0f}-{r['plain']['q3']:.0f})")
         for w in (1, 2):
-            rate = r[f"ray_{w}w_samples_per_s"]
-            print(f"Ray Train, {w} worker(s):      {rate:8.1f} samples/s = {rate / plain:.2f} x plain "
-                  f"(data wait {100 * r[f'ray_{w}w_data_wait_frac']:.0f}%)")
+            x = r[f"ray_{w}w"]
+            print(f"Ray Train, {w} worker(s):      {x['median']:8.1f} samples/s ({x['q1']:.0f}-{x['q3']:.0f}) "
+                  f"= {x['median'] / plain:.2f} x plain (data wait {100 * x['data_wait_frac']:.1f}%)")
     return 0
 
 

@@ -440,18 +440,53 @@ def test_batcher_local_shuffle_emits_every_triplet_once_and_is_seeded():
     assert set(sizes) == {6} and sum(sizes) == 6 * (len(ordered) // 6)
 
 
-def test_scheduling_is_paced_and_travels_with_every_dataset(corpus, ray_local):
+class _FakeExecutor:
+    """The parts of Ray Data's StreamingExecutor that PacedScheduling reads."""
+
+    def __init__(self):
+        from types import SimpleNamespace as NS
+
+        class Op(NS):
+            __hash__ = object.__hash__
+
+        self.op = Op(metrics=NS(num_tasks_submitted=3, num_tasks_finished=2, num_task_outputs_generated=2))
+        self.state = NS(output_queue=NS(num_blocks=4), input_queues=[NS(num_blocks=1)])
+        self._topology = {self.op: self.state}
+        self.consumer_waiting = False
+
+    def _consumer_idling(self):
+        return self.consumer_waiting
+
+
+def test_scheduling_is_paced_only_while_it_spins_and_travels_with_every_dataset(corpus, ray_local):
     src = CorpusSource(corpus)
     for split in ("train", "val"):
         ds = triplet_dataset(src, split, PipelineConfig())
         assert ds.context.custom_execution_callback_classes.count(PacedScheduling) == 1
+    ex = _FakeExecutor()
     pace = PacedScheduling()
-    pace.before_execution_starts(None)
+    pace.min_pause_s, pace.max_pause_s = 0.002, 0.016
+    pace.before_execution_starts(ex)
+    pauses = []
+    for _ in range(6):  # fast steps that change nothing: the pause doubles up to its cap
+        pace.on_execution_step(ex)
+        pauses.append(pace._pause)
+    assert pauses[1:] == [0.002, 0.004, 0.008, 0.016, 0.016]  # the first step only records progress
+    ex.op.metrics.num_tasks_finished += 1  # progress: no pause at all
     t0 = time.perf_counter()
-    for _ in range(4):  # a loop with nothing to wait on: 4 steps take at least 4 periods
-        pace.on_execution_step(None)
-    assert time.perf_counter() - t0 >= 4 * PacedScheduling.period_s * 0.95
-    time.sleep(2 * PacedScheduling.period_s)  # a step that already took longer is not delayed
-    t1 = time.perf_counter()
-    pace.on_execution_step(None)
-    assert time.perf_counter() - t1 < PacedScheduling.period_s / 2
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.0 and time.perf_counter() - t0 < 0.002
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.002
+    ex.state.output_queue.num_blocks -= 1  # the consumer took a block
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.0
+    ex.consumer_waiting = True  # a waiting consumer is never kept waiting longer
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.0
+    ex.consumer_waiting = False
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.002
+    time.sleep(PacedScheduling.spin_s)  # a step that waited on tasks did not spin
+    pace.on_execution_step(ex)
+    assert pace._pause == 0.0

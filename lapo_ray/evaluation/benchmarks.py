@@ -54,60 +54,23 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
     return results
 
 
-def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: int = 64,
-                 frames: int = 200_000) -> dict[str, Any]:
-    """Stage-1 samples/s: a plain single-process PyTorch loop over in-memory batches (the
-    reference: model and optimiser only) vs Ray Train with 1 and 2 workers on the Ray Data
-    pipeline. Rates are measured after the first report window, so start-up is excluded."""
-    import dataclasses
+def _plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int) -> list[float]:
+    """Samples/s per window of ``window`` steps of a plain single-process loop: the same model,
+    optimiser, schedule and precision as ``run_stage``, batches already in memory, no Ray."""
     import os
-    import tempfile
 
     import torch
 
-    from lapo_ray.config import PRETRAIN_PRESETS
-    from lapo_ray.data.sources import CorpusSource
-    from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
     from lapo_ray.models import LatentDynamics
     from lapo_ray.train.loop import lr_factor, use_bf16
-    from lapo_ray.train.stages import Stage1Task
-    from lapo_ray.train.trainer import fit_stage
 
-    ensure_bench_corpus(corpus, frames)
-    src = CorpusSource(corpus)
-    cfg = PRETRAIN_PRESETS[preset]()
-    stage = dataclasses.replace(cfg.stage1, batch_size=batch_size, steps=steps, report_every=steps // 2,
-                                checkpoint_every=steps, val_batches=1)
-    results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "steps": steps,
-                               "precision": "bf16" if use_bf16(stage, torch.device("cpu")) else "fp32"}
-
-    run_config = cfg.to_dict()
-    for workers in (1, 2):
-        st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
-        with tempfile.TemporaryDirectory() as out:
-            result = fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
-                               triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
-                               out, run_config)
-        results[f"ray_{workers}w_samples_per_s"] = result.metrics["samples_per_s"]
-        results[f"ray_{workers}w_samples_per_s_per_worker"] = result.metrics["samples_per_s_per_worker"]
-        results[f"ray_{workers}w_data_wait_frac"] = result.metrics["data_wait_frac"]
-
-    # Plain loop: the same model, optimiser, schedule and precision, batches already in memory.
-    # It runs last, so nothing the driver computed can still hold a core while Ray trains.
-    batches = []
-    for b in iter_plain_batches(src, "train", batch_size, SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)):
-        batches.append(torch.from_numpy(b["frames"]))
-        if len(batches) == 16:
-            break
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = LatentDynamics(cfg.model).to(memory_format=torch.channels_last).train()
+    model = LatentDynamics(model_cfg).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     bf16 = use_bf16(stage, torch.device("cpu"))
-    t0 = None
+    rates, t0 = [], time.perf_counter()
     for step in range(steps):
-        if step == steps // 2:
-            t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = stage.lr * lr_factor(step, stage)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -116,7 +79,86 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 60, batch_size: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
         opt.step()
-    results["plain_samples_per_s"] = (steps - steps // 2) * batch_size / (time.perf_counter() - t0)
+        if (step + 1) % window == 0:
+            now = time.perf_counter()
+            rates.append(window * stage.batch_size / (now - t0))
+            t0 = now
+    return rates
+
+
+def _summary(rates: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    q1, med, q3 = np.percentile(rates, [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "windows": len(rates)}
+
+
+def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size: int = 64,
+                 frames: int = 200_000, rounds: int = 2, window: int = 20, warmup: int = 40) -> dict[str, Any]:
+    """Stage-1 samples/s: a plain single-process PyTorch loop over in-memory batches (the
+    reference: model and optimiser only) vs Ray Train with 1 and 2 workers on the Ray Data
+    pipeline.
+
+    Throughput on a small shared machine drifts by +-20% from minute to minute, so one figure
+    per mode says little. The modes run ``rounds`` times, interleaved (plain, 1 worker, 2 workers,
+    plain, ...), each timed in windows of ``window`` steps; the first ``warmup`` steps of every
+    run (start-up, first reads) are dropped, and each mode reports the median window and its
+    quartiles."""
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from lapo_ray.config import PRETRAIN_PRESETS, WandbConfig
+    from lapo_ray.data.sources import CorpusSource
+    from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
+    from lapo_ray.train.loop import use_bf16
+    from lapo_ray.train.metrics import MetricsSink, read_metrics
+    from lapo_ray.train.stages import Stage1Task
+    from lapo_ray.train.trainer import fit_stage
+
+    if steps <= warmup or window <= 0 or rounds < 1:
+        raise ValueError(f"stage-1 benchmark: steps ({steps}) must exceed warmup ({warmup}); "
+                         f"window ({window}) and rounds ({rounds}) must be positive")
+    ensure_bench_corpus(corpus, frames)
+    src = CorpusSource(corpus)
+    cfg = PRETRAIN_PRESETS[preset]()
+    stage = dataclasses.replace(cfg.stage1, batch_size=batch_size, steps=steps, report_every=window,
+                                checkpoint_every=steps, val_batches=1, time_budget_min=0)
+    batches = []
+    for b in iter_plain_batches(src, "train", batch_size, SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)):
+        batches.append(torch.from_numpy(b["frames"]))
+        if len(batches) == 16:
+            break
+
+    def ray_rates(workers: int) -> tuple[list[float], list[float]]:
+        st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
+        with tempfile.TemporaryDirectory() as out:
+            sink = MetricsSink(out, "stage1", WandbConfig(mode="disabled"), {})
+            fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
+                      triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
+                      out, {}, sink)
+            rows = [r for r in read_metrics(out, "stage1") if r["step"] > warmup]
+        return [r["samples_per_s"] for r in rows], [r["data_wait_frac"] for r in rows]
+
+    rates: dict[str, list[float]] = {"plain": [], "ray_1w": [], "ray_2w": []}
+    wait: dict[str, list[float]] = {"ray_1w": [], "ray_2w": []}
+    for r in range(rounds):
+        print(f"stage-1 benchmark round {r + 1}/{rounds}: plain loop", flush=True)
+        rates["plain"] += _plain_stage1_rates(cfg.model, stage, batches, steps, window)[warmup // window:]
+        for workers in (1, 2):
+            print(f"stage-1 benchmark round {r + 1}/{rounds}: Ray Train, {workers} worker(s)", flush=True)
+            got, w = ray_rates(workers)
+            rates[f"ray_{workers}w"] += got
+            wait[f"ray_{workers}w"] += w
+    results: dict[str, Any] = {
+        "preset": preset, "batch_size": batch_size, "steps": steps, "rounds": rounds, "window": window,
+        "precision": "bf16" if use_bf16(stage, torch.device("cpu")) else "fp32",
+    }
+    for mode, xs in rates.items():
+        results[mode] = {**_summary(xs), "samples_per_s": xs}
+        if mode in wait:
+            results[mode]["data_wait_frac"] = float(sum(wait[mode]) / max(1, len(wait[mode])))
     return results
 
 
