@@ -60,8 +60,7 @@ def main(argv=None) -> int:
         from lapo_ray.evaluation.benchmarks import bench_stage1
 
         r = bench_stage1(args.corpus, args.preset, args.steps, args.batch_size, rounds=args.rounds)
-        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "samples_per_s"} if isinstance(v, dict) else v)
-                          for k, v in r.items()}, indent=2))
+        print(json.dumps({k: v for k, v in r.items() if k != "window_samples_per_s"}, indent=2))
         plain = r["plain"]["median"]
         print(f"\nstage 1, {r['preset']} preset, batch {r['batch_size']}, {r['precision']}; median (quartiles) of "
               f"{r['window']}-step windows over {r['rounds']} interleaved rounds")

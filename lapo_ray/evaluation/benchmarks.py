@@ -54,9 +54,10 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
     return results
 
 
-def _plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int) -> list[float]:
+def _plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int, warmup: int) -> list[float]:
     """Samples/s per window of ``window`` steps of a plain single-process loop: the same model,
-    optimiser, schedule and precision as ``run_stage``, batches already in memory, no Ray."""
+    optimiser, schedule and precision as ``run_stage``, batches already in memory, no Ray.
+    Windows ending at or before step ``warmup`` are dropped, as for Ray Train's reports."""
     import os
 
     import torch
@@ -81,7 +82,8 @@ def _plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int) -> l
         opt.step()
         if (step + 1) % window == 0:
             now = time.perf_counter()
-            rates.append(window * stage.batch_size / (now - t0))
+            if step + 1 > warmup:
+                rates.append(window * stage.batch_size / (now - t0))
             t0 = now
     return rates
 
@@ -145,7 +147,7 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     wait: dict[str, list[float]] = {"ray_1w": [], "ray_2w": []}
     for r in range(rounds):
         print(f"stage-1 benchmark round {r + 1}/{rounds}: plain loop", flush=True)
-        rates["plain"] += _plain_stage1_rates(cfg.model, stage, batches, steps, window)[warmup // window:]
+        rates["plain"] += _plain_stage1_rates(cfg.model, stage, batches, steps, window, warmup)
         for workers in (1, 2):
             print(f"stage-1 benchmark round {r + 1}/{rounds}: Ray Train, {workers} worker(s)", flush=True)
             got, w = ray_rates(workers)
@@ -154,9 +156,10 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     results: dict[str, Any] = {
         "preset": preset, "batch_size": batch_size, "steps": steps, "rounds": rounds, "window": window,
         "precision": "bf16" if use_bf16(stage, torch.device("cpu")) else "fp32",
+        "window_samples_per_s": rates,
     }
     for mode, xs in rates.items():
-        results[mode] = {**_summary(xs), "samples_per_s": xs}
+        results[mode] = _summary(xs)
         if mode in wait:
             results[mode]["data_wait_frac"] = float(sum(wait[mode]) / max(1, len(wait[mode])))
     return results
