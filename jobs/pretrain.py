@@ -10,16 +10,18 @@ import sys
 
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
 from lapo_ray.config.cli import parse_config
-from lapo_ray.runtime import init_ray
+from lapo_ray.runtime import run_job
 from lapo_ray.train.pretrain import run_pretrain
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, argv, description=__doc__)
-    init_ray()
-    summary = run_pretrain(cfg)
-    print(json.dumps({k: summary[k] for k in ("out", "probe") if k in summary}, indent=2))
-    return 0
+
+    def body():
+        summary = run_pretrain(cfg)
+        print(json.dumps({k: summary[k] for k in ("out", "probe") if k in summary}, indent=2))
+
+    return run_job(body)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,16 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def list_files_below(uri: str, max_depth: int) -> list[str]:
+    """Sorted paths of the files at most ``max_depth`` folders below ``uri`` (depth 0: directly
+    in it), relative to ``uri`` with "/" separators."""
+    fs, path = resolve(uri)
+    base = path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    rel = (i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return sorted(r for r in rel if r.count("/") <= max_depth)
+
+
 @contextmanager
 def atomic_output(uri: str) -> Iterator[Any]:
     """Open ``uri`` for binary writing; the file appears under its name only on success.

@@ -1,9 +1,21 @@
 import os
+import secrets
+import tempfile
 
 import pytest
 
 # Procgen imports gym, which prints a deprecation banner; keep test output readable.
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+# Ray 2.60 turns token authentication on for every local cluster and, when no token exists,
+# writes one to ~/.ray/auth_token. The suite brings its own token, set before Ray is imported,
+# so it neither depends on nor writes the user's ~/.ray; every head, driver and CLI call the
+# tests start inherits it.
+_TOKEN_DIR = tempfile.mkdtemp(prefix="lapo-ray-token-")
+os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(_TOKEN_DIR, "auth_token")
+with open(os.environ["RAY_AUTH_TOKEN_PATH"], "w") as _f:
+    _f.write(secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN", None)
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,41 @@ def test_split_spec_is_stable_and_near_fraction():
     assert not np.array_equal(spec.is_val(ids), SplitSpec(0.1, 1).is_val(ids))
 
 
+@pytest.mark.parametrize("n, fraction, want", [(2, 0.05, 1), (3, 0.05, 1), (4, 0.5, 2), (7, 0.99, 6),
+                                               (1000, 0.05, 50), (1000, 0.0, 0), (1, 0.3, 0)])
+def test_split_over_known_episodes_is_exact_and_never_empties_a_side(n, fraction, want):
+    ids = np.arange(n) * 7 + 3
+    spec = SplitSpec.for_episodes(ids, fraction, seed=0)
+    val = spec.is_val(ids)
+    assert val.sum() == want
+    assert (~val).sum() == n - want
+    # Lowest hashes first: the split for a larger fraction contains the one for a smaller.
+    if n >= 4:
+        smaller = SplitSpec.for_episodes(ids, fraction / 2, seed=0).is_val(ids)
+        assert not (smaller & ~val).any()
+    assert SplitSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("n_videos", [2, 3, 4])
+def test_small_video_folders_train_and_validate(n_videos, tmp_path, ray_local):
+    """A handful of videos under the default split: both sides get whole videos, and every
+    triplet lands on exactly one side (the hash rule alone once gave training nothing)."""
+    from lapo_ray.train.pretrain import split_spec
+
+    for i in range(n_videos):
+        encode_video(tmp_path / f"v{i}.avi", moving_square_frames(12 + i), "png", "rgb24")
+    src = VideoFolderSource(str(tmp_path))
+    scan = src.scan()
+    cfg = PipelineConfig()  # default val_fraction 0.05
+    spec = split_spec(scan, cfg)
+    counts = {split: sum(len(b["step"]) for b in iter_batches(triplet_dataset(src, split, cfg, scan.files, spec),
+                                                            src.frame_shape, 8, cfg))
+              for split in ("train", "val")}
+    assert counts["train"] > 0 and counts["val"] > 0, counts
+    assert counts["train"] + counts["val"] == scan.triplets == sum(10 + i for i in range(n_videos))
+    assert len(spec.val_episodes) == 1
+
+
 # ----------------------------------------------------------------------------- LAPO npz
 
 
@@ -301,7 +336,7 @@ def test_short_corrupt_and_truncated_videos_name_the_file(tmp_path):
     with pytest.raises(CorpusError) as err:
         src.scan()
     msg = str(err.value)
-    assert "3 bad video file(s)" in msg
+    assert "\n" not in msg and "no usable video files" in msg
     assert "short.avi: video has 2 frame(s); a triplet needs at least 3" in msg
     assert "garbage.mp4: corrupt or unreadable video" in msg
     assert "cut.mp4: corrupt or unreadable video" in msg
@@ -316,6 +351,29 @@ def test_empty_and_missing_folders(tmp_path):
         VideoFolderSource(str(tmp_path))
     with pytest.raises(CorpusError, match=r"no \.npz files"):
         LapoNpzSource(str(tmp_path))
+
+
+def test_a_folder_above_the_data_names_the_folders_that_would_work(tmp_path):
+    for game in ("bigfish", "ninja"):
+        for split in ("train", "test"):
+            write_lapo_npz(tmp_path / "expert_data" / game / split, n_files=1, n=130)
+    with pytest.raises(CorpusError) as err:
+        open_source(str(tmp_path / "expert_data"))
+    root = tmp_path / "expert_data"
+    want = ", ".join(str(root / g / s) for g in ("bigfish", "ninja") for s in ("test", "train"))
+    assert f"these folders below it do: {want}; pass one of them as --corpus" in str(err.value)
+    with pytest.raises(CorpusError, match=f"do: {root / 'ninja' / 'test'}, {root / 'ninja' / 'train'};"):
+        open_source(str(root / "ninja"))
+
+
+def test_bad_file_hint_names_the_real_flag(tmp_path):
+    write_lapo_npz(tmp_path, n_files=2, n=130)
+    (tmp_path / "9.npz").write_bytes(b"not a zip")
+    with pytest.raises(CorpusError) as err:
+        LapoNpzSource(str(tmp_path)).scan()
+    msg = str(err.value)
+    assert msg.startswith("1 bad npz file(s): ") and msg.endswith("pass --data.on-bad-files skip to leave them out")
+    assert "9.npz" in msg and "\n" not in msg
 
 
 def test_check_frames_messages():

@@ -38,6 +38,10 @@ class PretrainConfig:
         default="", metadata={"help": "corpus, LAPO npz folder or video folder; empty: collect the default corpus"}
     )
     stages: str = field(default="stage1,label,stage2", metadata={"help": "comma list of stage1,label,stage2"})
+    allow_config_change: bool = field(
+        default=False,
+        metadata={"help": "continue a run in --out under a config that differs from its config.json"},
+    )
     collect: CollectConfig = field(default_factory=CollectConfig)
     data: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -64,6 +68,18 @@ class PretrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"stage1.lr: 0.001 -> 0.0005"`` for every leaf that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            changes.append(f"{prefix}{key}: {a} -> {b}")
+    return changes
 
 
 def config_from_dict(cls: type, d: dict[str, Any]) -> Any:

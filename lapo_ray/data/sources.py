@@ -46,6 +46,8 @@ class ScanReport:
     episodes: int
     triplets: int
     bad_files: list[tuple[str, str]] = field(default_factory=list)
+    # Every episode id of the usable files: what an exact train/validation split is made from.
+    episode_ids: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         s = f"{len(self.files)} files, {self.episodes} episodes, {self.frames} frames, {self.triplets} triplets"
@@ -82,20 +84,25 @@ def _episodes_file_id(file_index: int, episode_index: int) -> int:
 def _finish_scan(results: list[dict[str, Any]], on_bad: OnBad, what: str) -> ScanReport:
     good = [r for r in results if r["error"] is None]
     bad = [(r["path"], r["error"]) for r in results if r["error"] is not None]
-    if bad and on_bad == "raise":
-        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
-        raise CorpusError(
-            f"{len(bad)} bad {what} file(s) (pass on_bad='skip' / --skip-bad-files to leave them out):\n{listing}"
-        )
     if not good:
-        raise CorpusError(f"no usable {what} files: " + "; ".join(f"{p}: {w}" for p, w in bad))
+        raise CorpusError(f"no usable {what} files: {_listing(bad)}")
+    if bad and on_bad == "raise":
+        raise CorpusError(f"{len(bad)} bad {what} file(s): {_listing(bad)}; "
+                          "pass --data.on-bad-files skip to leave them out")
     return ScanReport(
         files=[r["path"] for r in good],
         frames=sum(r["frames"] for r in good),
         episodes=sum(r["episodes"] for r in good),
         triplets=sum(r["triplets"] for r in good),
         bad_files=bad,
+        episode_ids=sorted(i for r in good for i in r["episode_ids"]),
     )
+
+
+def _listing(bad: list[tuple[str, str]], most: int = 5) -> str:
+    """One line, so that a job's error stays one line however many files are bad."""
+    shown = "; ".join(f"{p}: {why}" for p, why in bad[:most])
+    return shown + (f"; and {len(bad) - most} more" if len(bad) > most else "")
 
 
 def _scan_parallel(paths: list[str], check: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,20 +154,22 @@ class CorpusSource(Source):
         for shard in self.manifest.shards:
             uri = storage.join(self.uri, shard.path)
             _, path = storage.resolve(uri)
-            error = None
+            error, episode_ids = None, []
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 error = "shard listed in manifest.json is missing"
             else:
                 try:
                     with fs.open_input_file(path) as f:
-                        meta = pq.ParquetFile(f).metadata
-                    if meta.num_rows != shard.segments:
-                        error = f"has {meta.num_rows} segments, manifest says {shard.segments}"
+                        pf = pq.ParquetFile(f)
+                        if pf.metadata.num_rows != shard.segments:
+                            error = f"has {pf.metadata.num_rows} segments, manifest says {shard.segments}"
+                        else:
+                            episode_ids = np.unique(pf.read(columns=["episode_id"]).column(0).to_numpy()).tolist()
                 except (OSError, pa.ArrowInvalid) as e:
                     error = f"unreadable Parquet ({e})"
             results.append(
                 {"path": uri, "error": error, "frames": shard.frames, "episodes": shard.episodes,
-                 "triplets": shard.frames - 2 * shard.episodes}
+                 "triplets": shard.frames - 2 * shard.episodes, "episode_ids": episode_ids if error is None else []}
             )
         report = _finish_scan(results, on_bad, "corpus shard")
         # Segments overlap by two frames, so the manifest's exact count beats frames - 2 * episodes
@@ -245,12 +254,14 @@ class FileSource(Source):
         raise NotImplementedError
 
     def _check(self, path: str) -> dict[str, Any]:
+        file_index = self.paths.index(path)
         try:
-            eps = self.read_episodes(path, 0)
+            eps = self.read_episodes(path, file_index)
         except CorpusError as e:
-            return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0, "triplets": 0}
+            return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0,
+                    "triplets": 0, "episode_ids": []}
         return {"path": path, "error": None, "frames": sum(map(len, eps)), "episodes": len(eps),
-                "triplets": sum(len(e) - 2 for e in eps)}
+                "triplets": sum(len(e) - 2 for e in eps), "episode_ids": [e.episode_id for e in eps]}
 
     def scan_files(self) -> list[str]:
         return list(self.paths)
@@ -364,7 +375,27 @@ def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | No
         return LapoNpzSource(uri, game=game, split=split)
     if any(os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS for n in names):
         return VideoFolderSource(uri, frame_size=frame_size)
+    usable = _data_folders_below(uri)
+    if usable:
+        raise CorpusError(
+            f"{uri}: holds no corpus, .npz or video files itself, but these folders below it do: "
+            + ", ".join(storage.join(uri, f) for f in usable[:8]) + (f" (and {len(usable) - 8} more)" if len(usable) > 8 else "")
+            + "; pass one of them as --corpus"
+        )
     raise CorpusError(
         f"{uri}: not a lapo_ray corpus (no manifest.json), no LAPO .npz files and no video files"
         + (" (the folder is empty)" if not names else f" (found: {', '.join(sorted(names)[:5])})")
     )
+
+
+def _data_folders_below(uri: str, max_depth: int = 2) -> list[str]:
+    """Sub-folders (relative) that ``open_source`` would accept: e.g. ``bigfish/train`` under the
+    root of the official LAPO expert data, or ``train`` under one game's folder."""
+    folders = set()
+    for rel in storage.list_files_below(uri, max_depth):
+        folder, name = posixpath.split(rel)
+        if folder and (name == "manifest.json" or name.endswith(".npz")
+                       or os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS):
+            folders.add(folder)
+    # A corpus's own shards/ folder is part of the corpus above it, not a corpus of its own.
+    return sorted(f for f in folders if not any(f.startswith(g + "/") for g in folders))

@@ -15,6 +15,7 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
@@ -34,12 +35,33 @@ Split = Literal["train", "val", "all"]
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Assigns whole episodes to train or validation by a seeded hash of the episode id."""
+    """Assigns whole episodes to train or validation by a seeded hash of the episode id.
+
+    Without ``val_episodes`` an episode is validation when its hash falls below the fraction:
+    stable and streaming, but on a handful of episodes it can put all of them on one side (four
+    videos once gave validation three). When a scan has listed every episode id,
+    ``for_episodes`` fixes the validation side to the ``round(fraction * n)`` episodes of lowest
+    hash, at least one and never all, so any corpus of two or more episodes trains and validates.
+    """
 
     val_fraction: float = 0.05
     seed: int = 0
+    val_episodes: tuple[int, ...] | None = None
+
+    @classmethod
+    def for_episodes(cls, episode_ids, val_fraction: float, seed: int) -> "SplitSpec":
+        ids = np.unique(np.asarray(list(episode_ids), dtype=np.int64))
+        k = int(round(val_fraction * len(ids)))
+        if val_fraction > 0 and len(ids) >= 2:
+            k = min(max(k, 1), len(ids) - 1)
+        elif len(ids) < 2:
+            k = 0  # one episode: it trains; the probe falls back to halves in time
+        order = np.argsort(cls(val_fraction, seed).episode_hash(ids), kind="stable")
+        return cls(val_fraction, seed, tuple(sorted(int(i) for i in ids[order[:k]])))
 
     def is_val(self, episode_ids: np.ndarray) -> np.ndarray:
+        if self.val_episodes is not None:
+            return np.isin(np.asarray(episode_ids, dtype=np.int64), np.asarray(self.val_episodes, dtype=np.int64))
         return (self.episode_hash(episode_ids) % np.uint64(1_000_000)) < np.uint64(round(self.val_fraction * 1_000_000))
 
     def episode_hash(self, episode_ids: np.ndarray) -> np.ndarray:
@@ -55,6 +77,14 @@ class SplitSpec:
             return np.ones(len(episode_ids), bool)
         val = self.is_val(episode_ids)
         return val if split == "val" else ~val
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SplitSpec":
+        eps = d.get("val_episodes")
+        return cls(d["val_fraction"], d["seed"], None if eps is None else tuple(eps))
 
 
 @dataclass
@@ -232,7 +262,8 @@ class PacedScheduling(ExecutionCallback):
         self._last = time.perf_counter()
 
 
-def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None):
+def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None,
+                    spec: SplitSpec | None = None):
     """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
     shard of it) with ``torch_batches``/``iter_batches``, which cut the triplets.
 
@@ -255,7 +286,8 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     # across workers still hands blocks to whichever worker asks first).
     ds.context.execution_options.preserve_order = True
     if split != "all":
-        ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": SplitSpec(cfg.val_fraction, cfg.split_seed)},
+        spec = spec or SplitSpec(cfg.val_fraction, cfg.split_seed)
+        ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": spec},
                             batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.expand_num_cpus)
     if cfg.global_shuffle == "segments":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)

@@ -99,6 +99,9 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     return manifest
 
 
+SPLIT_FILE = "split.json"
+
+
 def latents_dataset(out_uri: str, split: str, pipe: PipelineConfig):
     """Stage 2's input: the labelled steps of one split (split by episode, as for stage 1)."""
     import ray.data
@@ -109,7 +112,10 @@ def latents_dataset(out_uri: str, split: str, pipe: PipelineConfig):
     if not storage.exists(storage.join(dest, "manifest.json")):
         raise FileNotFoundError(f"{dest}: no finished latent labels (run the 'label' stage first)")
     fs, path = storage.resolve(dest)
-    spec = SplitSpec(pipe.val_fraction, pipe.split_seed)
+    # Stage 2 validates on the very episodes stage 1 validated on: the split pretraining wrote.
+    split_uri = storage.join(out_uri, SPLIT_FILE)
+    spec = (SplitSpec.from_dict(storage.read_json(split_uri)) if storage.exists(split_uri)
+            else SplitSpec(pipe.val_fraction, pipe.split_seed))
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = spec.keep(batch["episode_id"], split)

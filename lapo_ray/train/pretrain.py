@@ -24,9 +24,9 @@ import torch
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
 from lapo_ray.data.sources import Source, open_source
-from lapo_ray.data.triplets import iter_batches, triplet_dataset
+from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
-from lapo_ray.train.labelling import label_corpus, latents_dataset
+from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import MetricsSink, read_metrics
 from lapo_ray.train.stages import ProbeSet, Stage1Task, Stage2Task
 from lapo_ray.train.trainer import fit_stage
@@ -37,14 +37,14 @@ def _eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
 
 
-def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str]) -> ProbeSet | None:
+def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec) -> ProbeSet | None:
     """Up to ``n`` labelled triplets from the validation episodes (never trained on)."""
     from lapo_ray.evaluation.probe import probe_halves
 
     if not source.has_actions or n <= 0:
         return None
     parts, have = [], 0
-    ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files)
+    ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files, spec)
     for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe)):
         keep = b["action"] >= 0
         parts.append({k: b[k][keep] for k in ("frames", "action", "episode_id")})
@@ -76,19 +76,50 @@ def _save_png(fig_fn, out_uri: str, name: str, *args) -> str:
     return uri
 
 
-def ensure_corpus(cfg: PretrainConfig) -> str:
-    """The corpus to train on: ``cfg.corpus``, or the default corpus (collected if missing)."""
-    if cfg.corpus:
-        return cfg.corpus
-    from lapo_ray.data.collect import collect
+def open_corpus(cfg: PretrainConfig) -> Source | None:
+    """The source to train on, opened and checked against the model before any Ray work: the
+    path exists, its kind is known and its frames have the model's shape. None when the default
+    corpus still has to be collected."""
+    corpus = cfg.corpus or cfg.collect.out
+    if not cfg.corpus and not storage.exists(storage.join(corpus, "manifest.json")):
+        return None
+    source = open_source(corpus, frame_size=(cfg.model.frame_size, cfg.model.frame_size))
+    check_frame_shape(source, cfg)
+    return source
 
-    if not storage.exists(storage.join(cfg.collect.out, "manifest.json")):
-        print(f"no --corpus given: collecting the default corpus into {cfg.collect.out}", flush=True)
-        collect(cfg.collect)
-    return cfg.collect.out
+
+def check_frame_shape(source: Source, cfg: PretrainConfig) -> None:
+    want = (cfg.model.frame_size, cfg.model.frame_size, cfg.model.channels)
+    if tuple(source.frame_shape) != want:
+        raise ValueError(f"{source.name}: frames are {tuple(source.frame_shape)} (H, W, C) but the model expects "
+                         f"{want} (--model.frame-size {cfg.model.frame_size}, --model.channels {cfg.model.channels})")
 
 
-def probe_references(cfg: PretrainConfig, source: Source, files: list[str], probe: ProbeSet,
+def check_artifact_folder(cfg: PretrainConfig) -> None:
+    """Refuse to continue a run in ``cfg.out`` under another config unless asked: a typo in
+    --out would otherwise mix two experiments into one folder."""
+    from lapo_ray.config import config_changes
+
+    uri = storage.join(cfg.out, "config.json")
+    if cfg.allow_config_change or not storage.exists(uri):
+        return
+    old, new = storage.read_json(uri), cfg.to_dict()
+    if not isinstance(old, dict):
+        raise ValueError(f"{uri}: not a lapo_ray config")
+    old.pop("allow_config_change", None)
+    new.pop("allow_config_change")
+    changes = config_changes(old, new)
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ValueError(f"{cfg.out} holds a run with another config ({shown}); give another --out, or pass "
+                         "--allow-config-change true to continue that run with this config")
+
+
+def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
+    return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
+
+
+def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, probe: ProbeSet,
                      checkpoint: str, steps_done: int) -> dict[str, Any]:
     """probe.json: trained IDM vs majority, floor (untrained IDM) and ceiling (supervised IDM)."""
     from lapo_ray.evaluation.ceiling import ceiling_accuracy, train_ceiling
@@ -106,7 +137,7 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], prob
     ceiling = None
     if cfg.probe.ceiling:
         t0 = time.monotonic()
-        train_ds = triplet_dataset(source, "train", cfg.data, files)
+        train_ds = triplet_dataset(source, "train", cfg.data, files, spec)
         model = train_ceiling(train_ds, cfg.model, cfg.stage1, cfg.data, steps=steps_done, seed=cfg.stage1.seed)
         ceiling = ceiling_accuracy(model, probe.frames, probe.actions, probe.test_mask)
         print(f"ceiling: {steps_done} steps in {time.monotonic() - t0:.0f}s, accuracy {ceiling:.3f}", flush=True)
@@ -118,34 +149,45 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], prob
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run the stages in ``cfg.stages`` and return a summary (also written to report.md)."""
-    import ray
+    from lapo_ray.runtime import init_ray
 
-    if not ray.is_initialized():
-        ray.init()
+    source = open_corpus(cfg)
+    if source is None:
+        check_artifact_folder(cfg)  # collecting takes minutes: refuse a mismatched --out before it
+    init_ray()
+    if source is None:
+        from lapo_ray.data.collect import collect
+
+        print(f"no --corpus given: collecting the default corpus into {cfg.collect.out}", flush=True)
+        collect(cfg.collect)
+        source = open_corpus(cfg)
+    scan = source.scan(on_bad=cfg.data.on_bad_files)
+    spec = split_spec(scan, cfg.data)
+    check_artifact_folder(cfg)
+    # Only now, with every input checked, does anything go into the artifact folder.
     out = cfg.out
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
     run_config = cfg.to_dict()
     stages = cfg.stage_list()
     summary: dict[str, Any] = {"out": out}
-
-    corpus = ensure_corpus(cfg)
-    source = open_source(corpus, frame_size=(cfg.model.frame_size, cfg.model.frame_size))
-    scan = source.scan(on_bad=cfg.data.on_bad_files)
-    print(f"source {source.name}: {scan.summary()}", flush=True)
+    print(f"source {source.name}: {scan.summary()}; {len(spec.val_episodes)} of {len(scan.episode_ids)} "
+          "episodes for validation", flush=True)
     storage.write_json(storage.join(out, "source_scan.json"), dataclasses.asdict(scan))
-    summary["source"] = {"name": source.name, **{k: v for k, v in dataclasses.asdict(scan).items() if k != "files"}}
+    storage.write_json(storage.join(out, SPLIT_FILE), spec.to_dict())
+    summary["source"] = {"name": source.name, **{k: v for k, v in dataclasses.asdict(scan).items()
+                                                  if k not in ("files", "episode_ids")}}
 
     stage1_uri = storage.join(out, "stage1")
     if "stage1" in stages:
-        probe = load_probe_set(source, cfg.data, cfg.probe.triplets, scan.files)
+        probe = load_probe_set(source, cfg.data, cfg.probe.triplets, scan.files, spec)
         ckpt = _stage_done(stage1_uri)
         if ckpt is None:
             t0 = time.monotonic()
             result = fit_stage(
                 Stage1Task(cfg.model, cfg.probe, probe), cfg.stage1, cfg.data,
-                triplet_dataset(source, "train", cfg.data, scan.files),
-                triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files),
+                triplet_dataset(source, "train", cfg.data, scan.files, spec),
+                triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
                 out, run_config, MetricsSink(out, "stage1", cfg.wandb, run_config),
             )
             summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
@@ -155,7 +197,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
         summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
         if probe is not None and not storage.exists(storage.join(out, "probe.json")):
-            report, latents = probe_references(cfg, source, scan.files, probe, ckpt, state["step"])
+            report, latents = probe_references(cfg, source, scan.files, spec, probe, ckpt, state["step"])
             storage.write_json(storage.join(out, "probe.json"), report)
             _save_png(_latent_map, out, "latent_map.png", latents, probe.actions)
         if storage.exists(storage.join(out, "probe.json")):

@@ -1,0 +1,121 @@
+"""The jobs as a first-time user meets them: bad input ends in one line naming it, exit status 2,
+no traceback, and nothing already in the artifact folder changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import importlib.util
+
+import pytest
+from test_data import encode_video, moving_square_frames, write_lapo_npz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job(name: str):
+    """A job's module, loaded from jobs/ as `python jobs/<name>.py` would run it."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its content hash: "nothing changed" means equal trees."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (corpus path, text the one-line error must contain)."""
+    cases = {}
+    (root / "empty").mkdir()
+    cases["empty folder"] = (root / "empty", "the folder is empty")
+    (root / "txt").mkdir()
+    for i in range(2):
+        (root / "txt" / f"notes{i}.txt").write_text("hello")
+    cases["folder of .txt"] = (root / "txt", "notes0.txt")
+    (root / "zero").mkdir()
+    (root / "zero" / "a.mp4").write_bytes(b"")
+    cases["zero-byte video"] = (root / "zero", "a.mp4")
+    (root / "one").mkdir()
+    encode_video(root / "one" / "a.avi", moving_square_frames(1), "png", "rgb24")
+    cases["one-frame video"] = (root / "one", "a.avi: video has 1 frame(s)")
+    write_lapo_npz(root / "npz", n_files=1, n=130, drop="obs")
+    cases["npz with wrong keys"] = (root / "npz", "0.npz: npz has no 'obs' array")
+    cases["missing path"] = (root / "does-not-exist", "does-not-exist")
+    (root / "garbage").mkdir()
+    (root / "garbage" / "manifest.json").write_text("{this is not json")
+    cases["garbage manifest.json"] = (root / "garbage", "manifest.json")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    return _bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture()
+def existing_run(tmp_path):
+    """An artifact folder that holds an earlier run's files, which no failed start may touch."""
+    out = tmp_path / "run"
+    (out / "stage1").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"earlier": "run"}))
+    (out / "stage1" / "state.json").write_text('{"step": 7}')
+    return out
+
+
+CASES = ["empty folder", "folder of .txt", "zero-byte video", "one-frame video", "npz with wrong keys",
+         "missing path", "garbage manifest.json"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pretrain_bad_corpus_is_one_line_exit_2_and_leaves_out_untouched(case, bad_inputs, existing_run, capsys,
+                                                                       ray_local):
+    main = _job("pretrain").main
+
+    corpus, expected = bad_inputs[case]
+    before = _tree(existing_run)
+    code = main(["--corpus", str(corpus), "--out", str(existing_run), "--wandb.mode", "disabled"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+    assert _tree(existing_run) == before
+
+
+def test_pretrain_error_is_one_line_in_a_fresh_process(bad_inputs, tmp_path):
+    """The real command line: no traceback on stderr, exit status 2, --out never created."""
+    corpus, _ = bad_inputs["missing path"]
+    out = tmp_path / "never"
+    r = subprocess.run([sys.executable, "jobs/pretrain.py", "--corpus", str(corpus), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert str(corpus) in r.stderr
+    assert not out.exists()
+
+
+def test_pretrain_refuses_to_mix_another_config_into_an_existing_folder(tmp_path, ray_local, capsys):
+    main = _job("pretrain").main
+
+    corpus = tmp_path / "npz"
+    write_lapo_npz(corpus, n_files=2, n=130)
+    out = tmp_path / "run"
+    out.mkdir()
+    from lapo_ray.config import PRETRAIN_PRESETS
+
+    cfg = PRETRAIN_PRESETS["cpu"]()
+    cfg.out, cfg.corpus, cfg.stage1.lr = str(out), str(corpus), 1e-3
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    before = _tree(out)
+    code = main(["--corpus", str(corpus), "--out", str(out), "--stage1.lr", "5e-4", "--stages", "stage1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "stage1.lr: 0.001 -> 0.0005" in err[0] and "--allow-config-change true" in err[0], err[0]
+    assert _tree(out) == before
