@@ -7,6 +7,7 @@ kills every Ray process of the user on the machine, including clusters that are 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -487,6 +488,72 @@ def _metric_sum(text: str, name: str, **labels: str) -> float | None:
     return total if found else None
 
 
+def readme_local_cluster_commands() -> list[str]:
+    """The README's local-cluster block, one shell command per entry (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a Ray cluster"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[: block.index("```")]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket the given processes own."""
+    found = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            found.append((c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()))
+    return found
+
+
+@pytest.mark.slow
+def test_readme_local_cluster_commands_work_verbatim_on_a_fresh_machine(tmp_path):
+    """HOME is an empty folder (no token, no Ray history); the README's commands, run as they are
+    written, make a token, start a head that listens on loopback only, and run the job."""
+    commands = readme_local_cluster_commands()
+    assert [c.split()[:3] for c in commands[:2]] == [["ray", "get-auth-token", "--generate"],
+                                                     ["export", "RAY_AUTH_MODE=token"]], commands
+    assert "ray start --head" in commands[2] and commands[3].startswith("ray job submit"), commands
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="lr-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    work = tmp_path / "work"
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", "artifacts", "data", "wandb", "__pycache__"))
+    # The job's own flags are the README's, with a tiny budget added after them.
+    job = commands[3] + " " + " ".join([*TINY, "--stages", "stage1"])
+    script = "set -e\n" + "\n".join(commands[:3]) + "\n"
+    head = LocalHead(num_cpus=2)
+    head.temp_dir = ray_tmp  # so that stop() finds and ends exactly this head's processes
+    try:
+        r = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert (home / ".ray" / "auth_token").is_file()
+        pids = {p.pid for p in head.processes()}
+        sockets = _listening(pids)
+        assert len(sockets) >= 8, sockets  # GCS, raylet, dashboard, agent, metrics, client server, ...
+        exposed = [s for s in sockets if not ipaddress.ip_address(s[0].removeprefix("::ffff:")).is_loopback]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        assert ("127.0.0.1", 8265) in {(a, p) for a, p, _ in sockets}
+        assert any(p == 8080 for _, p, _ in sockets), sockets
+
+        r = subprocess.run(["bash", "-c", f"export RAY_AUTH_MODE=token\n{job}"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=420)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout + r.stderr
+        rows = read_metrics(str(work / "artifacts" / "pretrain"))
+        assert [(row["stage"], row["step"], row["done"]) for row in rows] == [("stage1", 5, True)]
+        # Without the token the head refuses the same client.
+        env_no_token = {k: v for k, v in env.items()}
+        env_no_token["HOME"] = str(tmp_path)
+        r = subprocess.run(["bash", "-c", "RAY_AUTH_MODE=token ray job list --address http://127.0.0.1:8265"],
+                           cwd=work, env=env_no_token, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+    finally:
+        head.stop()
+
+
 @pytest.fixture(scope="module")
 def job_head():
     head = LocalHead(num_cpus=2)
@@ -527,6 +594,8 @@ def test_job_submission_runs_pretrain_to_remote_storage(job_head, tmp_path_facto
     status = _wait_job(job_head, job, timeout=420)
     logs = _job_logs(job_head, job)
     assert status == "SUCCEEDED", f"job ended {status} after {time.monotonic() - t0:.0f}s:\n{logs[-6000:]}"
+    progress = [line for line in logs.splitlines() if "] step " in line]
+    assert progress and len(progress) == len(set(progress)), f"progress lines repeated:\n{progress}"
 
     m = read_manifest(corpus)
     assert m.num_frames == 1200
@@ -555,11 +624,22 @@ def test_job_submission_runs_pretrain_to_remote_storage(job_head, tmp_path_facto
     size = sum(f.stat().st_size for f in pkgs[0].rglob("*") if f.is_file())
     assert size < 5 * 1024**2, f"working_dir upload is {size / 1024**2:.1f} MiB"
 
+    # The dashboard's Train view: both stages as runs of Ray Train's state API, finished.
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    req = urllib.request.Request(f"{job_head.dashboard}/api/train/v2/runs/v1",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        runs = json.loads(resp.read())["train_runs"]
+    assert {(r["name"], r["status"]) for r in runs if r["job_id"] == _job_id(job_head, job)} == {
+        ("stage1", "FINISHED"), ("stage2", "FINISHED")}, runs
+
     # What a person sees in the dashboard: named collectors, labellers and Ray Train workers.
     actors = _actors(job_head, ("job_id", "=", _job_id(job_head, job)))
     names = {a.name for a in actors}
     classes = {a.class_name for a in actors}
     assert "collector-coinrun-0" in names, names
+    footer_readers = [a for a in actors if "FooterReader" in a.class_name]
+    assert len(footer_readers) <= 6, f"{len(footer_readers)} FooterReader actors for a one-shard corpus"
     assert any("IDMLabeller" in c for c in classes), classes
     assert "RayTrainWorker" in classes, classes
 
