@@ -53,6 +53,32 @@ def init_ray(num_cpus: int | None = None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+# Ray Data's read tasks take a whole CPU each; one must stay free beside a stage's own actors.
+READ_CPUS = 1.0
+
+
+def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None:
+    """Fail before a stage starts when its workers or actors and one Ray Data read task cannot
+    hold CPUs at once: Ray would queue the reads behind actors that wait on them, and the
+    stage would hang without a word (seen with two 1-CPU labelling actors on a 2-CPU node).
+
+    A cluster that grows on demand (an autoscaler; its configs in cluster/ set
+    LAPO_AUTOSCALING=1) is judged by what it can become, not by what it has now, so the check
+    is left out there.
+    """
+    import ray
+
+    if os.environ.get("LAPO_AUTOSCALING") == "1":
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    need = actors * cpus_each
+    if need + READ_CPUS > total + 1e-9:
+        raise ValueError(
+            f"{what}: {actors} x {cpus_each:g} CPUs plus {READ_CPUS:g} for Ray Data's reads is "
+            f"{need + READ_CPUS:g} CPUs, but the cluster has {total:g}; {fix}"
+        )
+
+
 def run_job(body: Callable[[], object]) -> int:
     """Run a job's body. Bad input (a missing folder or file, a value that makes no sense) ends it
     with one line naming the input and exit status 2 instead of a traceback; LAPO_DEBUG=1 shows

@@ -245,6 +245,15 @@ def test_token_auth_on_every_node(name):
             f"{name}.yaml: `ray start {' '.join(argv)}` runs without RAY_AUTH_MODE=token; Ray 2.60 "
             "turns token auth on by default only for local ray.init() clusters"
         )
+        assert env.get("RAY_TRAIN_ENABLE_STATE_TRACKING") == "1", (
+            f"{name}.yaml: `ray start {' '.join(argv)}` leaves the dashboard's Train view empty"
+        )
+        autoscales = any(t.get("max_workers", 0) > t.get("min_workers", 0)
+                         for t in config["available_node_types"].values()) and name != "local"
+        assert (env.get("LAPO_AUTOSCALING") == "1") == autoscales, (
+            f"{name}.yaml: LAPO_AUTOSCALING=1 belongs on autoscaling clusters only (it lifts lapo_ray's "
+            "check that a stage fits the CPUs the cluster has now)"
+        )
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", (
         f"{name}.yaml: every node needs the cluster token: mount ~/.ray/auth_token"
     )
@@ -530,6 +539,17 @@ def test_kuberay_images_pin_ray(kind):
             )
             gpus = quantity(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
             assert image.endswith("-gpu") == (gpus > 0), f"{label}: {name} image {image!r} vs {gpus} GPUs"
+
+
+@pytest.mark.parametrize("kind", KUBERAY_SPECS)
+def test_kuberay_containers_track_train_state_and_autoscale(kind):
+    label, spec = kuberay_spec(kind)
+    assert spec.get("enableInTreeAutoscaling") is True
+    for name, group in kuberay_groups(spec):
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_TRAIN_ENABLE_STATE_TRACKING") == "1", f"{label}: {name} leaves the Train view empty"
+            assert env.get("LAPO_AUTOSCALING") == "1", f"{label}: {name} autoscales but lacks LAPO_AUTOSCALING=1"
 
 
 @pytest.mark.parametrize("kind", KUBERAY_SPECS)

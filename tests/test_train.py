@@ -204,3 +204,22 @@ def test_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_l
     assert result.error is None
     assert result.metrics["step"] == 24
     assert result.metrics["resumed_from_step"] >= killed_after, "the restarted group did not resume"
+
+
+def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus, tmp_path, ray_local):
+    """Two 1-CPU workers on a 2-CPU cluster leave Ray Data's reads nothing: Ray would hang; the
+    stage refuses to start instead, before anything is written."""
+    cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError) as err:
+        run_stage1(cfg, corpus)
+    assert time.monotonic() - t0 < 10
+    assert str(err.value) == ("stage1: 2 x 1 CPUs plus 1 for Ray Data's reads is 3 CPUs, but the cluster has 2; "
+                              "lower --stage1.num-workers or --stage1.cpus-per-worker, or add CPUs")
+    assert not os.path.exists(tmp_path / "run")
+
+    from lapo_ray.config import LabelConfig
+    from lapo_ray.train.labelling import label_corpus
+
+    with pytest.raises(ValueError, match=r"labelling: 2 x 1 CPUs plus 1 .* lower --label.num-actors"):
+        label_corpus(CorpusSource(corpus), "unused", str(tmp_path / "run"), LabelConfig(num_actors=2), cfg.data)

@@ -22,6 +22,7 @@ from lapo_ray import storage, telemetry
 from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.triplets import TripletBatcher, iter_segments, triplet_dataset
+from lapo_ray.runtime import check_cpu_budget
 from lapo_ray.train.checkpoint import load_dynamics
 
 LATENTS_DIR = "latents"
@@ -72,6 +73,8 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     manifest_uri = storage.join(dest, "manifest.json")
     if storage.exists(manifest_uri):
         return storage.read_json(manifest_uri)
+    check_cpu_budget("labelling", cfg.num_actors, cfg.cpus_per_actor,
+                     "lower --label.num-actors or --label.cpus-per-actor (fractions work), or add CPUs")
     started = time.monotonic()
     # A partial folder from an interrupted run is replaced whole: labelling is deterministic.
     fs, path = storage.resolve(dest)

@@ -22,6 +22,10 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lapo_ray.runtime import check_cpu_budget
+
+    check_cpu_budget(task.name, cfg.num_workers, cfg.cpus_per_worker,
+                     f"lower --{task.name}.num-workers or --{task.name}.cpus-per-worker, or add CPUs")
     fs, path = storage.resolve(out_uri)
     trainer = TorchTrainer(
         run_stage,
