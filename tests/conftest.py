@@ -31,7 +31,26 @@ def ray_local():
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if tests_dir not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, *filter(None, paths)])
+    from lapo_ray.runtime import job_env
+
+    # The settings every lapo_ray job runs with (one Parquet footer actor per listing, ...),
+    # inherited by this instance's raylet and so by every worker.
+    for key, value in job_env().items():
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+_HOME_RAY = os.path.join(os.path.expanduser("~"), ".ray")
+_HAD_HOME_RAY = os.path.exists(_HOME_RAY)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must leave the user's ~/.ray alone (CI runs it with HOME an empty folder, where
+    a written token would make the next run on that machine pass for the wrong reason)."""
+    if not _HAD_HOME_RAY and os.path.exists(os.path.join(_HOME_RAY, "auth_token")):
+        session.config.get_terminal_writer().line(
+            f"FAILED: the test suite wrote {_HOME_RAY}/auth_token; tests must use RAY_AUTH_TOKEN_PATH", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
