@@ -113,6 +113,7 @@ def test_ray_pipeline_yields_every_triplet_once_and_splits_by_episode(corpus, ra
     assert val_eps == {e for e in range(len(LENGTHS)) if spec.is_val(np.array([e]))[0] and LENGTHS[e] > 2}
 
 
+@pytest.mark.slow
 def test_shuffle_is_seeded(corpus, ray_local):
     src = CorpusSource(corpus)
 
@@ -402,6 +403,7 @@ def small_collect(out, **kw) -> CollectConfig:
     return CollectConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_collect_writes_a_valid_corpus(tmp_path, ray_local):
     from lapo_ray.data.collect import collect
 
@@ -431,6 +433,7 @@ def check_episodes(root) -> int:
     return sum(len(s) for s in steps.values())
 
 
+@pytest.mark.slow
 def test_collect_resumes_and_refuses_other_settings(tmp_path, ray_local):
     from lapo_ray import storage
     from lapo_ray.data.collect import COLLECT_CONFIG, Collector, collect

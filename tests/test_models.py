@@ -270,6 +270,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_vq_ema_synced_across_ranks_equals_single_process(tmp_path):
     world = 2
@@ -311,6 +312,7 @@ def _moving_square_batch(batch: int, size: int, seed: int) -> torch.Tensor:
     return frames
 
 
+@pytest.mark.slow
 def test_stage1_training_reduces_world_model_loss():
     torch.manual_seed(0)
     cfg = model_preset("cpu")

@@ -185,6 +185,7 @@ def check_iterations(algo, cfg: FinetuneConfig, n: int, supervised: bool) -> int
     return steps
 
 
+@pytest.mark.slow
 def test_ppo_from_scratch_two_env_runners(ray_local, tmp_path):
     from lapo_ray.rl.algo import build_algorithm_config
 
@@ -198,6 +199,7 @@ def test_ppo_from_scratch_two_env_runners(ray_local, tmp_path):
         algo.stop()
 
 
+@pytest.mark.slow
 def test_ppo_with_decoder_supervision_survives_a_killed_env_runner(ray_local, pretrain_dir, tmp_path):
     """RL + SL with 2 env runners: two iterations with finite losses, then one runner process is
     SIGKILLed; training goes on and the runner is replaced."""
@@ -279,6 +281,7 @@ def test_idm_labels_cover_exactly_the_complete_triplets(pretrain_dir):
     assert mask == [False, True, True, True, False, False]
 
 
+@pytest.mark.slow
 def test_finetune_checkpoints_resumes_and_evaluates(ray_local, pretrain_dir, tmp_path):
     from lapo_ray.config.rl import EvaluateConfig
     from lapo_ray.rl.algo import finetune
@@ -305,6 +308,7 @@ def test_finetune_checkpoints_resumes_and_evaluates(ray_local, pretrain_dir, tmp
     assert os.path.exists(os.path.join(out, "evaluation.json"))
 
 
+@pytest.mark.slow
 def test_offline_decoding_learns_from_k_labels_and_plays(ray_local, pretrain_dir, tmp_path):
     """Real corpus, real IDM latents: the decoder reaches what its inputs allow on its k frames,
     the module checkpoint round-trips, and the decoded agent is evaluated on both level sets."""

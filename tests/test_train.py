@@ -85,6 +85,7 @@ def run_stage1(cfg, corpus, task=None, sink=None):
                      cfg.out, run_config, sink)
 
 
+@pytest.mark.slow
 def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus, tmp_path, ray_local):
     cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=0.5, steps=3, report_every=3)
     record = tmp_path / "record"
@@ -126,6 +127,7 @@ def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus,
     assert not torch.allclose(ref["idm.vq.ema_cluster_size"], init["idm.vq.ema_cluster_size"])
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_report_the_same_metrics(corpus, tmp_path, ray_local):
     names = {}
     for n in (1, 2):
@@ -142,6 +144,7 @@ def test_one_and_two_workers_report_the_same_metrics(corpus, tmp_path, ray_local
     assert names[1] == names[2]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_latest_checkpoint(corpus, tmp_path, ray_local, monkeypatch):
     # A relative output folder, as `python jobs/pretrain.py` gives it: Ray's workers run in
     # folders of their own, and rank 0's metrics must still land in this one.
@@ -174,6 +177,7 @@ class SlowStage1(Stage1Task):
         return super().loss(model, batch)
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_local):
     import signal
 
