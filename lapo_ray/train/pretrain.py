@@ -213,7 +213,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     stage1_uri = storage.join(out, "stage1")
     if "stage1" in stages:
-        probe = load_probe_set(source, cfg.data, cfg.probe.during_training, scan.files)
+        # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
+        probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
+                               scan.files)
         ckpt = _stage_done(stage1_uri)
         if ckpt is None:
             t0 = time.monotonic()
