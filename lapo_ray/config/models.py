@@ -94,8 +94,9 @@ def paper_model_config() -> ModelConfig:
 def cpu_model_config() -> ModelConfig:
     """Small models for 2-core CPU runs at 64x64: IDM 0.59 M and world model 0.86 M parameters.
     A stage-1 step (forward, backward, AdamW) at batch 64 took ~0.29 s on 2 AVX2 cores in fp32
-    with the earlier base-4 world model (0.22 M); base 8 made it about 1.4x slower (interleaved on
-    one thread of a loaded 2-core AMD EPYC: best step 0.47 s -> 0.68 s).
+    with the earlier base-4 world model (0.22 M); base 8 makes it about 1.5x slower (interleaved
+    steps on a shared 2-core AMD EPYC, fp32: median 0.25 s -> 0.39 s on 2 threads, 0.44 s -> 0.67 s
+    on 1 thread).
 
     The world model is at least as large as the IDM, as in the paper (7.8 M vs 3.7 M): at base 4
     the world model had a third of the IDM's parameters, with 4 channels at full resolution.

@@ -180,6 +180,11 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], chec
            for name in encoders}
     codes = {name: {"nmi": code_action_nmi(enc[f"{name}/codes"], actions),
                     "perplexity": codebook_perplexity(enc[f"{name}/codes"])} for name in ("trained", "untrained")}
+    for name in codes:
+        # Per codebook too: the whole tuple can have nearly as many values as there are triplets
+        # (16^4 in the cpu preset), which leaves the chance-corrected estimate little room.
+        cb = enc[f"{name}/codes"]
+        codes[name]["nmi"]["per_codebook"] = [code_action_nmi(cb[:, c], actions)["nmi"] for c in range(cb.shape[1])]
     direct = classifier_accuracy(enc["supervised/logits"], actions, test) if "supervised/logits" in enc else None
     report = probe_report(acc["trained"], acc["untrained"], acc.get("supervised"), majority_rate(actions, test),
                           direct_classifier=direct, codes=codes)
