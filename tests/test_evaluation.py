@@ -151,7 +151,9 @@ def test_perplexity_counts_used_codes_not_information():
 
 
 def test_probe_report_carries_every_reference():
-    acc = lambda a: {"probe_acc": a, "best_epoch": 3, "epochs_run": 14, "n_train": 8, "n_val": 2, "n_test": 10}  # noqa: E731
+    def acc(a: float) -> dict:
+        return {"probe_acc": a, "best_epoch": 3, "epochs_run": 14, "n_train": 8, "n_val": 2, "n_test": 10}
+
     codes = {"trained": {"nmi": {"nmi": 0.3}, "perplexity": [12.0, 11.0]},
              "untrained": {"nmi": {"nmi": 0.01}, "perplexity": [1.5, 1.2]}}
     r = probe_report(acc(0.4), acc(0.2), acc(0.6), 0.15, direct_classifier=0.65, codes=codes)

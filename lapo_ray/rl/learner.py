@@ -105,7 +105,8 @@ class LapoPPOLearner(PPOTorchLearner):
             if self._pairs is None or len(self._pairs) == 0:
                 return total
             device = next(module.decoder.parameters()).device
-            z, a = (t.to(device) for t in self._pairs.sample(config.learner_config_dict.get("lapo_decoder_sl_batch", 4096)))
+            sl_batch = config.learner_config_dict.get("lapo_decoder_sl_batch", 4096)
+            z, a = (t.to(device) for t in self._pairs.sample(sl_batch))
             sl_loss = F.cross_entropy(module.decoded_logits(z), a, label_smoothing=0.05)
             metrics["decoder_buffer_pairs"] = float(len(self._pairs))
             if has_batch_labels:  # agreement with the actions of this minibatch, which it also trains on
