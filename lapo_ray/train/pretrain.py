@@ -2,7 +2,7 @@
 
 Everything lands in one artifact folder (local path or URI)::
 
-    config.json  metrics.jsonl  source_scan.json  stage1/  probe.json  latents/  stage2/
+    config.json  metrics.jsonl  source_scan.json  stage1/  ceiling/  probe.json  latents/  stage2/
     plots/training_curves.png  plots/latent_map.png  report.md
 
 Each stage is skipped when the folder already holds its finished result and resumed from its
