@@ -255,17 +255,9 @@ def render_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: d
     ]
     probe = pre.get("probe") or {}
     if probe:
-        lines += [
-            "| probe on held-out triplets | accuracy |",
-            "|---|---|",
-            f"| trained IDM (unlabelled video) | {_f(probe.get('probe_acc'))} |",
-            f"| untrained IDM (floor) | {_f(probe.get('floor_untrained_idm'))} |",
-            f"| same IDM trained on true actions (ceiling) | {_f(probe.get('ceiling_supervised_idm'))} |",
-            f"| majority action | {_f(probe.get('majority_rate'))} |",
-            "",
-            f"Share of the floor-to-ceiling gap closed: **{_f(probe.get('gap_closed'), '.2f')}**.",
-            "",
-        ]
+        from lapo_ray.train.pretrain import probe_lines
+
+        lines += probe_lines(probe, heading=False) + [""]
     if "latent_map.png" in plots:
         lines += [f"![latent actions]({plots['latent_map.png']})", ""]
     lines += ["## Online decoding: PPO from the latent policy vs. from scratch", "",
@@ -320,7 +312,8 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
               f"the random = 0 / demonstrator = 1 scale one standard error of a {demo['episodes']}-episode mean "
               f"is about {_sem(demo) / max(abs(margin), 1e-9):.2f}." if z < 4 else "")]
     probe = results["pretrain"].get("probe") or {}
-    gap = probe.get("gap_closed", float("nan"))
+    gap = probe.get("gap_closed")
+    gap = float("nan") if gap is None else gap  # None: the ceiling did not rise above the floor
     no_action_info = bool(probe) and gap < 0.1  # False for a NaN gap
     if probe:
         text = (f"- **Latent actions.** The probe reaches {_f(probe.get('probe_acc'))} against a floor of "
@@ -328,7 +321,7 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
                 f"closing {_f(gap, '.2f')} of the gap to the supervised ceiling of "
                 f"{_f(probe.get('ceiling_supervised_idm'))}.")
         if no_action_info:
-            text += (f" The actions are visible in the frames (the same IDM trained on the true actions reaches "
+            text += (f" The actions are visible in the frames (the same probe on an IDM trained on the true actions reaches "
                      f"{_f(probe.get('ceiling_supervised_idm'))}), but in {probe.get('stage1_steps', '?')} steps of stage 1 "
                      "the unsupervised IDM did not learn them: its latent tells the probe nothing beyond the majority "
                      "action, so the latent policy has none of the demonstrator's behaviour to pass on.")
@@ -337,11 +330,15 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
     usage = [v for k, v in sorted(s1.items()) if k.startswith("train/vq_usage")]
     perp = [v for k, v in sorted(s1.items()) if k.startswith("train/vq_perplexity")]
     if usage:
+        nmi = ""
+        if "nmi_trained" in probe:
+            nmi = (f" On the probe's triplets the codes' normalised mutual information with the true action is "
+                   f"{_f(probe.get('nmi_trained'))} (untrained IDM {_f(probe.get('nmi_untrained'))}).")
         out.append(f"- **Codebook.** At the end of stage 1 the codebooks use {', '.join(f'{u:.0%}' for u in usage)} "
                    f"of their codes (perplexity {', '.join(f'{p:.1f}' for p in perp)}); world-model validation loss "
-                   f"{_f(s1.get('val/wm_loss'), '.4g')}."
-                   + (" The bottleneck has not collapsed: the codes vary, with something other than the action."
-                      if min(usage) > 0.5 and no_action_info else ""))
+                   f"{_f(s1.get('val/wm_loss'), '.4g')}." + nmi
+                   + (" Codes in use are no evidence of action information: with dead-code splitting, pure-noise "
+                      "latents also use nearly every code." if min(usage) > 0.5 and no_action_info else ""))
     decoders = []
     dec = results.get("decode") or {}
     if dec:

@@ -67,7 +67,10 @@ def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> 
         "random": {"train_levels": ev(2.0), "wall_seconds": 60.0},
         "collect": {"frames": 50_000, "episodes": 300, "frames_per_s": 400.0, "wall_seconds": 125.0},
         "pretrain": {"probe": {"probe_acc": 0.4, "floor_untrained_idm": 0.2, "ceiling_supervised_idm": 0.6,
-                               "majority_rate": 0.15, "gap_closed": 0.5},
+                               "majority_rate": 0.15, "gap_closed": 0.5, "direct_supervised_classifier": 0.62,
+                               "nmi_trained": 0.21, "nmi_untrained": 0.004, "perplexity_trained": [12.3, 11.0],
+                               "perplexity_untrained": [1.2, 1.0], "n_train": 8000, "n_val": 2000,
+                               "n_test": 10000, "probe_best_epoch": 17, "stage1_steps": 2500},
                      "stage1": {"steps": 2_500}, "wall_seconds": 1200.0},
         "finetune": {"rl+sl": online(6.5, 0.8), "rl": online(5.0, float("nan")), "scratch": online(4.0, float("nan"))},
         "decode": {str(k): {"decoder_val_accuracy": 0.3, "agent_val_accuracy": 0.25, "train_levels": ev(3.0),
@@ -91,6 +94,13 @@ def test_report_states_seeds_budget_versions_and_the_verdict():
     assert "Total wall time: **79 min**" in text
     assert "| rl+sl | 75,000 | 10.0 min | 125 | 6.50 ± 0.50 | 0.75 |" in text
     assert "**beats**" in text  # 6.5 vs 4.0 with two standard errors of 1.41
+    # Every probe figure, each under its own name: the ceiling is a probe, the classifier is not.
+    assert "| trained IDM (no labels) | 0.400 |" in text and "| floor: untrained IDM | 0.200 |" in text
+    assert "| ceiling: same probe on an IDM trained on the true actions | 0.600 |" in text
+    assert "| direct supervised classifier (that IDM's own action head; not a probe) | 0.620 |" in text
+    assert "gap closed: 0.50" in text and "| majority action | 0.150 |" in text
+    assert "| 0.210 | 0.004 |" in text and "| 12.3, 11.0 | 1.2, 1.0 |" in text
+    assert "says nothing about the action" in text and "best validation epoch 17" in text
     resumed = render_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
                             {"online": "o.png", "offline": "f.png"})
     assert "(report written at `bbbbbbbbbbbb`)" in resumed
@@ -111,7 +121,8 @@ def test_a_lost_comparison_names_its_measured_causes():
     assert "3.00 against the random policy's 2.00 (difference +1.00, 1.4 standard errors)" in text
     assert "barely better than random" in text
     assert "in 1357 steps of stage 1 the unsupervised IDM did not learn them" in text
-    assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text and "has not collapsed" in text
+    assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text
+    assert "Codes in use are no evidence of action information" in text and "collapsed" not in text
     assert "k = 4,096 labelled frames" in text and "RL + SL decoder ends at 0.80" in text
     assert "### Why not" not in render_report(cpu_experiment(), _full_results(), lambda raw: raw,
                                               {"online": "o.png", "offline": "f.png"})

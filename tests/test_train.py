@@ -15,7 +15,7 @@ import torch
 from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, WandbConfig
 from lapo_ray.data.corpus import Episode, write_corpus
 from lapo_ray.data.sources import CorpusSource
-from lapo_ray.data.triplets import iter_batches, triplet_dataset
+from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.train.checkpoint import latest_checkpoint
 from lapo_ray.train.metrics import MetricsSink, read_metrics
@@ -227,3 +227,46 @@ def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus,
 
     with pytest.raises(ValueError, match=r"labelling: 2 x 1 CPUs plus 1 .* lower --label.num-actors"):
         label_corpus(CorpusSource(corpus), "unused", str(tmp_path / "run"), LabelConfig(num_actors=2), cfg.data)
+
+
+@pytest.mark.slow
+def test_probe_references_train_the_ceiling_in_the_stage_loop(corpus, tmp_path, ray_local):
+    from lapo_ray.evaluation.probe import majority_rate, probe_halves
+    from lapo_ray.train.checkpoint import load_supervised_idm
+    from lapo_ray.train.pretrain import load_probe_set, probe_references
+    from lapo_ray.train.stages import SupervisedIDMTask
+
+    cfg = tiny_config(str(tmp_path / "run"), steps=4, report_every=4, checkpoint_every=4)
+    cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, triplets=10_000, max_epochs=20, patience=3))
+    assert run_stage1(cfg, corpus).error is None
+    src = CorpusSource(corpus)
+    files = src.scan().files
+    spec = SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)  # the split run_stage1 trained on
+    report, enc = probe_references(cfg, src, files, spec, latest_checkpoint(f"{cfg.out}/stage1"), 4)
+    # The supervised IDM ran in the shared stage loop: a finished checkpoint of its own, with
+    # stage 1's step count, and weights that moved from the seeded initialisation.
+    ceiling = latest_checkpoint(f"{cfg.out}/ceiling")
+    state = json.load(open(os.path.join(ceiling, "state.json")))
+    assert state["done"] is True and state["step"] == 4 and state["stage"] == "ceiling"
+    sup = load_supervised_idm(ceiling)
+    torch.manual_seed(cfg.stage1.seed)
+    init = SupervisedIDMTask(cfg.model).build()
+    assert not torch.allclose(sup.head.weight, init.head.weight)
+
+    # All labelled validation triplets (5 of 24 episodes; fewer than asked for), split by episode.
+    actions = enc["action"]
+    assert len(actions) == report["n_train"] + report["n_val"] + report["n_test"]
+    assert 200 < len(actions) < 400
+    test = probe_halves(enc["episode_id"])
+    assert report["n_test"] == test.sum() and report["majority_rate"] == majority_rate(actions, test)
+    # The direct classifier is that checkpoint's own head, on the probe's test half.
+    frames = load_probe_set(src, cfg.data, 10_000, files, spec)
+    assert np.array_equal(frames.actions, actions) and np.array_equal(frames.test_mask, test)
+    with torch.no_grad():
+        pred = sup(torch.from_numpy(frames.frames[test])).argmax(-1).numpy()
+    assert report["direct_supervised_classifier"] == pytest.approx(float(np.mean(pred == actions[test])))
+    for key in ("probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "gap_closed", "nmi_trained",
+                "nmi_untrained"):
+        assert key in report, key
+    assert enc["supervised/latent"].shape == (len(actions), cfg.model.latent_dim)
+    assert len(report["perplexity_trained"]) == cfg.model.vq.num_codebooks

@@ -125,7 +125,6 @@ def cpu_pretrain() -> PretrainConfig:
         # both CPUs of a 2-CPU node starve the read tasks and the job hangs.
         label=LabelConfig(num_actors=2, cpus_per_actor=0.5),
         data=PipelineConfig(val_fraction=0.1),
-        probe=ProbeConfig(triplets=4096),
     )
 
 

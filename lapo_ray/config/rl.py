@@ -92,6 +92,18 @@ class PPOConfig:
                   "false: the 'RL, no SL' ablation"},
     )
     sl_coeff: float = 1.0
+    decoder_rl_grad: bool = field(
+        default=False,
+        metadata={"help": "let PPO's loss train the decoder too (lapo_ray's earlier agent); default: the decoder "
+                  "learns by supervision only, as in the paper (the 'RL, no SL' ablation always uses RL gradients)"},
+    )
+    decoder_buffer: int = field(
+        default=16_384, metadata={"help": "recent (IDM latent, action taken) pairs the decoder is refit on"}
+    )
+    decoder_sl_batch: int = field(
+        default=4096,
+        metadata={"help": "pairs drawn from the buffer for each decoder step (one per PPO minibatch step)"},
+    )
     max_env_runner_restarts: int = 1000
 
     def part_schedules(self, scratch: bool) -> dict[str, float | list[list[float]]]:

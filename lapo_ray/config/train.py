@@ -60,14 +60,25 @@ class LabelConfig:
 @dataclass
 class ProbeConfig:
     """The paper's probe: an MLP from latent action to true action, trained on half of the
-    held-out labelled triplets and tested on the other half."""
+    held-out labelled triplets (split by episode) and tested on the other half, with early
+    stopping on a validation split carved from the training half (also by episode)."""
 
-    triplets: int = 4096
+    triplets: int = field(
+        default=20_000,
+        metadata={"help": "labelled validation triplets for the final probe (all the split has if fewer)"},
+    )
+    during_training: int = field(
+        default=4096, metadata={"help": "labelled validation triplets for the probe at each stage-1 report"}
+    )
     hidden: tuple[int, ...] = (128, 128)
-    epochs: int = 3
-    batch_size: int = 128
+    max_epochs: int = 200
+    patience: int = field(default=10, metadata={"help": "epochs without a better validation accuracy before stopping"})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of the training half that picks the epoch"})
+    batch_size: int = 256
     lr: float = 1e-3
-    # The ceiling trains the IDM architecture on the true actions with the same data and steps.
+    weight_decay: float = 0.01
+    # The ceiling: the same probe on an IDM of the same encoder trained on the true actions, with
+    # the same data, batch size and number of steps as stage 1.
     ceiling: bool = True
 
 

@@ -1,23 +1,22 @@
-"""The probe's ceiling: the IDM architecture trained directly on the true actions.
+"""The probe's ceiling: an IDM trained on the true actions, read by the same probe.
 
-Same encoder as the latent IDM (IMPALA CNN over the three stacked frames), a linear head to the
-15 actions instead of the VQ latent, the same training triplets, batch size, step count and
-learning-rate schedule as stage 1. Its accuracy on the probe's test half is what an IDM of this
-size could reach if it had the labels.
+Same encoder as the latent IDM (IMPALA CNN over the three stacked frames) and the same linear
+layer to a ``latent_dim``-wide latent, then a linear head to the 15 actions instead of the VQ.
+Stage 1's shared loop trains it (``train.stages.SupervisedIDMTask`` under ``train.trainer.fit_stage``): the
+same data pipeline, batch size, number of steps, precision, device and checkpoints. The ceiling is
+the probe on its latent layer; its own head's accuracy is reported beside it as the direct
+supervised classifier.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lapo_ray.config import ModelConfig, PipelineConfig, StageConfig
-from lapo_ray.data.triplets import torch_batches
+from lapo_ray.config import ModelConfig
 from lapo_ray.models import ImpalaCNN, frames_to_input, stack_frames
-from lapo_ray.progress import Progress
 
 NUM_ACTIONS = 15
 
@@ -27,57 +26,30 @@ class SupervisedIDM(nn.Module):
         super().__init__()
         c, s, i = cfg.channels, cfg.frame_size, cfg.idm
         self.encoder = ImpalaCNN(3 * c, s, i.impala_scale, i.impala_channels, i.impala_features)
-        self.head = nn.Linear(i.impala_features, NUM_ACTIONS)
+        self.latent = nn.Linear(i.impala_features, cfg.latent_dim)
+        self.head = nn.Linear(cfg.latent_dim, NUM_ACTIONS)
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames uint8 (B, 3, H, W, C) -> the latent layer (B, latent_dim) the probe reads."""
+        return self.latent(self.encoder(stack_frames(frames_to_input(frames))))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames uint8 (B, 3, H, W, C) -> action logits (B, 15)."""
-        return self.head(self.encoder(stack_frames(frames_to_input(frames))))
+        return self.head(self.features(frames))
 
 
-def train_ceiling(train_ds, model_cfg: ModelConfig, stage: StageConfig, pipe: PipelineConfig,
-                  steps: int, seed: int = 0) -> SupervisedIDM:
-    """Train on labelled triplets (``action`` >= 0) of ``train_ds`` for ``steps`` steps."""
-    from lapo_ray.train.loop import lr_factor, use_bf16
-
-    torch.manual_seed(seed)
-    model = SupervisedIDM(model_cfg).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    progress = Progress(steps, "ceiling (supervised IDM)", unit="steps", interval=15)
-    step, epoch = 0, 0
-    while step < steps:
-        n = 0
-        shape = (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
-        for batch in torch_batches(train_ds, shape, stage.batch_size, pipe, drop_last=True, epoch=epoch):
-            labelled = batch["action"] >= 0
-            if labelled.sum() == 0:
-                continue
-            for g in opt.param_groups:
-                g["lr"] = stage.lr * lr_factor(step, stage)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(stage, torch.device("cpu"))):
-                logits = model(batch["frames"][labelled])
-            loss = F.cross_entropy(logits.float(), batch["action"][labelled])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-            opt.step()
-            step += 1
-            n += 1
-            progress.update(1, extra=f"loss {loss.item():.3f}")
-            if step >= steps:
-                break
-        if n == 0:
-            raise RuntimeError("no labelled training batch for the ceiling IDM")
-        epoch += 1
-    return model.eval()
+def labelled_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cross-entropy and correct count over the labelled rows (action >= 0); zero loss, with a
+    gradient, when a batch holds none (every data-parallel rank must still step)."""
+    labelled = actions >= 0
+    n = int(labelled.sum())
+    per_row = F.cross_entropy(logits.float(), actions.clamp(min=0), reduction="none")
+    loss = (per_row * labelled).sum() / max(n, 1)
+    correct = int(((logits.argmax(-1) == actions) & labelled).sum())
+    return loss, torch.tensor(correct), n
 
 
 @torch.no_grad()
-def ceiling_accuracy(model: SupervisedIDM, frames: np.ndarray, actions: np.ndarray,
-                     test_mask: np.ndarray, batch_size: int = 256) -> float:
-    idx = np.flatnonzero(test_mask)
-    correct = 0
-    for i in range(0, len(idx), batch_size):
-        j = idx[i : i + batch_size]
-        pred = model(torch.from_numpy(frames[j])).argmax(-1).numpy()
-        correct += int((pred == actions[j]).sum())
-    return correct / max(1, len(idx))
+def classifier_accuracy(logits: np.ndarray, actions: np.ndarray, test_mask: np.ndarray) -> float:
+    """The direct supervised classifier's accuracy on the probe's test half."""
+    return float(np.mean(np.asarray(logits)[test_mask].argmax(-1) == np.asarray(actions)[test_mask]))

@@ -1,15 +1,25 @@
 """How much does a latent action say about the true action?
 
-The paper's probe: a small MLP trained on half of the held-out labelled triplets to map the
-latent action to the true action, tested on the other half. Three references are measured the
-same way on the same test half: the majority-action rate, the probe on an untrained IDM's latents
-(the floor: what a random network's features give away), and the IDM architecture trained on the
-true actions with the same data and steps (the ceiling). The headline figure is the share of
-the floor-to-ceiling gap that the unlabelled IDM closes.
+The paper's probe: a small MLP trained on part of the held-out labelled triplets to map the latent
+action to the true action, tested on the rest. Everything is split by whole episodes: the test
+half, and the validation split that picks the probe's epoch, carved from the training half.
+References, all on the same test half:
+
+- the majority-action rate (what a probe that learned nothing gets);
+- the floor: the same probe on an untrained IDM's latents (what a random network gives away);
+- the ceiling: the same probe on the latent layer of an IDM trained on the true actions;
+- the direct supervised classifier: that supervised IDM's own action head (a different instrument,
+  reported next to the ceiling, not in place of it).
+
+The headline figure is the share of the floor-to-ceiling gap the unlabelled IDM closes. Next to
+it, without any training: the normalised mutual information between the discrete VQ codes and the
+true actions, and the codebook perplexity. Perplexity says how many codes are used, not what they
+say: pure-noise latents with dead-code splitting reach nearly the full perplexity.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -23,23 +33,28 @@ from lapo_ray.data.triplets import SplitSpec
 NUM_ACTIONS = 15
 
 
-def probe_halves(episode_ids: np.ndarray, seed: int = 1234) -> np.ndarray:
-    """Boolean mask of the probe's *test* half: whole episodes, about half of the triplets.
+def episode_split(episode_ids: np.ndarray, frac: float, seed: int = 1234) -> np.ndarray:
+    """Boolean mask of about ``frac`` of the triplets, by whole episodes.
 
-    Episodes are ordered by a seeded hash and cut at the episode boundary nearest the middle, so
-    no episode is in both halves even when there are only a few long ones.
+    Episodes are ordered by a seeded hash and cut at the episode boundary nearest ``frac`` of the
+    triplets, so no episode is on both sides even when there are only a few long ones. A single
+    episode (one long video) falls back to its last ``frac`` in time.
     """
     ids = np.asarray(episode_ids)
     uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) <= 1:
+        mask = np.zeros(len(ids), bool)
+        mask[len(ids) - int(round(frac * len(ids))):] = True
+        return mask
     order = np.argsort(SplitSpec(0.5, seed).episode_hash(uniq))
     cum = np.cumsum(counts[order])
-    cut = int(np.argmin(np.abs(cum - len(ids) / 2)))
-    test_eps = uniq[order[: cut + 1]] if len(uniq) > 1 else uniq[:0]
-    if len(uniq) == 1:  # one long episode (a single video): fall back to time halves
-        mask = np.zeros(len(ids), bool)
-        mask[len(ids) // 2 :] = True
-        return mask
-    return np.isin(ids, test_eps)
+    cut = int(np.argmin(np.abs(cum - frac * len(ids))))
+    return np.isin(ids, uniq[order[: cut + 1]])
+
+
+def probe_halves(episode_ids: np.ndarray, seed: int = 1234) -> np.ndarray:
+    """Boolean mask of the probe's *test* half: whole episodes, about half of the triplets."""
+    return episode_split(episode_ids, 0.5, seed)
 
 
 def _mlp(in_dim: int, hidden: Iterable[int], out_dim: int) -> nn.Sequential:
@@ -50,36 +65,75 @@ def _mlp(in_dim: int, hidden: Iterable[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
-def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarray,
-                   cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    """Train the probe MLP on ``~test_mask`` and report its accuracy on ``test_mask``."""
+@torch.no_grad()
+def _evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    logits = net(x)
+    return (logits.argmax(-1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+
+
+def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarray, cfg: ProbeConfig,
+                   episode_ids: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train the probe MLP on ``~test_mask`` with early stopping and report its test accuracy.
+
+    ``cfg.val_fraction`` of the training half (whole episodes of ``episode_ids``; each triplet its
+    own episode when None) is held out to pick the epoch: training stops after ``cfg.patience``
+    epochs without a better validation accuracy (ties broken by lower validation loss), and the
+    reported ``probe_acc`` is the test accuracy of the best-validation epoch's weights.
+    ``history`` holds every epoch's validation and test accuracy, for inspection only.
+    """
     x = torch.tensor(np.asarray(latents, np.float32))
     y = torch.as_tensor(np.asarray(actions, np.int64))
-    tr, te = ~torch.as_tensor(test_mask), torch.as_tensor(test_mask)
-    if tr.sum() == 0 or te.sum() == 0:
-        raise ValueError("probe needs labelled triplets in both halves")
-    # Standardising by the train half lets the probe compare latents of very different scales
+    test_mask = np.asarray(test_mask, bool)
+    ids = np.arange(len(y)) if episode_ids is None else np.asarray(episode_ids)
+    train_idx = np.flatnonzero(~test_mask)
+    val_in_train = episode_split(ids[train_idx], cfg.val_fraction, seed=4321)
+    fit, val, te = (torch.as_tensor(train_idx[~val_in_train]), torch.as_tensor(train_idx[val_in_train]),
+                    torch.as_tensor(np.flatnonzero(test_mask)))
+    if len(fit) == 0 or len(val) == 0 or len(te) == 0:
+        raise ValueError(f"probe needs labelled triplets in fit/validation/test, got {len(fit)}/{len(val)}/{len(te)}")
+    # Standardising by the fit split lets the probe compare latents of very different scales
     # (an untrained IDM's are tiny) on equal terms.
-    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+    mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
     x = (x - mean) / std
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = _mlp(x.shape[1], cfg.hidden, NUM_ACTIONS)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    xtr, ytr = x[tr], y[tr]
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), cfg.batch_size):
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xfit, yfit = x[fit], y[fit]
+    best: tuple[float, float] | None = None
+    best_epoch, best_state, since_best = -1, None, 0
+    history: dict[str, list[float]] = {"val_acc": [], "test_acc": []}
+    for epoch in range(cfg.max_epochs):
+        net.train()
+        perm = torch.randperm(len(xfit), generator=g)
+        for i in range(0, len(xfit), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
+            loss = F.cross_entropy(net(xfit[idx]), yfit[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        train_acc = (net(xtr).argmax(-1) == ytr).float().mean().item()
-        test_acc = (net(x[te]).argmax(-1) == y[te]).float().mean().item()
-    return {"probe_acc": test_acc, "probe_train_acc": train_acc,
-            "n_train": int(tr.sum()), "n_test": int(te.sum())}
+        net.eval()
+        val_acc, val_loss = _evaluate(net, x[val], y[val])
+        history["val_acc"].append(val_acc)
+        history["test_acc"].append(_evaluate(net, x[te], y[te])[0])
+        if best is None or (val_acc, -val_loss) > best:
+            best, best_epoch, since_best = (val_acc, -val_loss), epoch, 0
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    return {
+        "probe_acc": _evaluate(net, x[te], y[te])[0],
+        "probe_val_acc": best[0],
+        "probe_train_acc": _evaluate(net, xfit, yfit)[0],
+        "best_epoch": best_epoch,
+        "epochs_run": len(history["val_acc"]),
+        "n_train": len(fit), "n_val": len(val), "n_test": len(te),
+        "history": history,
+    }
 
 
 def majority_rate(actions: np.ndarray, test_mask: np.ndarray) -> float:
@@ -87,6 +141,58 @@ def majority_rate(actions: np.ndarray, test_mask: np.ndarray) -> float:
     train_actions = np.asarray(actions)[~test_mask]
     majority = np.bincount(train_actions, minlength=NUM_ACTIONS).argmax()
     return float(np.mean(np.asarray(actions)[test_mask] == majority))
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _mutual_information_bits(a: np.ndarray, b: np.ndarray) -> float:
+    """Plug-in I(a; b) for two integer label arrays."""
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.bincount(ai * (bi.max() + 1) + bi, minlength=(ai.max() + 1) * (bi.max() + 1))
+    return _entropy_bits(np.bincount(ai)) + _entropy_bits(np.bincount(bi)) - _entropy_bits(joint)
+
+
+def code_action_nmi(codes: np.ndarray, actions: np.ndarray, permutations: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Normalised mutual information between the discrete code (the tuple of all code indices of
+    a triplet) and the true action, with no training.
+
+    ``nmi`` = (I(code; action) - chance) / (H(action) - chance), where chance is the plug-in
+    I(code; action) with the actions shuffled (mean over ``permutations``). Normalising by
+    H(action) asks how much of the action's uncertainty the code removes: 1 when the code
+    determines the action (however many codes map to one action), 0 when the code is
+    independent of it. The chance term removes the plug-in estimator's upward bias, which is
+    large when there are many distinct code tuples per triplet (with every tuple unique, the
+    plug-in I equals H(action) for any codes); ``nmi`` is None when nothing is left to measure
+    (chance within 1e-9 bits of H(action)). ``nmi_plugin`` is the unadjusted I / H(action).
+    """
+    codes = np.asarray(codes).reshape(len(codes), -1)
+    actions = np.asarray(actions)
+    _, code_ids = np.unique(codes, axis=0, return_inverse=True)
+    code_ids = code_ids.reshape(-1)
+    h_action = _entropy_bits(np.bincount(actions))
+    mi = _mutual_information_bits(code_ids, actions)
+    rng = np.random.default_rng(seed)
+    chance = float(np.mean([_mutual_information_bits(code_ids, rng.permutation(actions))
+                            for _ in range(permutations)])) if permutations else 0.0
+    room = h_action - chance
+    return {
+        "nmi": float((mi - chance) / room) if room > 1e-9 else None,
+        "nmi_plugin": float(mi / h_action) if h_action > 0 else None,
+        "mi_bits": mi, "chance_mi_bits": chance, "action_entropy_bits": h_action,
+        "distinct_codes": int(code_ids.max() + 1) if len(code_ids) else 0,
+    }
+
+
+def codebook_perplexity(codes: np.ndarray) -> list[float]:
+    """exp(entropy) of the code usage per codebook, over all triplets and latents.
+    codes: (N, num_codebooks, num_discrete_latents)."""
+    codes = np.asarray(codes)
+    return [float(math.exp(_entropy_bits(np.bincount(codes[:, c].reshape(-1))) * math.log(2)))
+            for c in range(codes.shape[1])]
 
 
 @torch.no_grad()
@@ -105,15 +211,26 @@ def gap_closed(acc: float, floor: float, ceiling: float) -> float | None:
     return float((acc - floor) / gap) if gap > 1e-9 else None
 
 
-def probe_report(idm_acc: dict[str, float], floor_acc: dict[str, float], ceiling_acc: float | None,
-                 majority: float) -> dict[str, Any]:
-    report = {
+def probe_report(idm_acc: dict[str, Any], floor_acc: dict[str, Any], ceiling_acc: dict[str, Any] | None,
+                 majority: float, direct_classifier: float | None = None,
+                 codes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """probe.json's figures. ``codes`` maps "trained"/"untrained" to {"nmi": code_action_nmi(...),
+    "perplexity": codebook_perplexity(...)}."""
+    report: dict[str, Any] = {
         "probe_acc": idm_acc["probe_acc"],
+        "probe_best_epoch": idm_acc["best_epoch"],
+        "probe_epochs_run": idm_acc["epochs_run"],
         "floor_untrained_idm": floor_acc["probe_acc"],
         "majority_rate": majority,
-        "n_train": idm_acc["n_train"], "n_test": idm_acc["n_test"],
+        "n_train": idm_acc["n_train"], "n_val": idm_acc["n_val"], "n_test": idm_acc["n_test"],
     }
     if ceiling_acc is not None:
-        report["ceiling_supervised_idm"] = ceiling_acc
-        report["gap_closed"] = gap_closed(idm_acc["probe_acc"], floor_acc["probe_acc"], ceiling_acc)
+        report["ceiling_supervised_idm"] = ceiling_acc["probe_acc"]
+        report["gap_closed"] = gap_closed(idm_acc["probe_acc"], floor_acc["probe_acc"], ceiling_acc["probe_acc"])
+    if direct_classifier is not None:
+        report["direct_supervised_classifier"] = direct_classifier
+    for name, c in (codes or {}).items():
+        report[f"nmi_{name}"] = c["nmi"]["nmi"]
+        report[f"nmi_{name}_detail"] = c["nmi"]
+        report[f"perplexity_{name}"] = c["perplexity"]
     return report

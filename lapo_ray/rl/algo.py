@@ -48,6 +48,7 @@ def module_spec(cfg: FinetuneConfig):
             "latent_policy_checkpoint": stage2,
             "policy": dataclasses.asdict(cfg.scratch_policy),
             "decoder_hidden": list(cfg.decoder_hidden),
+            "decoder_rl_grad": cfg.ppo.decoder_rl_grad or not cfg.ppo.decoder_sl,
         },
     )
 
@@ -83,6 +84,9 @@ def build_algorithm_config(cfg: FinetuneConfig):
                 "lapo_parts": ppo.part_schedules(cfg.scratch),
                 "lapo_idm_checkpoint": idm,
                 "lapo_sl_coeff": ppo.sl_coeff,
+                "lapo_decoder_rl_grad": ppo.decoder_rl_grad,
+                "lapo_decoder_buffer": ppo.decoder_buffer,
+                "lapo_decoder_sl_batch": ppo.decoder_sl_batch,
                 "lapo_normalize_rewards": ppo.normalize_rewards,
                 "lapo_reward_clip": ppo.reward_clip,
             },

@@ -26,6 +26,34 @@ LATENT_MASK = "lapo_idm_latent_mask"
 _SHARED_KEY = "lapo_idm_labels"
 
 
+class PairBuffer:
+    """The most recent (IDM latent, action taken) pairs, a ring of ``capacity``: what the decoder
+    is refit on by supervision (the paper's stage 3 keeps the pairs it collects)."""
+
+    def __init__(self, capacity: int, latent_dim: int, seed: int = 0):
+        self.latents = torch.zeros(capacity, latent_dim)
+        self.actions = torch.zeros(capacity, dtype=torch.int64)
+        self.capacity, self.size, self._next = capacity, 0, 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, latents: np.ndarray, actions: np.ndarray) -> None:
+        latents, actions = torch.as_tensor(latents[-self.capacity:]), torch.as_tensor(actions[-self.capacity:])
+        idx = (self._next + torch.arange(len(actions))) % self.capacity
+        self.latents[idx], self.actions[idx] = latents.float(), actions.long()
+        self._next = (self._next + len(actions)) % self.capacity
+        self.size = min(self.capacity, self.size + len(actions))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All pairs when there are at most ``n``, else ``n`` drawn without replacement."""
+        if self.size <= n:
+            return self.latents[: self.size], self.actions[: self.size]
+        idx = torch.randperm(self.size, generator=self._gen)[:n]
+        return self.latents[idx], self.actions[idx]
+
+
 class LabelTripletsWithIDM(ConnectorV2):
     """First piece of the learner pipeline: IDM latents of every step of every sampled episode.
 
@@ -36,10 +64,11 @@ class LabelTripletsWithIDM(ConnectorV2):
     """
 
     def __init__(self, input_observation_space=None, input_action_space=None, *, idm=None,
-                 batch_size: int = 512, **kwargs):
+                 batch_size: int = 512, pairs: PairBuffer | None = None, **kwargs):
         super().__init__(input_observation_space, input_action_space, **kwargs)
         self.idm = idm  # a LatentDynamics in eval mode; only its encoder runs here
         self.batch_size = batch_size
+        self.pairs = pairs  # labelled steps also go here, with the action taken
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         labels = shared_data.setdefault(_SHARED_KEY, {})
@@ -58,6 +87,8 @@ class LabelTripletsWithIDM(ConnectorV2):
                     z, _ = self.idm.encode(torch.from_numpy(triplets))
                 latents[idx[s:s + self.batch_size]] = z.float().numpy()
             labels[id(ep)] = (latents, valid)
+            if self.pairs is not None and valid.any():
+                self.pairs.add(latents[valid], np.asarray(ep.get_actions(), np.int64)[valid])
         return batch
 
 

@@ -14,6 +14,10 @@ decoder is trained (online or offline) through :meth:`decoded_logits`, which alr
 1/2, so the decoded latent policy *is* ``softmax(decoded_logits(z))`` and the agent's initial
 distribution equals it exactly.
 
+Unless ``model_config["decoder_rl_grad"]`` is set, the decoded half of the logits is detached in
+the forward pass, so PPO's loss trains only the RL path (convs, trunk, RL and value heads) and the
+decoder learns by supervision alone, as in the paper (see ``lapo_ray.rl.learner``).
+
 Built without a latent-policy checkpoint (``model_config["scratch"] = True``) the module is the
 PPO-from-scratch baseline: the same IMPALA trunk with RL and value heads, and no latent path.
 """
@@ -51,7 +55,8 @@ def make_decoder(latent_dim: int, num_actions: int, hidden: tuple[int, ...]) -> 
 class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
     """``model_config`` keys: ``latent_policy_checkpoint`` (a stage-2 checkpoint path or URI; None
     builds the from-scratch baseline), ``policy`` (a PolicyConfig dict, used from scratch only: a
-    checkpoint brings its own architecture) and ``decoder_hidden``. Every env runner and learner
+    checkpoint brings its own architecture), ``decoder_hidden`` and ``decoder_rl_grad`` (default
+    False: no gradient of a loss on the action logits reaches the decoder path). Every env runner and learner
     reads the checkpoint itself, so on a cluster it must be a URI all nodes reach, like every
     other output of lapo_ray."""
 
@@ -61,6 +66,7 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
         height, width, channels = self.observation_space.shape
         checkpoint = mc.get("latent_policy_checkpoint")
         self.scratch = checkpoint is None
+        self.decoder_rl_grad = bool(mc.get("decoder_rl_grad", False))
         if self.scratch:
             policy_cfg = config_from_dict(PolicyConfig, mc["policy"])
             latent_policy = LatentPolicy(policy_cfg, 1, channels, height)
@@ -117,7 +123,8 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
         logits = self.rl_head(hidden_rl)
         if not self.scratch:
             latent = self.latent_head(F.relu(self.fc_sl(h)))
-            logits = 0.5 * logits + self.decoded_logits(latent)
+            decoded = self.decoded_logits(latent)
+            logits = 0.5 * logits + (decoded if self.decoder_rl_grad else decoded.detach())
         return {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: hidden_rl}
 
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:

@@ -105,3 +105,13 @@ def load_latent_policy(uri: str):
         policy = LatentPolicy(cfg.policy, cfg.latent_dim, cfg.channels, cfg.frame_size)
         load_checkpoint(d, policy)
     return policy.eval(), cfg
+
+
+def load_supervised_idm(uri: str) -> SupervisedIDM:
+    """The supervised IDM from its checkpoint alone (its config travels with it)."""
+    from lapo_ray.evaluation.ceiling import SupervisedIDM
+
+    with local_checkpoint(uri) as d:
+        model = SupervisedIDM(config_from_dict(ModelConfig, read_checkpoint_config(d)["model"]))
+        load_checkpoint(d, model)
+    return model.eval()

@@ -2,7 +2,7 @@
 
 Everything lands in one artifact folder (local path or URI)::
 
-    config.json  metrics.jsonl  source_scan.json  stage1/  probe.json  latents/  stage2/
+    config.json  metrics.jsonl  source_scan.json  stage1/  ceiling/  probe.json  latents/  stage2/
     plots/training_curves.png  plots/latent_map.png  report.md
 
 Each stage is skipped when the folder already holds its finished result and resumed from its
@@ -28,7 +28,7 @@ from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import MetricsSink, read_metrics
-from lapo_ray.train.stages import ProbeSet, Stage1Task, Stage2Task
+from lapo_ray.train.stages import ProbeSet, Stage1Task, Stage2Task, SupervisedIDMTask
 from lapo_ray.train.trainer import fit_stage
 
 
@@ -37,25 +37,56 @@ def _eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
 
 
+def _labelled_val_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec):
+    """Labelled triplets of the validation episodes (never trained on), in source order."""
+    ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files, spec)
+    for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe)):
+        keep = b["action"] >= 0
+        if keep.any():
+            yield {k: b[k][keep] for k in ("frames", "action", "episode_id")}
+
+
 def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec) -> ProbeSet | None:
-    """Up to ``n`` labelled triplets from the validation episodes (never trained on)."""
+    """Up to ``n`` labelled validation triplets, frames included (the probe during stage 1)."""
     from lapo_ray.evaluation.probe import probe_halves
 
     if not source.has_actions or n <= 0:
         return None
     parts, have = [], 0
-    ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files, spec)
-    for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe)):
-        keep = b["action"] >= 0
-        parts.append({k: b[k][keep] for k in ("frames", "action", "episode_id")})
-        have += int(keep.sum())
+    for b in _labelled_val_batches(source, pipe, files, spec):
+        parts.append(b)
+        have += len(b["action"])
         if have >= n:
             break
     if have < 32:
         print(f"probe: only {have} labelled validation triplets; skipping the probe", flush=True)
         return None
     cat = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
-    return ProbeSet(cat["frames"], cat["action"].astype(np.int64), probe_halves(cat["episode_id"]))
+    return ProbeSet(cat["frames"], cat["action"].astype(np.int64), probe_halves(cat["episode_id"]),
+                    cat["episode_id"].astype(np.int64))
+
+
+@torch.no_grad()
+def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
+                          encoders: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Up to ``n`` labelled validation triplets, streamed through ``encoders`` ({name: frames ->
+    {key: tensor}}) so only their outputs are kept: 20k triplets of 64x64 frames are 0.7 GB.
+    Returns ``action``, ``episode_id`` and ``<name>/<key>`` arrays."""
+    out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
+    have = 0
+    for b in _labelled_val_batches(source, pipe, files, spec):
+        take = min(len(b["action"]), n - have)
+        frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
+        out["action"].append(b["action"][:take].astype(np.int64))
+        out["episode_id"].append(b["episode_id"][:take].astype(np.int64))
+        for name, fn in encoders.items():
+            for key, value in fn(frames).items():
+                out.setdefault(f"{name}/{key}", []).append(value.float().numpy() if value.is_floating_point()
+                                                          else value.numpy())
+        have += take
+        if have >= n:
+            break
+    return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
 def _stage_done(stage_uri: str) -> str | None:
@@ -119,32 +150,82 @@ def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
     return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
 
 
-def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, probe: ProbeSet,
-                     checkpoint: str, steps_done: int) -> dict[str, Any]:
-    """probe.json: trained IDM vs majority, floor (untrained IDM) and ceiling (supervised IDM)."""
-    from lapo_ray.evaluation.ceiling import ceiling_accuracy, train_ceiling
-    from lapo_ray.evaluation.probe import encode_in_batches, majority_rate, probe_accuracy, probe_report
+def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, steps: int,
+                  run_config: dict[str, Any]) -> str:
+    """Train the supervised IDM with stage 1's loop, data, batch size and step count (skipped when
+    ``<out>/ceiling`` already holds a finished run, resumed when it holds an unfinished one);
+    returns its checkpoint. Its lr schedule spans ``steps``, where stage 1's spanned its
+    planned steps: the two differ only when stage 1 stopped on its time budget."""
+    uri = storage.join(cfg.out, "ceiling")
+    ckpt = _stage_done(uri)
+    if ckpt is None:
+        t0 = time.monotonic()
+        stage = dataclasses.replace(cfg.stage1, steps=max(1, steps), time_budget_min=0.0)
+        result = fit_stage(SupervisedIDMTask(cfg.model), stage, cfg.data,
+                           triplet_dataset(source, "train", cfg.data, files, spec),
+                           triplet_dataset(source, "val", _eval_pipeline(cfg.data), files, spec),
+                           cfg.out, run_config)
+        if result.error:
+            raise RuntimeError(f"ceiling (supervised IDM) failed: {result.error}")
+        ckpt = latest_checkpoint(uri)
+        print(f"ceiling: supervised IDM trained for {stage.steps} steps in {time.monotonic() - t0:.0f}s", flush=True)
+    return ckpt
+
+
+def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, checkpoint: str,
+                     steps_done: int,
+                     run_config: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """probe.json: the trained IDM's probe against majority, floor (untrained IDM), ceiling (the
+    same probe on a supervised IDM's latent layer) and the direct supervised classifier, with
+    code-action NMI and codebook perplexity for the trained and untrained IDM. Also returns what
+    the encoders gave on the probe's triplets (see ``encode_probe_triplets``)."""
+    from lapo_ray.evaluation.ceiling import classifier_accuracy
+    from lapo_ray.evaluation.probe import (
+        code_action_nmi,
+        codebook_perplexity,
+        majority_rate,
+        probe_accuracy,
+        probe_halves,
+        probe_report,
+    )
     from lapo_ray.models import LatentDynamics
+    from lapo_ray.train.checkpoint import load_supervised_idm
 
     trained = load_dynamics(checkpoint)
     torch.manual_seed(cfg.stage1.seed)  # the floor: the very initialisation stage 1 started from
     untrained = LatentDynamics(cfg.model).eval()
-    acc = {}
-    latents = {}
-    for name, model in (("trained", trained), ("untrained", untrained)):
-        latents[name] = encode_in_batches(lambda f, m=model: m.encode(f)[0], probe.frames)
-        acc[name] = probe_accuracy(latents[name], probe.actions, probe.test_mask, cfg.probe)
-    ceiling = None
+
+    def idm(model):
+        return lambda f: dict(zip(("latent", "codes"), model.encode(f)))
+
+    encoders = {"trained": idm(trained), "untrained": idm(untrained)}
     if cfg.probe.ceiling:
-        t0 = time.monotonic()
-        train_ds = triplet_dataset(source, "train", cfg.data, files, spec)
-        model = train_ceiling(train_ds, cfg.model, cfg.stage1, cfg.data, steps=steps_done, seed=cfg.stage1.seed)
-        ceiling = ceiling_accuracy(model, probe.frames, probe.actions, probe.test_mask)
-        print(f"ceiling: {steps_done} steps in {time.monotonic() - t0:.0f}s, accuracy {ceiling:.3f}", flush=True)
-    report = probe_report(acc["trained"], acc["untrained"], ceiling, majority_rate(probe.actions, probe.test_mask))
+        sup = load_supervised_idm(train_ceiling(cfg, source, files, spec, steps_done, run_config or cfg.to_dict()))
+        encoders["supervised"] = lambda f: {"latent": sup.features(f), "logits": sup.head(sup.features(f))}
+    t0 = time.monotonic()
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders)
+    actions, episodes = enc["action"], enc["episode_id"]
+    if len(actions) < 32:
+        raise ValueError(f"probe: only {len(actions)} labelled validation triplets")
+    test = probe_halves(episodes)
+    acc = {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg.probe, episode_ids=episodes)
+           for name in encoders}
+    codes = {name: {"nmi": code_action_nmi(enc[f"{name}/codes"], actions),
+                    "perplexity": codebook_perplexity(enc[f"{name}/codes"])} for name in ("trained", "untrained")}
+    for name in codes:
+        # Per codebook too: the whole tuple can have nearly as many values as there are triplets
+        # (16^4 in the cpu preset), which leaves the chance-corrected estimate little room.
+        cb = enc[f"{name}/codes"]
+        codes[name]["nmi"]["per_codebook"] = [code_action_nmi(cb[:, c], actions)["nmi"] for c in range(cb.shape[1])]
+    direct = classifier_accuracy(enc["supervised/logits"], actions, test) if "supervised/logits" in enc else None
+    report = probe_report(acc["trained"], acc["untrained"], acc.get("supervised"), majority_rate(actions, test),
+                          direct_classifier=direct, codes=codes)
     report["stage1_steps"] = steps_done
-    report["probe_set"] = "validation episodes, split in halves by episode"
-    return report, latents["trained"]
+    report["probe_set"] = ("validation episodes, split in halves by episode; the probe's epoch is picked on "
+                           f"{cfg.probe.val_fraction:.0%} of the training half's episodes")
+    print(f"probe: {len(actions)} triplets, {time.monotonic() - t0:.0f}s: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)), flush=True)
+    return report, enc
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -180,7 +261,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     stage1_uri = storage.join(out, "stage1")
     if "stage1" in stages:
-        probe = load_probe_set(source, cfg.data, cfg.probe.triplets, scan.files, spec)
+        # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
+        probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
+                               scan.files, spec)
         ckpt = _stage_done(stage1_uri)
         if ckpt is None:
             t0 = time.monotonic()
@@ -196,10 +279,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 raise RuntimeError(f"stage 1 failed: {result.error}")
         state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
         summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
-        if probe is not None and not storage.exists(storage.join(out, "probe.json")):
-            report, latents = probe_references(cfg, source, scan.files, spec, probe, ckpt, state["step"])
+        wants_probe = source.has_actions and cfg.probe.triplets > 0
+        if wants_probe and not storage.exists(storage.join(out, "probe.json")):
+            report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
             storage.write_json(storage.join(out, "probe.json"), report)
-            _save_png(_latent_map, out, "latent_map.png", latents, probe.actions)
+            _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
         if storage.exists(storage.join(out, "probe.json")):
             summary["probe"] = storage.read_json(storage.join(out, "probe.json"))
 
@@ -249,18 +333,7 @@ def write_report(out: str, summary: dict[str, Any], rows: list[dict[str, Any]]) 
              f"({summary['source']['frames']:,} frames, {summary['source']['episodes']:,} episodes, "
              f"{summary['source']['triplets']:,} triplets).", ""]
     if "probe" in summary:
-        p = summary["probe"]
-        lines += ["## Latent-action probe (held-out episodes)", "",
-                  "| | accuracy |", "|---|---|",
-                  f"| trained IDM (no labels) | {p['probe_acc']:.3f} |",
-                  f"| floor: untrained IDM | {p['floor_untrained_idm']:.3f} |",
-                  f"| majority action | {p['majority_rate']:.3f} |"]
-        if "ceiling_supervised_idm" in p:
-            closed = "undefined (the ceiling is not above the floor)" if p["gap_closed"] is None else f"{p['gap_closed']:.2f}"
-            lines += [f"| ceiling: IDM trained on true actions | {p['ceiling_supervised_idm']:.3f} |", "",
-                      f"**Share of the floor-to-ceiling gap closed: {closed}**"]
-        lines += ["", f"Probe: {p['n_train']} train / {p['n_test']} test triplets, after "
-                  f"{p['stage1_steps']} stage-1 steps.", "", "![latent map](plots/latent_map.png)", ""]
+        lines += probe_lines(summary["probe"]) + ["", "![latent map](plots/latent_map.png)", ""]
     last = {}
     for r in rows:
         last[r["stage"]] = r
@@ -273,3 +346,41 @@ def write_report(out: str, summary: dict[str, Any], rows: list[dict[str, Any]]) 
             lines.append("")
     lines += ["![training curves](plots/training_curves.png)", ""]
     storage.write_bytes(storage.join(out, "report.md"), "\n".join(lines).encode())
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(format(x, ".1f") for x in v)
+    return format(v, spec)
+
+
+def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
+    """probe.json as markdown: accuracies with their references, then what the codes carry."""
+    lines = ["## Latent-action probe (held-out episodes)", ""] if heading else []
+    lines += ["| probe on held-out triplets | accuracy |", "|---|---|",
+              f"| trained IDM (no labels) | {_fmt(p.get('probe_acc'))} |",
+              f"| floor: untrained IDM | {_fmt(p.get('floor_untrained_idm'))} |",
+              f"| majority action | {_fmt(p.get('majority_rate'))} |"]
+    if "ceiling_supervised_idm" in p:
+        lines.append(f"| ceiling: same probe on an IDM trained on the true actions | "
+                     f"{_fmt(p.get('ceiling_supervised_idm'))} |")
+    if "direct_supervised_classifier" in p:
+        lines.append(f"| direct supervised classifier (that IDM's own action head; not a probe) | "
+                     f"{_fmt(p.get('direct_supervised_classifier'))} |")
+    if "gap_closed" in p:
+        closed = ("undefined (the ceiling is not above the floor)" if p["gap_closed"] is None
+                  else f"{p['gap_closed']:.2f}")
+        lines += ["", f"**Share of the floor-to-ceiling gap closed: {closed}**"]
+    if "nmi_trained" in p:
+        lines += ["", "| discrete codes vs true actions (no training) | trained IDM | untrained IDM |",
+                  "|---|---|---|",
+                  f"| normalised mutual information (chance-corrected, 1 = code determines action) | "
+                  f"{_fmt(p.get('nmi_trained'))} | {_fmt(p.get('nmi_untrained'))} |",
+                  f"| codebook perplexity (codes in use; says nothing about the action) | "
+                  f"{_fmt(p.get('perplexity_trained'))} | {_fmt(p.get('perplexity_untrained'))} |"]
+    lines += ["", f"Probe: {p.get('n_train', '?')} train / {p.get('n_val', '?')} validation / "
+              f"{p.get('n_test', '?')} test triplets (split by episode), best validation epoch "
+              f"{p.get('probe_best_epoch', '?')}, after {p.get('stage1_steps', '?')} stage-1 steps."]
+    return lines

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lapo_ray.config import ModelConfig, ProbeConfig
 from lapo_ray.data.triplets import torch_batches
+from lapo_ray.evaluation.ceiling import SupervisedIDM, labelled_loss
 from lapo_ray.models import LatentDynamics, LatentPolicy
 
 
@@ -24,6 +25,7 @@ class ProbeSet:
     frames: np.ndarray  # uint8 (N, 3, H, W, C)
     actions: np.ndarray  # int64 (N,)
     test_mask: np.ndarray  # bool (N,)
+    episode_ids: np.ndarray | None = None  # int64 (N,): the probe's validation split keeps episodes whole
 
 
 @dataclass
@@ -62,8 +64,10 @@ class Stage1Task:
         dyn = _unwrap(model)
         with torch.autocast("cpu", enabled=False):
             latents = encode_in_batches(lambda f: dyn.encode(f)[0], self.probe_set.frames)
-        acc = probe_accuracy(latents, self.probe_set.actions, self.probe_set.test_mask, self.probe_cfg)
-        return {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"]}
+        acc = probe_accuracy(latents, self.probe_set.actions, self.probe_set.test_mask, self.probe_cfg,
+                             episode_ids=self.probe_set.episode_ids)
+        return {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"],
+                "probe/best_epoch": float(acc["best_epoch"])}
 
 
 @dataclass
@@ -90,6 +94,35 @@ class Stage2Task:
     def validate(self, model, batches):
         return {"loss": float(np.mean([F.mse_loss(model(b["obs"]).float(), b["latent"].float()).item()
                                        for b in batches]))}
+
+    def extra_metrics(self, model) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class SupervisedIDMTask:
+    """The supervised IDM as a ``StageTask``: cross-entropy on the labelled triplets."""
+
+    model_cfg: ModelConfig
+    name: str = "ceiling"
+
+    def build(self) -> torch.nn.Module:
+        return SupervisedIDM(self.model_cfg)
+
+    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+        c = self.model_cfg
+        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch)
+
+    def loss(self, model, batch):
+        loss, correct, n = labelled_loss(model(batch["frames"]), batch["action"])
+        return loss, {"loss": loss.item(), "acc": int(correct) / max(n, 1), "labelled_frac": n / len(batch["action"])}
+
+    def validate(self, model, batches):
+        correct = total = 0
+        for b in batches:
+            _, c, n = labelled_loss(model(b["frames"]), b["action"])
+            correct, total = correct + int(c), total + n
+        return {"acc": correct / max(total, 1)}
 
     def extra_metrics(self, model) -> dict[str, float]:
         return {}
