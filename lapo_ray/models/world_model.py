@@ -45,20 +45,24 @@ class BroadcastConv(nn.Conv2d):
         o, c = w_a.shape[:2]
         ones = torch.ones(1, 1, 3, 3, dtype=w_a.dtype, device=w_a.device)
         taps = F.conv2d(ones, w_a.reshape(o * c, 1, 3, 3), padding=1).view(o, c, 3, 3)
-        per_case = torch.einsum("bc,ocij->boij", a.to(taps.dtype), taps)  # (B, O, 3, 3)
+        per_case = torch.einsum("bc,ocij->boij", a.to(taps.dtype), taps).to(out.dtype)  # (B, O, 3, 3)
         h, w = out.shape[-2:]
         if h < 2 or w < 2:
             raise ValueError(f"BroadcastConv needs at least 2x2 pixels, got {h}x{w}")
-        rows = _border_case_index(h, out.device)
-        cols = _border_case_index(w, out.device)
-        return out + per_case[:, :, rows][:, :, :, cols].to(out.dtype)
+        # Spread the 3x3 cases over the image by slicing and expanding, not by gathering with an
+        # index tensor: the index_put in the gather's backward crashed Inductor's CPU kernels
+        # (heap corruption in the compiled backward of the paper model), and a sum over an
+        # expanded view is the backward every backend gets right.
+        per_row = _spread(per_case, h, dim=2)  # (B, O, H, 3)
+        return out + _spread(per_row, w, dim=3)
 
 
-def _border_case_index(n: int, device: torch.device) -> torch.Tensor:
-    """[0, 1, 1, ..., 1, 2]: first row/column, interior, last row/column."""
-    idx = torch.ones(n, dtype=torch.long, device=device)
-    idx[0], idx[-1] = 0, 2
-    return idx
+def _spread(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """A size-3 dim (first, interior, last) -> size n: [first, interior x (n - 2), last]."""
+    first, mid, last = t.narrow(dim, 0, 1), t.narrow(dim, 1, 1), t.narrow(dim, 2, 1)
+    size = list(t.shape)
+    size[dim] = n - 2
+    return torch.cat([first, mid.expand(size), last], dim=dim)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
