@@ -65,6 +65,35 @@ def _spread(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([first, mid.expand(size), last], dim=dim)
 
 
+class WholeInputConv2d(nn.Conv2d):
+    """A Conv2d whose kernel covers its whole (unpadded) input, as the U-Net's 2x2 -> 1x1
+    bottleneck does, computed as the matrix product it is; any other input takes the conv.
+
+    Same weights and function as the conv. The reason is torch.compile on GPUs: a 1x1 map has
+    no definite memory format (channels-last and contiguous strides both fit), and the stride
+    that Inductor predicts for the convolution backward next to it differs from what cuDNN
+    returns ("expected size 384==384, stride 4==1 at dim=1"). A matmul has one layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+            return super().forward(x)
+        return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+
+
+class PatchConvTranspose2d(nn.ConvTranspose2d):
+    """A ConvTranspose2d with kernel = stride applied to a 1x1 map (the U-Net's first up block):
+    each input vector becomes one kernel-sized patch, a matrix product. See WholeInputConv2d."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:  # type: ignore[override]
+        if (tuple(x.shape[-2:]) != (1, 1) or self.kernel_size != self.stride or self.padding != (0, 0)
+                or self.groups != 1 or output_size is not None):
+            return super().forward(x, output_size)
+        _, c_out, kh, kw = self.weight.shape
+        bias = None if self.bias is None else self.bias.repeat_interleave(kh * kw)
+        out = F.linear(x.flatten(1), self.weight.flatten(1).t(), bias)
+        return out.view(-1, c_out, kh, kw).contiguous(memory_format=torch.channels_last)
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
     """BatchNorm as in the official U-Net, or GroupNorm with the same affine parameters.
 
@@ -104,7 +133,7 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "batch"):
         super().__init__()
-        self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = PatchConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         self.norm = make_norm(norm, out_channels)
         self.res = ResidualLayer(out_channels, out_channels // 2)
 
@@ -136,7 +165,7 @@ class WorldModel(nn.Module):
             self.down.append(DownBlock(prev, w, norm=norm))
             prev = w
         # 2x2 -> 1x1: the bottleneck sees the whole frame.
-        self.bottleneck = nn.Conv2d(prev, 2 * prev, kernel_size=2)
+        self.bottleneck = WholeInputConv2d(prev, 2 * prev, kernel_size=2)
 
         self.up = nn.ModuleList()
         x_ch, skip_ch = 2 * prev, action_dim
