@@ -14,6 +14,8 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray instance (pin the process with taskset to match)")
     sub = parser.add_subparsers(dest="what", required=True)
     d = sub.add_parser("data", help="triplets/s of the Ray Data pipeline and of a plain reader")
     d.add_argument("--corpus", default="data/bench-corpus", help="collected if missing")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         return 0
     from lapo_ray.runtime import init_ray
 
-    init_ray()
+    init_ray(args.num_cpus)
     if args.what == "data":
         from lapo_ray.evaluation.benchmarks import bench_data
 

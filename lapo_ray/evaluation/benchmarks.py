@@ -109,7 +109,7 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     from lapo_ray.config import PRETRAIN_PRESETS, WandbConfig
     from lapo_ray.data.sources import CorpusSource
     from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
-    from lapo_ray.train.loop import use_bf16
+    from lapo_ray.train.step import use_bf16
     from lapo_ray.train.metrics import MetricsSink, read_metrics
     from lapo_ray.train.stages import Stage1Task
     from lapo_ray.train.trainer import fit_stage
