@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     e.add_argument("--envs-per-runner", type=int, default=16)
     e.add_argument("--rollout-length", type=int, default=64)
     e.add_argument("--iterations", type=int, default=4)
+    e.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of 1 and 2 runners")
+    e.add_argument("--epochs", type=int, default=None, help="PPO epochs per iteration (default: the cpu preset's)")
     e.add_argument("--cpus", type=int, default=None,
                    help="split this many CPUs evenly over the runners (default: the cpu preset's 0.5 each)")
     args = parser.parse_args(argv)
@@ -74,14 +76,16 @@ def main(argv=None) -> int:
     elif args.what == "envrunners":
         from lapo_ray.evaluation.benchmarks import bench_env_runners
 
-        r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations, cpus=args.cpus)
+        r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations, cpus=args.cpus,
+                              rounds=args.rounds, num_epochs=args.epochs)
         print(json.dumps(r, indent=2))
         raw = r["raw_vector_env_steps_per_s"]
         print(f"\nProcgen vector env alone ({r['envs_per_runner']} envs, random actions): {raw:,.0f} steps/s (ceiling)")
         for n in (1, 2):
             x = r[f"rllib_{n}_runners"]
             print(f"RLlib PPO, {n} env runner(s) x {r['envs_per_runner']} envs: sampling "
-                  f"{x['sampling_env_steps_per_s']:,.0f} steps/s ({x['sampling_env_steps_per_s'] / raw:.2f} x raw), "
+                  f"{x['sampling_env_steps_per_s']:,.0f} steps/s (median iteration "
+                  f"{x['sampling_env_steps_per_s_median']:,.0f}) ({x['sampling_env_steps_per_s'] / raw:.2f} x raw), "
                   f"whole iteration incl. learning {x['iteration_env_steps_per_s']:,.0f} steps/s; per iteration "
                   f"sample {', '.join(f'{t:.2f}' for t in x['sample_seconds'])} s, "
                   f"learn {', '.join(f'{t:.2f}' for t in x['learn_seconds'])} s "

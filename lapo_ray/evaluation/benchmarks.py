@@ -162,7 +162,7 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
 
 def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, iterations: int = 4,
                       runner_counts: tuple[int, ...] = (1, 2), raw_steps: int = 200,
-                      cpus: int | None = None) -> dict[str, Any]:
+                      cpus: int | None = None, rounds: int = 1, num_epochs: int | None = None) -> dict[str, Any]:
     """Environment steps/s: the Procgen vector env alone (random actions, one process: the ceiling)
     beside RLlib PPO sampling with 1 and 2 env runners, each stepping ``envs_per_runner`` envs with
     the cpu-preset agent (from scratch, so no pretrain folder is needed).
@@ -185,34 +185,46 @@ def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, itera
         env.step(rng.integers(0, NUM_ACTIONS, envs_per_runner))
     out["raw_vector_env_steps_per_s"] = raw_steps * envs_per_runner / (time.perf_counter() - t0)
     env.close()
-    for n in runner_counts:
-        cfg = cpu_finetune()
-        cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, n, envs_per_runner
-        # Each runner holds an equal share of the machine's CPUs; its torch threads follow.
-        cfg.cpus_per_env_runner = max(1.0, float(cpus // n)) if cpus else cfg.cpus_per_env_runner
-        cfg.ppo.rollout_length = rollout_length
-        cfg.ppo.num_minibatches = 4
-        algo = build_algorithm_config(cfg).build_algo()
-        try:
-            algo.train()  # warm-up: worker start, first weights sync
-            timer = IterationTimes(algo)
-            sample_s, learn_s, total_s, steps0 = [], [], 0.0, sampled_env_steps(algo)
-            for _ in range(iterations):
-                timer.reset()
-                t = time.perf_counter()
-                algo.train()
-                total_s += time.perf_counter() - t
-                sample_s.append(timer.get("sample"))
-                learn_s.append(timer.get("learn"))
-            steps = sampled_env_steps(algo) - steps0
-        finally:
-            algo.stop()
+    runs: dict[int, dict[str, list[float]]] = {n: {"sample_s": [], "learn_s": [], "iter_s": [], "steps": []}
+                                              for n in runner_counts}
+    cpus_per_runner: dict[int, float] = {}
+    # Rounds interleave the runner counts, so a shared machine's drift hits every mode alike.
+    for _ in range(rounds):
+        for n in runner_counts:
+            cfg = cpu_finetune()
+            cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, n, envs_per_runner
+            # Each runner holds an equal share of the machine's CPUs; its torch threads follow.
+            cfg.cpus_per_env_runner = max(1.0, float(cpus // n)) if cpus else cfg.cpus_per_env_runner
+            cpus_per_runner[n] = cfg.cpus_per_env_runner
+            cfg.ppo.rollout_length = rollout_length
+            cfg.ppo.num_minibatches = 4
+            cfg.ppo.num_epochs = num_epochs or cfg.ppo.num_epochs
+            algo = build_algorithm_config(cfg).build_algo()
+            try:
+                algo.train()  # warm-up: worker start, first weights sync
+                timer = IterationTimes(algo)
+                for _ in range(iterations):
+                    steps0 = sampled_env_steps(algo)
+                    timer.reset()
+                    t = time.perf_counter()
+                    algo.train()
+                    r = runs[n]
+                    r["iter_s"].append(time.perf_counter() - t)
+                    r["sample_s"].append(timer.get("sample"))
+                    r["learn_s"].append(timer.get("learn"))
+                    r["steps"].append(sampled_env_steps(algo) - steps0)
+            finally:
+                algo.stop()
+    for n, r in runs.items():
+        rates = [st / s for st, s in zip(r["steps"], r["sample_s"])]
         out[f"rllib_{n}_runners"] = {
-            "sampling_env_steps_per_s": steps / sum(sample_s),
-            "iteration_env_steps_per_s": steps / total_s,
-            "env_steps": steps,
-            "cpus_per_env_runner": cfg.cpus_per_env_runner,
-            "sample_seconds": sample_s,
-            "learn_seconds": learn_s,
+            "sampling_env_steps_per_s": sum(r["steps"]) / sum(r["sample_s"]),
+            "sampling_env_steps_per_s_median": float(np.median(rates)),
+            "sampling_env_steps_per_s_per_iteration": rates,
+            "iteration_env_steps_per_s": sum(r["steps"]) / sum(r["iter_s"]),
+            "env_steps": sum(r["steps"]),
+            "cpus_per_env_runner": cpus_per_runner[n],
+            "sample_seconds": r["sample_s"],
+            "learn_seconds": r["learn_s"],
         }
     return out
