@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     s.add_argument("--warmup", type=int, default=10, help="--raw: untimed steps first (compilation included)")
     s.add_argument("--compile", action="store_true", help="--raw: torch.compile the model")
     s.add_argument("--compile-mode", default="default", help="--raw: default, reduce-overhead (CUDA graphs), ...")
+    s.add_argument("--threads", type=int, default=None, help="--raw: torch intra-op threads (default: torch's)")
     s.add_argument("--peak-tflops", type=float, default=None,
                    help="--raw: the device's peak for MFU (known GPUs are looked up; CPUs print n/a)")
     e = sub.add_parser("envrunners", help="env steps/s: RLlib PPO with 1 and 2 env runners vs the raw vector env")
@@ -48,8 +49,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.what == "stage1" and args.raw:
         # Before anything of Ray is imported: this mode runs where PyTorch is all there is.
+        import torch
+
         from lapo_ray.train.speed import bench_step, format_rows
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         r = bench_step(args.preset, args.device, [int(b) for b in args.batch_sizes.split(",")],
                        args.precisions.split(","), args.steps or 50, args.warmup, args.compile,
                        args.compile_mode, args.peak_tflops)
