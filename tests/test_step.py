@@ -151,6 +151,7 @@ def test_models_and_step_run_without_ray_pyarrow_or_wandb():
         import dataclasses, sys
         import torch
         import lapo_ray.models
+        import lapo_ray.train.speed  # the raw-step benchmark, for machines with PyTorch only
         from lapo_ray.config import PRETRAIN_PRESETS
         from lapo_ray.train.stages import Stage1Task
         from lapo_ray.train.step import StageStep, make_optimizer, to_channels_last
@@ -207,3 +208,25 @@ def test_compiled_paper_step_matches_eager():
     for name, want in eager_model.state_dict().items():
         if "vq." in name:
             torch.testing.assert_close(compiled_model.state_dict()[name], want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN stride case needs a CUDA device")
+def test_compiled_paper_step_runs_on_the_gpu_in_bf16():
+    # The configuration that failed with "expected size 384==384, stride 4==1 at dim=1": paper
+    # preset, bf16 autocast, channels-last, on a GPU. bf16 losses agree with eager to 2e-2.
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(_stage(), precision="bf16")
+    device = torch.device("cuda")
+    batches = [_frames(64, s).to(device) for s in range(3)]
+    results = []
+    for compiled in (False, True):
+        task, model, _ = _setup("paper", cfg)
+        model = model.to(device)
+        opt = make_optimizer(model, cfg, device)
+        step = StageStep(task, model, opt, cfg, device, train_model=compile_model(model) if compiled else model)
+        results.append([])
+        for i, b in enumerate(batches):
+            step({"frames": b}, i)
+            results[-1].append(step.take_means()["loss"])
+    for e, c in zip(*results):
+        assert c == pytest.approx(e, rel=2e-2)
