@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py data      # Ray Data triplet pipeline vs a plain numpy reader
     python jobs/benchmark.py stage1    # Ray Train stage 1 (1 and 2 workers) vs a plain PyTorch loop
+    python jobs/benchmark.py stage1 --raw --device cuda   # the step alone (no Ray): samples/s, MFU
     python jobs/benchmark.py envrunners  # RLlib env steps/s with 1 and 2 env runners vs the raw env
 """
 
@@ -9,11 +10,12 @@ import argparse
 import json
 import sys
 
-from lapo_ray.runtime import init_ray
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray instance (pin the process with taskset to match)")
     sub = parser.add_subparsers(dest="what", required=True)
     d = sub.add_parser("data", help="triplets/s of the Ray Data pipeline and of a plain reader")
     d.add_argument("--corpus", default="data/bench-corpus", help="collected if missing")
@@ -22,15 +24,47 @@ def main(argv=None) -> int:
     s = sub.add_parser("stage1", help="stage-1 samples/s: Ray Train (1, 2 workers) vs plain loop")
     s.add_argument("--corpus", default="data/bench-corpus")
     s.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
-    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--steps", type=int, default=None, help="default 200 (Ray), 50 timed steps (--raw)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every mode")
+    s.add_argument("--raw", action="store_true",
+                   help="time the training step alone on random triplets already on --device; no Ray, no corpus")
+    s.add_argument("--device", default="cpu", help="--raw: cpu, cuda, cuda:1, ...")
+    s.add_argument("--batch-sizes", default="64,128,256", help="--raw: comma list")
+    s.add_argument("--precisions", default="fp32,bf16", help="--raw: comma list of fp32, bf16")
+    s.add_argument("--warmup", type=int, default=10, help="--raw: untimed steps first (compilation included)")
+    s.add_argument("--compile", action="store_true", help="--raw: torch.compile the model")
+    s.add_argument("--compile-mode", default="default", help="--raw: default, reduce-overhead (CUDA graphs), ...")
+    s.add_argument("--threads", type=int, default=None, help="--raw: torch intra-op threads (default: torch's)")
+    s.add_argument("--peak-tflops", type=float, default=None,
+                   help="--raw: the device's peak for MFU (known GPUs are looked up; CPUs print n/a)")
     e = sub.add_parser("envrunners", help="env steps/s: RLlib PPO with 1 and 2 env runners vs the raw vector env")
     e.add_argument("--envs-per-runner", type=int, default=16)
     e.add_argument("--rollout-length", type=int, default=64)
     e.add_argument("--iterations", type=int, default=4)
+    e.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of 1 and 2 runners")
+    e.add_argument("--epochs", type=int, default=None, help="PPO epochs per iteration (default: the cpu preset's)")
+    e.add_argument("--cpus", type=int, default=None,
+                   help="split this many CPUs evenly over the runners (default: the cpu preset's 0.5 each)")
     args = parser.parse_args(argv)
-    init_ray()
+    if args.what == "stage1" and args.raw:
+        # Before anything of Ray is imported: this mode runs where PyTorch is all there is.
+        import torch
+
+        from lapo_ray.train.speed import bench_step, format_rows
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        r = bench_step(args.preset, args.device, [int(b) for b in args.batch_sizes.split(",")],
+                       args.precisions.split(","), args.steps or 50, args.warmup, args.compile,
+                       args.compile_mode, args.peak_tflops)
+        print(json.dumps(r, indent=2))
+        print()
+        print(format_rows(r))
+        return 0
+    from lapo_ray.runtime import init_ray
+
+    init_ray(args.num_cpus)
     if args.what == "data":
         from lapo_ray.evaluation.benchmarks import bench_data
 
@@ -47,19 +81,26 @@ def main(argv=None) -> int:
     elif args.what == "envrunners":
         from lapo_ray.evaluation.benchmarks import bench_env_runners
 
-        r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations)
+        r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations, cpus=args.cpus,
+                              rounds=args.rounds, num_epochs=args.epochs)
         print(json.dumps(r, indent=2))
         raw = r["raw_vector_env_steps_per_s"]
         print(f"\nProcgen vector env alone ({r['envs_per_runner']} envs, random actions): {raw:,.0f} steps/s (ceiling)")
         for n in (1, 2):
             x = r[f"rllib_{n}_runners"]
             print(f"RLlib PPO, {n} env runner(s) x {r['envs_per_runner']} envs: sampling "
-                  f"{x['sampling_env_steps_per_s']:,.0f} steps/s ({x['sampling_env_steps_per_s'] / raw:.2f} x raw), "
-                  f"whole iteration incl. learning {x['iteration_env_steps_per_s']:,.0f} steps/s")
+                  f"{x['sampling_env_steps_per_s']:,.0f} steps/s (median iteration "
+                  f"{x['sampling_env_steps_per_s_median']:,.0f}) ({x['sampling_env_steps_per_s'] / raw:.2f} x raw), "
+                  f"whole iteration incl. learning {x['iteration_env_steps_per_s']:,.0f} steps/s; per iteration "
+                  f"sample {', '.join(f'{t:.2f}' for t in x['sample_seconds'])} s, "
+                  f"learn {', '.join(f'{t:.2f}' for t in x['learn_seconds'])} s "
+                  f"({x['cpus_per_env_runner']:g} CPU per runner)")
     else:
         from lapo_ray.evaluation.benchmarks import bench_stage1
 
-        r = bench_stage1(args.corpus, args.preset, args.steps, args.batch_size, rounds=args.rounds)
+        if args.device != "cpu":
+            parser.error("stage1 through Ray Train runs on CPUs here; use --raw for --device")
+        r = bench_stage1(args.corpus, args.preset, args.steps or 200, args.batch_size, rounds=args.rounds)
         print(json.dumps({k: v for k, v in r.items() if k != "window_samples_per_s"}, indent=2))
         plain = r["plain"]["median"]
         print(f"\nstage 1, {r['preset']} preset, batch {r['batch_size']}, {r['precision']}; median (quartiles) of "

@@ -551,3 +551,29 @@ def test_scheduling_is_paced_only_while_it_spins_and_travels_with_every_dataset(
     time.sleep(PacedScheduling.spin_s)  # a step that waited on tasks did not spin
     pace.on_execution_step(ex)
     assert pace._pause == 0.0
+
+
+def test_prefetch_thread_keeps_order_stops_early_and_raises_errors():
+    import threading
+
+    from lapo_ray.data.triplets import _ahead
+
+    assert list(_ahead(iter(range(50)), 3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad shard")
+
+    it = _ahead(failing(), 2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)
+
+    it = _ahead(iter(range(10**6)), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # a consumer that stops early must not leave the producer running
+    for _ in range(50):
+        if not [t for t in threading.enumerate() if t.name == "triplet-prefetch"]:
+            break
+        threading.Event().wait(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "triplet-prefetch"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lapo_ray.config import config_from_dict
 from lapo_ray.config.models import ModelConfig, VQConfig, model_preset
 from lapo_ray.models import LatentDynamics, VQEmbeddingEMA, build_models, frames_to_input, num_params
-from lapo_ray.models.world_model import BroadcastConv
+from lapo_ray.models.world_model import BroadcastConv, PatchConvTranspose2d, WholeInputConv2d
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,6 +109,24 @@ def test_broadcast_conv_equals_conv_on_concatenated_map():
     ref_grads = torch.autograd.grad(reference, (x, a, conv.weight, conv.bias), g)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_whole_input_conv_and_patch_transpose_equal_the_convs(size):
+    # The U-Net's bottleneck (2x2 kernel on a 2x2 map) and first up block (2x2/2 transpose on a
+    # 1x1 map) run as matmuls; values and gradients must be the convs' (size 3: the conv path).
+    torch.manual_seed(0)
+    down = WholeInputConv2d(6, 10, kernel_size=2).double().to(memory_format=torch.channels_last)
+    up = PatchConvTranspose2d(7, 4, kernel_size=2, stride=2).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, size + 1, size + 1, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 7, size, size, dtype=torch.float64, requires_grad=True)
+    cases = [(down(x), F.conv2d(x, down.weight, down.bias), (x, down.weight, down.bias)),
+             (up(z), F.conv_transpose2d(z, up.weight, up.bias, stride=2), (z, up.weight, up.bias))]
+    for ours, reference, inputs in cases:
+        torch.testing.assert_close(ours, reference)
+        g = torch.randn_like(ours)
+        for got, want in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(reference, inputs, g)):
+            torch.testing.assert_close(got, want)
 
 
 def test_rebuild_from_config_dict_and_state_dict(tmp_path):

@@ -460,3 +460,51 @@ def test_decoder_rl_grad_flag_restores_the_joint_update(pretrain_dir, tmp_path):
     expected = _supervised_step_alone(cfg, before, latents, torch.as_tensor(actions[1:8]))
     gap = max((got - want).abs().max().item() for got, want in zip(module.decoder.parameters(), expected.parameters()))
     assert gap > 1e-5, gap
+
+
+def test_finetune_metrics_time_each_iteration_not_a_moving_average(ray_local, tmp_path, monkeypatch):
+    # RLlib's timers are EMAs (coefficient 0.01): a learner update that takes one second longer in
+    # the third iteration moved them by ~0.01 s (the first iteration is slow anyway: warm-up). metrics.jsonl must show the second itself, and
+    # the parts must fit inside the iteration's wall time.
+    from ray.rllib.core.learner.learner_group import LearnerGroup
+
+    from lapo_ray.rl.algo import finetune
+    from lapo_ray.train.metrics import read_metrics
+
+    calls = []
+    update = LearnerGroup.update
+
+    def update_slow_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            import time
+
+            time.sleep(1.0)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(LearnerGroup, "update", update_slow_once)
+    cfg = tiny_finetune(None, str(tmp_path / "ft"))
+    cfg.ppo.env_steps, cfg.checkpoint_every = 4 * cfg.train_batch, 100
+    finetune(cfg)
+    rows = read_metrics(cfg.out)
+    assert len(rows) == 4 and len(calls) == 4
+    learn = [r["learn_seconds"] for r in rows]
+    assert learn[2] - learn[1] > 0.9 and learn[2] - learn[3] > 0.9, learn
+    for r in rows:
+        assert 0 < r["sample_seconds"] and 0 < r["learn_seconds"]
+        assert r["sample_seconds"] + r["learn_seconds"] <= r["iteration_seconds"]
+    assert len({r["sample_seconds"] for r in rows}) == 4  # each iteration its own measurement
+
+
+@pytest.mark.parametrize("runners,cpus,threads", [(2, 0.5, 1), (1, 2.0, 2)])
+def test_env_runners_take_their_torch_threads_from_their_cpus(ray_local, tmp_path, runners, cpus, threads):
+    from lapo_ray.rl.algo import build_algorithm_config
+
+    cfg = tiny_finetune(None, str(tmp_path))
+    cfg.num_env_runners, cfg.cpus_per_env_runner = runners, cpus
+    algo = build_algorithm_config(cfg).build_algo()
+    try:
+        got = algo.env_runner_group.foreach_env_runner(lambda r: torch.get_num_threads(), local_env_runner=False)
+    finally:
+        algo.stop()
+    assert got == [threads] * runners

@@ -58,9 +58,10 @@ class PPOConfig:
 
     env_steps: int = 4_000_000
     rollout_length: int = field(default=64, metadata={"help": "steps per env per iteration"})
-    cpus_per_env_runner: float = 1.0
     num_learners: int = field(default=0, metadata={"help": "0: learn in the driver; N: N learner actors"})
-    use_gpu: bool = False
+    num_gpus_per_learner: float = field(
+        default=0.0, metadata={"help": "GPUs of each Learner (of the driver when --ppo.num-learners 0); "
+                               "env runners stay on CPUs"})
     lr: float = field(default=1e-2, metadata={"help": "base lr; each part's schedule scales it"})
     scratch_lr: float = field(default=5e-4, metadata={"help": "lr of every part when training from scratch"})
     gamma: float = 0.999
@@ -149,7 +150,8 @@ class FinetuneConfig:
     scratch: bool = field(default=False, metadata={"help": "PPO from scratch (the baseline); ignores --pretrain"})
     num_env_runners: int = field(default=2, metadata={"help": "rollout actors (0: sample in the driver)"})
     envs_per_runner: int = field(default=32, metadata={"help": "Procgen envs stepped together by each runner"})
-    cpus_per_env_runner: float = 1.0
+    cpus_per_env_runner: float = field(
+        default=1.0, metadata={"help": "CPUs Ray reserves per env runner; its torch threads: their whole number, >= 1"})
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     decoder_hidden: tuple[int, ...] = (192, 128, 64)

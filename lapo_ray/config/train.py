@@ -36,6 +36,10 @@ class StageConfig:
         metadata={"help": "bf16 autocast (VQ distances stay fp32); auto: bf16 on GPUs and on CPUs "
                   "with native bf16 (AVX512-BF16/AMX), fp32 elsewhere, where bf16 is emulated and slow"},
     )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the model (forward and backward); the first steps compile"})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
+        default="default", metadata={"help": "torch.compile mode; reduce-overhead adds CUDA graphs on GPUs"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     seed: int = 0
 

@@ -313,12 +313,63 @@ def _counted(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.
 
 
 def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,
-                  epoch: int = 0) -> Iterator[dict[str, Any]]:
-    """Like ``iter_batches``, as torch tensors (zero-copy)."""
+                  epoch: int = 0, device=None) -> Iterator[dict[str, Any]]:
+    """Like ``iter_batches``, as torch tensors: zero-copy on the CPU (``device`` None or a CPU).
+
+    For a GPU the batches are cut and pinned in a background thread, ``cfg.prefetch_blocks``
+    batches ahead, and copied with ``non_blocking``: the copy overlaps the previous step's kernels
+    and the frames cross as uint8, a quarter of the bytes of float input (the model normalises
+    them on the device)."""
     import torch
 
-    for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch):
-        yield {k: torch.from_numpy(v) for k, v in b.items()}
+    batches = ({k: torch.from_numpy(v) for k, v in b.items()}
+               for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch))
+    if device is None or torch.device(device).type == "cpu":
+        yield from batches
+        return
+    device = torch.device(device)
+    for b in _ahead((({k: v.pin_memory() for k, v in b.items()}) for b in batches), max(1, cfg.prefetch_blocks)):
+        yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``items`` in a daemon thread up to ``depth`` ahead of the consumer (which may stop early)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="triplet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def iter_plain_batches(

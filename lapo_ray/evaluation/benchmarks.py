@@ -55,32 +55,27 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
 
 
 def _plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int, warmup: int) -> list[float]:
-    """Samples/s per window of ``window`` steps of a plain single-process loop: the same model,
-    optimiser, schedule and precision as ``run_stage``, batches already in memory, no Ray.
+    """Samples/s per window of ``window`` steps of a plain single-process loop: the training step
+    ``run_stage`` runs (``StageStep``), batches already in memory, no Ray.
     Windows ending at or before step ``warmup`` are dropped, as for Ray Train's reports."""
     import os
 
     import torch
 
-    from lapo_ray.models import LatentDynamics
-    from lapo_ray.train.loop import lr_factor, use_bf16
+    from lapo_ray.train.stages import Stage1Task
+    from lapo_ray.train.step import StageStep, make_optimizer, to_channels_last
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = LatentDynamics(model_cfg).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    bf16 = use_bf16(stage, torch.device("cpu"))
+    device = torch.device("cpu")
+    task = Stage1Task(model_cfg)
+    model = to_channels_last(task.build())
+    train_step = StageStep(task, model, make_optimizer(model, stage, device), stage, device)
     rates, t0 = [], time.perf_counter()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = stage.lr * lr_factor(step, stage)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(batches[step % len(batches)])["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-        opt.step()
+        train_step({"frames": batches[step % len(batches)]}, step)
         if (step + 1) % window == 0:
+            train_step.take_means()  # what a report reads, as in run_stage
             now = time.perf_counter()
             if step + 1 > warmup:
                 rates.append(window * stage.batch_size / (now - t0))
@@ -114,7 +109,7 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     from lapo_ray.config import PRETRAIN_PRESETS, WandbConfig
     from lapo_ray.data.sources import CorpusSource
     from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
-    from lapo_ray.train.loop import use_bf16
+    from lapo_ray.train.step import use_bf16
     from lapo_ray.train.metrics import MetricsSink, read_metrics
     from lapo_ray.train.stages import Stage1Task
     from lapo_ray.train.trainer import fit_stage
@@ -166,15 +161,20 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
 
 
 def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, iterations: int = 4,
-                      runner_counts: tuple[int, ...] = (1, 2), raw_steps: int = 200) -> dict[str, Any]:
+                      runner_counts: tuple[int, ...] = (1, 2), raw_steps: int = 200,
+                      cpus: int | None = None, rounds: int = 1, num_epochs: int | None = None) -> dict[str, Any]:
     """Environment steps/s: the Procgen vector env alone (random actions, one process: the ceiling)
     beside RLlib PPO sampling with 1 and 2 env runners, each stepping ``envs_per_runner`` envs with
-    the cpu-preset agent (from scratch, so no pretrain folder is needed)."""
+    the cpu-preset agent (from scratch, so no pretrain folder is needed).
+
+    With ``cpus``, N runners get ``cpus // N`` CPUs each (at least 1); otherwise the cpu preset's
+    share. Sampling and learner seconds are each iteration's own (``IterationTimes``), not
+    RLlib's smoothed timers."""
     import numpy as np
 
     from lapo_ray.config.rl import cpu_finetune
     from lapo_ray.envs import NUM_ACTIONS, make_procgen_vector_env
-    from lapo_ray.rl.algo import build_algorithm_config, sampled_env_steps
+    from lapo_ray.rl.algo import IterationTimes, build_algorithm_config, sampled_env_steps
 
     out: dict[str, Any] = {"envs_per_runner": envs_per_runner, "rollout_length": rollout_length}
     env = make_procgen_vector_env({"game": "coinrun", "num_envs": envs_per_runner, "num_threads": 1})
@@ -185,26 +185,46 @@ def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, itera
         env.step(rng.integers(0, NUM_ACTIONS, envs_per_runner))
     out["raw_vector_env_steps_per_s"] = raw_steps * envs_per_runner / (time.perf_counter() - t0)
     env.close()
-    for n in runner_counts:
-        cfg = cpu_finetune()
-        cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, n, envs_per_runner
-        cfg.ppo.rollout_length = rollout_length
-        cfg.ppo.num_minibatches = 4
-        algo = build_algorithm_config(cfg).build_algo()
-        try:
-            algo.train()  # warm-up: worker start, first weights sync
-            sample_s, total_s, steps0 = 0.0, 0.0, sampled_env_steps(algo)
-            for _ in range(iterations):
-                t = time.perf_counter()
-                result = algo.train()
-                total_s += time.perf_counter() - t
-                sample_s += float(result["timers"]["env_runner_sampling_timer"])
-            steps = sampled_env_steps(algo) - steps0
-        finally:
-            algo.stop()
+    runs: dict[int, dict[str, list[float]]] = {n: {"sample_s": [], "learn_s": [], "iter_s": [], "steps": []}
+                                              for n in runner_counts}
+    cpus_per_runner: dict[int, float] = {}
+    # Rounds interleave the runner counts, so a shared machine's drift hits every mode alike.
+    for _ in range(rounds):
+        for n in runner_counts:
+            cfg = cpu_finetune()
+            cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, n, envs_per_runner
+            # Each runner holds an equal share of the machine's CPUs; its torch threads follow.
+            cfg.cpus_per_env_runner = max(1.0, float(cpus // n)) if cpus else cfg.cpus_per_env_runner
+            cpus_per_runner[n] = cfg.cpus_per_env_runner
+            cfg.ppo.rollout_length = rollout_length
+            cfg.ppo.num_minibatches = 4
+            cfg.ppo.num_epochs = num_epochs or cfg.ppo.num_epochs
+            algo = build_algorithm_config(cfg).build_algo()
+            try:
+                algo.train()  # warm-up: worker start, first weights sync
+                timer = IterationTimes(algo)
+                for _ in range(iterations):
+                    steps0 = sampled_env_steps(algo)
+                    timer.reset()
+                    t = time.perf_counter()
+                    algo.train()
+                    r = runs[n]
+                    r["iter_s"].append(time.perf_counter() - t)
+                    r["sample_s"].append(timer.get("sample"))
+                    r["learn_s"].append(timer.get("learn"))
+                    r["steps"].append(sampled_env_steps(algo) - steps0)
+            finally:
+                algo.stop()
+    for n, r in runs.items():
+        rates = [st / s for st, s in zip(r["steps"], r["sample_s"])]
         out[f"rllib_{n}_runners"] = {
-            "sampling_env_steps_per_s": steps / sample_s,
-            "iteration_env_steps_per_s": steps / total_s,
-            "env_steps": steps,
+            "sampling_env_steps_per_s": sum(r["steps"]) / sum(r["sample_s"]),
+            "sampling_env_steps_per_s_median": float(np.median(rates)),
+            "sampling_env_steps_per_s_per_iteration": rates,
+            "iteration_env_steps_per_s": sum(r["steps"]) / sum(r["iter_s"]),
+            "env_steps": sum(r["steps"]),
+            "cpus_per_env_runner": cpus_per_runner[n],
+            "sample_seconds": r["sample_s"],
+            "learn_seconds": r["learn_s"],
         }
     return out

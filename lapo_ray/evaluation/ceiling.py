@@ -38,15 +38,16 @@ class SupervisedIDM(nn.Module):
         return self.head(self.features(frames))
 
 
-def labelled_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Cross-entropy and correct count over the labelled rows (action >= 0); zero loss, with a
-    gradient, when a batch holds none (every data-parallel rank must still step)."""
+def labelled_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy, correct count and labelled count over the labelled rows (action >= 0), all
+    on the device (no host read inside a step); zero loss, with a gradient, when a batch holds
+    none (every data-parallel rank must still step)."""
     labelled = actions >= 0
-    n = int(labelled.sum())
+    n = labelled.sum()
     per_row = F.cross_entropy(logits.float(), actions.clamp(min=0), reduction="none")
-    loss = (per_row * labelled).sum() / max(n, 1)
-    correct = int(((logits.argmax(-1) == actions) & labelled).sum())
-    return loss, torch.tensor(correct), n
+    loss = (per_row * labelled).sum() / n.clamp(min=1)
+    correct = ((logits.argmax(-1) == actions) & labelled).sum()
+    return loss, correct, n
 
 
 @torch.no_grad()

@@ -124,6 +124,9 @@ class VQEmbeddingEMA(nn.Module):
         if self.cfg.dead_code_threshold > 0:
             self._split_into_dead_codes()
 
+    # Data-dependent control flow (which codes are dead) that reads values back to the host: it
+    # runs eagerly under torch.compile, and only when dead_code_threshold > 0 (the cpu preset).
+    @torch.compiler.disable
     @torch.no_grad()
     def _split_into_dead_codes(self) -> None:
         """Move each dead code next to the most used code of its codebook and split that code's

@@ -45,20 +45,53 @@ class BroadcastConv(nn.Conv2d):
         o, c = w_a.shape[:2]
         ones = torch.ones(1, 1, 3, 3, dtype=w_a.dtype, device=w_a.device)
         taps = F.conv2d(ones, w_a.reshape(o * c, 1, 3, 3), padding=1).view(o, c, 3, 3)
-        per_case = torch.einsum("bc,ocij->boij", a.to(taps.dtype), taps)  # (B, O, 3, 3)
+        per_case = torch.einsum("bc,ocij->boij", a.to(taps.dtype), taps).to(out.dtype)  # (B, O, 3, 3)
         h, w = out.shape[-2:]
         if h < 2 or w < 2:
             raise ValueError(f"BroadcastConv needs at least 2x2 pixels, got {h}x{w}")
-        rows = _border_case_index(h, out.device)
-        cols = _border_case_index(w, out.device)
-        return out + per_case[:, :, rows][:, :, :, cols].to(out.dtype)
+        # Spread the 3x3 cases over the image by slicing and expanding, not by gathering with an
+        # index tensor: the index_put in the gather's backward crashed Inductor's CPU kernels
+        # (heap corruption in the compiled backward of the paper model), and a sum over an
+        # expanded view is the backward every backend gets right.
+        per_row = _spread(per_case, h, dim=2)  # (B, O, H, 3)
+        return out + _spread(per_row, w, dim=3)
 
 
-def _border_case_index(n: int, device: torch.device) -> torch.Tensor:
-    """[0, 1, 1, ..., 1, 2]: first row/column, interior, last row/column."""
-    idx = torch.ones(n, dtype=torch.long, device=device)
-    idx[0], idx[-1] = 0, 2
-    return idx
+def _spread(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """A size-3 dim (first, interior, last) -> size n: [first, interior x (n - 2), last]."""
+    first, mid, last = t.narrow(dim, 0, 1), t.narrow(dim, 1, 1), t.narrow(dim, 2, 1)
+    size = list(t.shape)
+    size[dim] = n - 2
+    return torch.cat([first, mid.expand(size), last], dim=dim)
+
+
+class WholeInputConv2d(nn.Conv2d):
+    """A Conv2d whose kernel covers its whole (unpadded) input, as the U-Net's 2x2 -> 1x1
+    bottleneck does, computed as the matrix product it is; any other input takes the conv.
+
+    Same weights and function as the conv. The reason is torch.compile on GPUs: a 1x1 map has
+    no definite memory format (channels-last and contiguous strides both fit), and the stride
+    that Inductor predicts for the convolution backward next to it differs from what cuDNN
+    returns ("expected size 384==384, stride 4==1 at dim=1"). A matmul has one layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+            return super().forward(x)
+        return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+
+
+class PatchConvTranspose2d(nn.ConvTranspose2d):
+    """A ConvTranspose2d with kernel = stride applied to a 1x1 map (the U-Net's first up block):
+    each input vector becomes one kernel-sized patch, a matrix product. See WholeInputConv2d."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:  # type: ignore[override]
+        if (tuple(x.shape[-2:]) != (1, 1) or self.kernel_size != self.stride or self.padding != (0, 0)
+                or self.groups != 1 or output_size is not None):
+            return super().forward(x, output_size)
+        _, c_out, kh, kw = self.weight.shape
+        bias = None if self.bias is None else self.bias.repeat_interleave(kh * kw)
+        out = F.linear(x.flatten(1), self.weight.flatten(1).t(), bias)
+        return out.view(-1, c_out, kh, kw).contiguous(memory_format=torch.channels_last)
 
 
 def make_norm(kind: str, channels: int, carries_latent: bool = False) -> nn.Module:
@@ -113,7 +146,7 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", carries_latent: bool = False):
         super().__init__()
-        self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = PatchConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         self.norm = make_norm(norm, out_channels, carries_latent)
         self.res = ResidualLayer(out_channels, out_channels // 2)
 
@@ -145,7 +178,7 @@ class WorldModel(nn.Module):
             self.down.append(DownBlock(prev, w, norm=norm))
             prev = w
         # 2x2 -> 1x1: the bottleneck sees the whole frame.
-        self.bottleneck = nn.Conv2d(prev, 2 * prev, kernel_size=2)
+        self.bottleneck = WholeInputConv2d(prev, 2 * prev, kernel_size=2)
 
         self.up = nn.ModuleList()
         x_ch, skip_ch = 2 * prev, action_dim

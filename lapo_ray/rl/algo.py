@@ -57,6 +57,7 @@ def build_algorithm_config(cfg: FinetuneConfig):
     """The RLlib ``PPOConfig`` for a FinetuneConfig (also what the tests and benchmarks build)."""
     from ray.rllib.algorithms.ppo import PPOConfig
 
+    from lapo_ray.rl.env_runner import LapoEnvRunner
     from lapo_ray.rl.learner import LapoPPOLearner
 
     ppo = cfg.ppo
@@ -75,10 +76,12 @@ def build_algorithm_config(cfg: FinetuneConfig):
             gym_env_vectorize_mode="vector_entry_point",
             rollout_fragment_length=ppo.rollout_length,
             num_cpus_per_env_runner=cfg.cpus_per_env_runner,
+            num_gpus_per_env_runner=0,
+            env_runner_cls=LapoEnvRunner,
         )
         .learners(
             num_learners=ppo.num_learners,
-            num_gpus_per_learner=1 if ppo.use_gpu else 0,
+            num_gpus_per_learner=ppo.num_gpus_per_learner,
             learner_class=LapoPPOLearner,
             learner_config_dict={
                 "lapo_parts": ppo.part_schedules(cfg.scratch),
@@ -148,7 +151,51 @@ def _scalar(d: dict[str, Any], *keys: str, default: float = float("nan")) -> flo
         return default
 
 
-def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_steps: int) -> dict[str, Any]:
+class IterationTimes:
+    """Wall seconds of each part of the last ``algo.train()``, unsmoothed.
+
+    RLlib times the parts of an iteration (sampling, the learner update, the weight sync) in
+    ``with algo.metrics.log_time(...)`` blocks but reports exponential moving averages with a
+    small coefficient, so its ``timers`` repeat the first iteration's values for many iterations.
+    This wraps those same blocks and keeps each one's own duration: ``times["sample"]`` etc.
+    Call ``reset()`` before each ``algo.train()``; install again after a restore."""
+
+    NAMES = {"env_runner_sampling_timer": "sample", "learner_update_timer": "learn",
+             "synch_worker_weights_timer": "sync_weights"}
+
+    def __init__(self, algo):
+        self.times: dict[str, float] = {}
+        metrics = algo.metrics
+        original = metrics.log_time
+        times = self.times
+
+        class _Timed:
+            def __init__(self, key, kwargs):
+                self.inner = original(key, **kwargs)
+                parts = key if isinstance(key, tuple) else (key,)
+                self.name = IterationTimes.NAMES.get(parts[-1], parts[-1])
+
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                return self.inner.__enter__()
+
+            def __exit__(self, *exc):
+                try:
+                    return self.inner.__exit__(*exc)
+                finally:
+                    times[self.name] = times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+        metrics.log_time = lambda key, **kwargs: _Timed(key, kwargs)
+
+    def reset(self) -> None:
+        self.times.clear()
+
+    def get(self, name: str) -> float:
+        return self.times.get(name, float("nan"))
+
+
+def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_steps: int,
+                      times: IterationTimes | None = None) -> dict[str, Any]:
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
     env = result.get(ENV_RUNNER_RESULTS, {})
@@ -166,9 +213,10 @@ def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_st
         "policy_loss": _scalar(learner, "policy_loss"),
         "vf_loss": _scalar(learner, "vf_loss"),
         "entropy": _scalar(learner, "entropy"),
-        # Where an iteration's time goes: sampling on the env runners vs the Learner update.
-        "sample_seconds": _scalar(result, "timers", "env_runner_sampling_timer"),
-        "learn_seconds": _scalar(result, "timers", "learner_update_timer"),
+        # Where this iteration's time went: sampling on the env runners vs the Learner update
+        # (measured around RLlib's own timer blocks; RLlib's "timers" are moving averages).
+        "sample_seconds": times.get("sample") if times else float("nan"),
+        "learn_seconds": times.get("learn") if times else float("nan"),
         "iteration_seconds": seconds,
     }
 
@@ -185,13 +233,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if _restore(algo, out):
             steps, it = sampled_env_steps(algo), algo.iteration
             print(f"finetune: resumed from {storage.join(out, CHECKPOINT_DIR)} at {steps} env steps", flush=True)
+        times = IterationTimes(algo)  # after the restore, which may rebuild the metrics logger
         sink = MetricsSink(out, f"finetune-{variant}", cfg.wandb, dataclasses.asdict(cfg))
         progress = Progress(cfg.ppo.env_steps - steps, f"finetune {variant} {cfg.env.game}", unit="steps",
                             interval=10)
         while steps < cfg.ppo.env_steps:
-            t0 = time.time()
+            t0 = time.perf_counter()
+            times.reset()
             result = algo.train()
-            row = iteration_metrics(result, cfg.env.game, time.time() - t0, steps)
+            row = iteration_metrics(result, cfg.env.game, time.perf_counter() - t0, steps, times)
             row["healthy_env_runners"] = algo.env_runner_group.num_healthy_remote_workers()
             telemetry.count("env_steps", row["env_steps"] - steps, {"component": f"ppo-{variant}"})
             telemetry.gauge("env_steps_per_s", row["env_steps_per_s"], {"component": f"ppo-{variant}"})

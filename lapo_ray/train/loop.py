@@ -18,7 +18,9 @@ import torch
 
 from lapo_ray import telemetry
 from lapo_ray.config import PipelineConfig, StageConfig
-from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from lapo_ray.train.step import StageStep, compile_model, lr_factor, make_optimizer, to_channels_last, use_bf16
+
+__all__ = ["StageTask", "lr_factor", "run_stage", "use_bf16"]
 
 
 class StageTask(Protocol):
@@ -26,11 +28,14 @@ class StageTask(Protocol):
 
     def build(self) -> torch.nn.Module: ...
 
-    def batches(self, ds, batch_size: int, pipe: PipelineConfig, drop_last: bool, epoch: int) -> Iterator[dict]:
-        """torch batches of this stage's input from a dataset or a Ray Train shard."""
+    def batches(self, ds, batch_size: int, pipe: PipelineConfig, drop_last: bool, epoch: int,
+                device: torch.device | None = None) -> Iterator[dict]:
+        """torch batches of this stage's input from a dataset or a Ray Train shard, on ``device``
+        (copied from pinned memory ahead of use where that is a GPU); ``None``: the CPU."""
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss of one batch, plus scalar metrics to average over the report window."""
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss of one batch, plus scalar metrics to average over the report window, as
+        0-d tensors on the batch's device (never read back here: the loop sums them there)."""
 
     def validate(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Metrics on held-out batches (model in eval mode, no grad)."""
@@ -39,49 +44,31 @@ class StageTask(Protocol):
         """Costly metrics computed on rank 0 only at each report (e.g. the probe)."""
 
 
-def use_bf16(cfg: StageConfig, device: torch.device) -> bool:
-    """Whether to autocast to bf16. On a CPU without native bf16 (e.g. AVX2 only) autocast
-    emulates it and a stage-1 step gets several times slower, so "auto" keeps fp32 there."""
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def lr_factor(step: int, cfg: StageConfig) -> float:
-    """Linear warm-up from 0.1 to 1, then linear decay to ``final_lr_frac`` (official LAPO)."""
-    if step < cfg.warmup_steps:
-        return 0.1 + 0.9 * step / max(1, cfg.warmup_steps)
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 1.0 + (cfg.final_lr_frac - 1.0) * min(frac, 1.0)
-
-
 @dataclass
 class _Window:
-    """Accumulates timings and metrics between two reports."""
+    """Timings between two reports (the metrics accumulate on the device, in ``StageStep``)."""
 
     start: float
     steps: int = 0
     wait: float = 0.0
-    sums: dict[str, float] | None = None
 
-    def add(self, metrics: dict[str, float]) -> None:
-        self.sums = self.sums or {}
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
-    def means(self) -> dict[str, float]:
-        return {k: v / max(1, self.steps) for k, v in (self.sums or {}).items()}
+_host_group = None
 
 
 def _all_reduce(value: float, world: int, op: str) -> float:
+    """All-reduce a host-side number (has a batch, over budget) over the ranks. Under NCCL it goes
+    through a gloo group of its own: NCCL wants a CUDA tensor, and reading one back would make the
+    host wait for every queued GPU step, the very sync the step avoids."""
     if world == 1:
         return value
     import torch.distributed as dist
 
+    global _host_group
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo")
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=_host_group)
     return float(t.item())
 
 
@@ -94,7 +81,7 @@ def _all_reduce_min(value: float, world: int) -> float:
 
 
 def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConfig, start_epoch: int,
-                     world: int) -> Iterator[tuple[int, dict]]:
+                     world: int, device: torch.device | None = None) -> Iterator[tuple[int, dict]]:
     """Endless (epoch, batch) pairs. Ranks may hold a few batches more or fewer per epoch (the
     split is equal in segments, not triplets), and a rank that ran dry while the others still
     waited in DDP's all-reduce would hang the group: so every step the ranks agree (all-reduce
@@ -102,7 +89,7 @@ def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConf
     epoch = start_epoch
     while True:
         n = 0
-        it = iter(task.batches(shard, batch_size, pipe, True, epoch))
+        it = iter(task.batches(shard, batch_size, pipe, True, epoch, device=device))
         while True:
             batch = next(it, None)
             if _all_reduce_min(float(batch is not None), world) == 0.0:
@@ -142,6 +129,8 @@ def run_stage(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
     task: StageTask = config["task"]
     sink = config.get("sink") if ray.train.get_context().get_world_rank() == 0 else None
     cfg: StageConfig = config["stage"]
@@ -154,8 +143,10 @@ def run_stage(config: dict[str, Any]) -> None:
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     torch.set_num_threads(threads)
 
-    model = task.build().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = ray.train.torch.get_device()
+    # On the device before the optimiser exists, so a resumed optimiser state lands there too.
+    model = to_channels_last(task.build()).to(device)
+    optimizer = make_optimizer(model, cfg, device)
     step, epoch, train_seconds, resumed_from = 0, 0, 0.0, -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -166,19 +157,20 @@ def run_stage(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
     ddp_model = _data_parallel(model, world)
-    device = ray.train.torch.get_device()
+    train_model = compile_model(ddp_model, cfg.compile_mode) if cfg.compile else ddp_model
+    train_step = StageStep(task, model, optimizer, cfg, device, train_model=train_model)
 
     local_bs = cfg.batch_size // world
     val_batches = []
     if cfg.val_batches > 0:
         val_shard = ray.train.get_dataset_shard("val")
         eval_pipe = PipelineConfig(local_shuffle_buffer=0, segments_per_block=pipe.segments_per_block)
-        for i, b in enumerate(task.batches(val_shard, local_bs, eval_pipe, False, 0)):
+        for i, b in enumerate(task.batches(val_shard, local_bs, eval_pipe, False, 0, device=device)):
             val_batches.append(b)
             if i + 1 >= cfg.val_batches:
                 break
-    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world)
-    autocast = use_bf16(cfg, device)
+    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world, device)
+    autocast = train_step.bf16
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 
     window = _Window(start=time.perf_counter())
@@ -188,21 +180,12 @@ def run_stage(config: dict[str, Any]) -> None:
         epoch, batch = next(batches)
         t1 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        ddp_model.train()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, metrics = task.loss(ddp_model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        train_step(batch, step)
         step += 1
         t2 = time.perf_counter()
         train_seconds += t2 - t0
         window.steps += 1
         window.wait += t1 - t0
-        window.add({**metrics, "grad_norm": float(grad_norm)})
         telemetry.count("train_samples", local_bs, {"stage": task.name})
 
         over_budget = train_seconds >= budget_s
@@ -213,13 +196,15 @@ def run_stage(config: dict[str, Any]) -> None:
         if not is_report:
             continue
 
+        # The one host sync of a report window: it also waits for the window's queued GPU work,
+        # so the rates below are true ones.
+        out = {f"train/{k}": v for k, v in train_step.take_means().items()}
         elapsed = time.perf_counter() - window.start
         telemetry.gauge("train_samples_per_s", window.steps * local_bs / elapsed,
                         {"stage": task.name, "rank": str(rank)})
-        out = {f"train/{k}": v for k, v in window.means().items()}
         model.eval()
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            val = [{k: v.to(device) for k, v in b.items()} for b in val_batches]
+            val = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in val_batches]
             out.update({f"val/{k}": v for k, v in task.validate(model, val).items()} if val else {})
         if rank == 0:
             out.update(task.extra_metrics(model))

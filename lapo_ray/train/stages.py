@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lapo_ray.config import ModelConfig, ProbeConfig
-from lapo_ray.data.triplets import torch_batches
 from lapo_ray.evaluation.ceiling import SupervisedIDM, labelled_loss
 from lapo_ray.models import LatentDynamics, LatentPolicy
+
+# The input pipelines (Ray Data, pyarrow) are imported inside ``batches`` only: the models and
+# the training step then run on a machine with PyTorch alone.
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,20 +42,23 @@ class Stage1Task:
     def build(self) -> torch.nn.Module:
         return LatentDynamics(self.model_cfg)
 
-    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+    def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
+        from lapo_ray.data.triplets import torch_batches
+
         c = self.model_cfg
-        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch)
+        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
+                             device=device)
 
     def loss(self, model, batch):
         out = model(batch["frames"])
-        metrics = {"loss": out["loss"].item(), "wm_loss": out["wm_loss"].item(), "vq_loss": out["vq_loss"].item()}
-        for i, (p, u) in enumerate(zip(out["perplexity"].tolist(), out["usage"].tolist())):
-            metrics[f"vq_perplexity_cb{i}"] = p
-            metrics[f"vq_usage_cb{i}"] = u
+        metrics = {"loss": out["loss"], "wm_loss": out["wm_loss"], "vq_loss": out["vq_loss"]}
+        for i in range(self.model_cfg.vq.num_codebooks):
+            metrics[f"vq_perplexity_cb{i}"] = out["perplexity"][i]
+            metrics[f"vq_usage_cb{i}"] = out["usage"][i]
         return out["loss"], metrics
 
     def validate(self, model, batches):
-        losses = [model(b["frames"])["wm_loss"].item() for b in batches]
+        losses = torch.stack([model(b["frames"])["wm_loss"].float() for b in batches]).tolist()
         return {"wm_loss": float(np.mean(losses))}
 
     def extra_metrics(self, model) -> dict[str, float]:
@@ -81,19 +86,22 @@ class Stage2Task:
         c = self.model_cfg
         return LatentPolicy(c.policy, c.latent_dim, c.channels, c.frame_size)
 
-    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+    def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         buffer = pipe.local_shuffle_buffer or None
+        device = torch.device("cpu") if device is None else device
+        # Ray Data copies each batch to the device in its prefetch thread, from pinned memory on GPUs.
         return ds.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=buffer,
                                      local_shuffle_seed=pipe.shuffle_seed + epoch if buffer else None,
-                                     device="cpu")
+                                     device=device, pin_memory=device.type == "cuda",
+                                     prefetch_batches=pipe.prefetch_blocks)
 
     def loss(self, model, batch):
         loss = F.mse_loss(model(batch["obs"]).float(), batch["latent"].float())
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss}
 
     def validate(self, model, batches):
-        return {"loss": float(np.mean([F.mse_loss(model(b["obs"]).float(), b["latent"].float()).item()
-                                       for b in batches]))}
+        losses = torch.stack([F.mse_loss(model(b["obs"]).float(), b["latent"].float()) for b in batches]).tolist()
+        return {"loss": float(np.mean(losses))}
 
     def extra_metrics(self, model) -> dict[str, float]:
         return {}
@@ -109,19 +117,22 @@ class SupervisedIDMTask:
     def build(self) -> torch.nn.Module:
         return SupervisedIDM(self.model_cfg)
 
-    def batches(self, ds, batch_size, pipe, drop_last, epoch):
+    def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
+        from lapo_ray.data.triplets import torch_batches
+
         c = self.model_cfg
-        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch)
+        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
+                             device=device)
 
     def loss(self, model, batch):
         loss, correct, n = labelled_loss(model(batch["frames"]), batch["action"])
-        return loss, {"loss": loss.item(), "acc": int(correct) / max(n, 1), "labelled_frac": n / len(batch["action"])}
+        return loss, {"loss": loss, "acc": correct / n.clamp(min=1), "labelled_frac": n / len(batch["action"])}
 
     def validate(self, model, batches):
         correct = total = 0
         for b in batches:
             _, c, n = labelled_loss(model(b["frames"]), b["action"])
-            correct, total = correct + int(c), total + n
+            correct, total = correct + int(c), total + int(n)
         return {"acc": correct / max(total, 1)}
 
     def extra_metrics(self, model) -> dict[str, float]:
