@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     init_ray(args.num_cpus)
     if args.what == "data":
-        from lapo_ray.evaluation.benchmarks import bench_data
+        from lapo_ray.benchmarks import bench_data
 
         r = bench_data(args.corpus, args.frames, args.batch_size)
         print(json.dumps(r, indent=2))
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                   f"= {x['triplets_per_s'] / plain:.2f} x plain (steady {x['steady_triplets_per_s']:,.0f}/s "
                   f"after a first batch at {x['first_batch_s']:.1f} s)")
     elif args.what == "envrunners":
-        from lapo_ray.evaluation.benchmarks import bench_env_runners
+        from lapo_ray.benchmarks import bench_env_runners
 
         r = bench_env_runners(args.envs_per_runner, args.rollout_length, args.iterations, cpus=args.cpus,
                               rounds=args.rounds, num_epochs=args.epochs)
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                   f"learn {', '.join(f'{t:.2f}' for t in x['learn_seconds'])} s "
                   f"({x['cpus_per_env_runner']:g} CPU per runner)")
     else:
-        from lapo_ray.evaluation.benchmarks import bench_stage1
+        from lapo_ray.benchmarks import bench_stage1
 
         if args.device != "cpu":
             parser.error("stage1 through Ray Train runs on CPUs here; use --raw for --device")

@@ -9,6 +9,7 @@ import sys
 from lapo_ray.config import CollectConfig
 from lapo_ray.config.cli import parse_config
 from lapo_ray.data.collect import collect
+from lapo_ray.rl.evaluate import POLICY_FACTORIES
 from lapo_ray.runtime import init_ray
 
 
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(CollectConfig, {"default": CollectConfig}, argv, description=__doc__,
                           default_preset="default")
     init_ray()
-    m = collect(cfg)
+    m = collect(cfg, policy_factories=POLICY_FACTORIES)
     print(f"corpus {cfg.out}: {m.num_frames:,} frames, {m.num_episodes:,} episodes, "
           f"{m.num_triplets:,} triplets in {len(m.shards)} shards")
     return 0

@@ -10,6 +10,7 @@ import sys
 
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
 from lapo_ray.config.cli import parse_config
+from lapo_ray.rl.evaluate import POLICY_FACTORIES
 from lapo_ray.runtime import run_job
 from lapo_ray.train.pretrain import run_pretrain
 
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, argv, description=__doc__)
 
     def body():
-        summary = run_pretrain(cfg)
+        summary = run_pretrain(cfg, policy_factories=POLICY_FACTORIES)
         print(json.dumps({k: summary[k] for k in ("out", "probe") if k in summary}, indent=2))
 
     return run_job(body)

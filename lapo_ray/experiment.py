@@ -59,7 +59,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     from lapo_ray.evaluation.rollout import evaluate_policy
     from lapo_ray.rl.algo import finetune
     from lapo_ray.rl.decode import decode_offline
-    from lapo_ray.rl.evaluate import evaluate_agent
+    from lapo_ray.rl.evaluate import POLICY_FACTORIES, evaluate_agent
     from lapo_ray.train.pretrain import run_pretrain
 
     c = cfg.resolved()
@@ -95,7 +95,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
 
     def collect_step() -> dict[str, Any]:
         t0 = time.time()
-        manifest = collect(c.collect)
+        manifest = collect(c.collect, policy_factories=POLICY_FACTORIES)
         seconds = time.time() - t0
         return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
                 "triplets": manifest.num_triplets, "wall_seconds": seconds,

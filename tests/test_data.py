@@ -479,6 +479,23 @@ def test_policies():
         make_policy("greedy", 1)
 
 
+def test_agent_policies_come_from_the_factory_the_job_hands_in():
+    """The data layer never imports rl: ``agent:PATH`` resolves through the factory a job passes."""
+    from lapo_ray.data.policies import make_policy
+
+    calls = []
+
+    def factory(arg, num_envs, seed):
+        calls.append((arg, num_envs, seed))
+        return lambda obs: np.full(len(obs), 7, np.int64)
+
+    p = make_policy("agent:s3://bucket/agent", num_envs=3, seed=5, factories={"agent": factory})
+    assert calls == [("s3://bucket/agent", 3, 5)]
+    assert p(np.zeros((3, 64, 64, 3), np.uint8)).tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="a trained agent collects only through a job"):
+        make_policy("agent:s3://bucket/agent", 3)
+
+
 def test_batcher_local_shuffle_emits_every_triplet_once_and_is_seeded():
     from lapo_ray.data.triplets import Segment
 

@@ -76,7 +76,8 @@ def existing_worker_state(corpus_uri: str, index: int) -> tuple[int, int, int]:
 class Collector:
     """One collection actor: a Procgen vector env, a policy and a shard writer."""
 
-    def __init__(self, cfg: CollectConfig, index: int, budget: int, next_shard: int, next_episode: int):
+    def __init__(self, cfg: CollectConfig, index: int, budget: int, next_shard: int, next_episode: int,
+                 policy_factories=None):
         from lapo_ray.data.policies import make_policy
         from lapo_ray.envs import ProcgenVectorEnv
 
@@ -88,7 +89,7 @@ class Collector:
             game=cfg.game, num_envs=cfg.envs_per_worker, distribution_mode=cfg.distribution_mode,
             num_levels=cfg.num_levels, start_level=cfg.start_level, seed=seed,
         )
-        self.policy = make_policy(cfg.policy, cfg.envs_per_worker, seed=seed)
+        self.policy = make_policy(cfg.policy, cfg.envs_per_worker, seed=seed, factories=policy_factories)
         self.next_shard, self.next_episode = next_shard, next_episode
         self.obs, _ = self.env.reset(seed=seed)
         self.resetting = np.zeros(cfg.envs_per_worker, bool)
@@ -198,8 +199,12 @@ def _check_resume(cfg: CollectConfig) -> bool:
     return True
 
 
-def collect(cfg: CollectConfig, progress_interval: float = 5.0) -> Manifest:
-    """Collect ``cfg.frames`` frames on ``cfg.num_workers`` Ray actors and return the manifest."""
+def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories=None) -> Manifest:
+    """Collect ``cfg.frames`` frames on ``cfg.num_workers`` Ray actors and return the manifest.
+
+    ``policy_factories`` maps a ``--collect.policy`` prefix to a factory for policies that live
+    above the data layer (the jobs pass ``{"agent": rl.evaluate.AgentPolicy}``); see
+    ``policies.make_policy``."""
     import ray
 
     cfg.validate()
@@ -218,7 +223,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0) -> Manifest:
     remote_cls = ray.remote(num_cpus=cfg.worker_num_cpus)(Collector)
     actors = [
         remote_cls.options(name=f"collector-{cfg.game}-{i}").remote(
-            cfg, i, max(budget - state[0], 0), state[1], state[2])
+            cfg, i, max(budget - state[0], 0), state[1], state[2], policy_factories)
         for i, (budget, state) in enumerate(zip(budgets, states))
         if budget - state[0] > 0
     ]

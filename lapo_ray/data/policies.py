@@ -8,6 +8,7 @@ boolean mask of sub-environments whose episodes just ended.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +18,11 @@ NUM_ACTIONS = 15  # every Procgen game has the same 15-action set
 
 class Policy(Protocol):
     def __call__(self, obs: np.ndarray) -> np.ndarray: ...
+
+
+# ``PREFIX:ARG`` specs whose policy lives in a layer above data (``agent:PATH``, a trained
+# agent, needs RLlib): the caller hands the factory in, ``factory(ARG, num_envs=, seed=)``.
+PolicyFactory = Callable[..., Policy]
 
 
 class RandomPolicy:
@@ -55,13 +61,18 @@ class StickyRandomPolicy(RandomPolicy):
         return self.last.copy()
 
 
-def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
+def make_policy(spec: str, num_envs: int, seed: int = 0,
+                factories: Mapping[str, PolicyFactory] | None = None) -> Policy:
     """Build a policy from its command-line spec.
 
-    ``random``; ``sticky:P``; ``agent:PATH``, a trained agent (a ``jobs/finetune.py`` or
-    ``jobs/decode.py`` output folder); or ``package.module:factory``, a callable taking
-    ``(num_envs=..., seed=...)`` and returning a policy.
+    ``random``; ``sticky:P``; ``PREFIX:ARG`` for a prefix in ``factories`` (the jobs pass
+    ``agent``: ``agent:PATH`` is a trained agent, a ``jobs/finetune.py`` or ``jobs/decode.py``
+    output folder); or ``package.module:factory``, a callable taking ``(num_envs=..., seed=...)``
+    and returning a policy.
     """
+    prefix, _, arg = spec.partition(":")
+    if factories and prefix in factories:
+        return factories[prefix](arg, num_envs=num_envs, seed=seed)
     if spec == "random":
         return RandomPolicy(num_envs, seed)
     if spec.startswith("sticky:"):
@@ -70,10 +81,9 @@ def make_policy(spec: str, num_envs: int, seed: int = 0) -> Policy:
         except ValueError:
             raise ValueError(f"policy {spec!r}: expected 'sticky:P' with P a number in [0, 1)") from None
         return StickyRandomPolicy(num_envs, p, seed)
-    if spec.startswith("agent:"):
-        from lapo_ray.rl.evaluate import AgentPolicy  # torch and RLlib only when an agent collects
-
-        return AgentPolicy(spec.split(":", 1)[1], num_envs, seed)
+    if prefix == "agent":
+        raise ValueError(f"policy {spec!r}: a trained agent collects only through a job (jobs/collect.py, "
+                         "jobs/pretrain.py, jobs/experiment.py), which passes collect() its agent loader")
     if ":" in spec:
         module, _, name = spec.partition(":")
         try:

@@ -62,6 +62,8 @@ class AgentPolicy:
     action distribution, as the agent does in the environment."""
 
     def __init__(self, agent_uri: str, num_envs: int, seed: int = 0):
+        if not agent_uri:
+            raise ValueError("policy 'agent:': give the agent folder, as agent:PATH")
         import torch
 
         from lapo_ray.rl.decode import agent_logits
@@ -80,3 +82,8 @@ class AgentPolicy:
 
     def reset(self, mask) -> None:
         pass
+
+
+# What the jobs hand to corpus collection for ``--collect.policy PREFIX:ARG`` specs whose policy
+# lives above the data layer.
+POLICY_FACTORIES = {"agent": AgentPolicy}

@@ -228,8 +228,9 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     return report, enc
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run the stages in ``cfg.stages`` and return a summary (also written to report.md)."""
+def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
+    """Run the stages in ``cfg.stages`` and return a summary (also written to report.md).
+    ``policy_factories`` go to the default corpus's collection (see ``data.collect.collect``)."""
     from lapo_ray.runtime import init_ray
 
     source = open_corpus(cfg)
@@ -240,7 +241,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         from lapo_ray.data.collect import collect
 
         print(f"no --corpus given: collecting the default corpus into {cfg.collect.out}", flush=True)
-        collect(cfg.collect)
+        collect(cfg.collect, policy_factories=policy_factories)
         source = open_corpus(cfg)
     scan = source.scan(on_bad=cfg.data.on_bad_files)
     spec = split_spec(scan, cfg.data)
