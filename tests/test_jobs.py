@@ -119,3 +119,18 @@ def test_pretrain_refuses_to_mix_another_config_into_an_existing_folder(tmp_path
     assert code == 2 and len(err) == 1, err
     assert "stage1.lr: 0.001 -> 0.0005" in err[0] and "--allow-config-change true" in err[0], err[0]
     assert _tree(out) == before
+
+
+def test_a_frame_size_other_than_the_corpus_fails_before_ray_starts(tmp_path):
+    """--model.frame-size 32 on 64x64 frames: one line naming both shapes, before any Ray work
+    (it once failed inside a Train worker with a byte-count error)."""
+    corpus = tmp_path / "npz"
+    write_lapo_npz(corpus, n_files=1, n=130)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "jobs/pretrain.py", "--corpus", str(corpus), "--out", str(out),
+                        "--model.frame-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "frames are (64, 64, 3) (H, W, C) but the model expects (32, 32, 3)" in line, line
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+    assert not out.exists()
