@@ -134,3 +134,19 @@ def test_a_frame_size_other_than_the_corpus_fails_before_ray_starts(tmp_path):
     assert "frames are (64, 64, 3) (H, W, C) but the model expects (32, 32, 3)" in line, line
     assert "Started a local Ray instance" not in r.stdout + r.stderr
     assert not out.exists()
+
+
+def test_model_preset_is_chosen_apart_from_the_run_budget():
+    from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
+    from lapo_ray.config.cli import parse_config
+    from lapo_ray.config.models import cpu_model_config, paper_model_config
+
+    cpu_run = PRETRAIN_PRESETS["cpu"]()
+    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, ["--model-preset", "paper"])
+    assert cfg.model == paper_model_config() and cfg.stage1 == cpu_run.stage1  # paper networks, cpu budget
+    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS,
+                          ["--preset", "paper", "--model-preset", "cpu", "--model.vq.num-embs", "32"])
+    assert cfg.model.vq.num_embs == 32 and cfg.model.idm == cpu_model_config().idm
+    assert cfg.stage1 == PRETRAIN_PRESETS["paper"]().stage1
+    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, [])
+    assert cfg.model == cpu_run.model

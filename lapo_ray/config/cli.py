@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
+from lapo_ray.config.models import MODEL_PRESETS, ModelConfig, model_preset
+
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
@@ -106,19 +108,42 @@ def parse_config(
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help="named starting point; other flags override its fields")
+    model_paths = _paths_of_type(cls, ModelConfig)
+    if model_paths:
+        # Model size apart from the run budget, as torchtitan's model flavours: e.g. the paper's
+        # networks under the cpu preset's short schedule. --model.* flags still override it.
+        parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None,
+                            help="model sizes to use instead of --preset's (paper: the official LAPO networks)")
     if extra_args:
         extra_args(parser)
     add_config_args(parser, cls)
     ns = parser.parse_args(argv)
     field_paths = set(_leaf_paths(cls))
     overrides = {k: v for k, v in vars(ns).items() if k in field_paths}
-    config = apply_overrides(presets[ns.preset](), overrides)
+    config = presets[ns.preset]()
+    if model_paths and ns.model_preset:
+        for path in model_paths:
+            config = _replace_path(config, path.split("."), model_preset(ns.model_preset))
+    config = apply_overrides(config, overrides)
     if hasattr(config, "validate"):
         try:
             config.validate()
         except ValueError as e:
             parser.error(str(e))
     return config, ns
+
+
+def _paths_of_type(cls: type, target: type, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields of ``cls`` (nested) whose type is ``target``."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if tp is target:
+            out.append(f"{prefix}{f.name}")
+        elif _is_dataclass_type(tp):
+            out.extend(_paths_of_type(tp, target, f"{prefix}{f.name}."))
+    return out
 
 
 def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
