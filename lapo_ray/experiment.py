@@ -56,6 +56,7 @@ def versions() -> dict[str, str]:
 
 def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]:
     from lapo_ray.data.collect import collect
+    from lapo_ray.envs import NUM_ACTIONS
     from lapo_ray.evaluation.rollout import evaluate_policy
     from lapo_ray.rl.algo import finetune
     from lapo_ray.rl.decode import decode_offline
@@ -86,7 +87,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         import torch
 
         def uniform(obs):
-            return torch.zeros(len(obs), 15)
+            return torch.zeros(len(obs), NUM_ACTIONS)
 
         env = c.finetune.env
         return {"train_levels": evaluate_policy(uniform, env, ev, "random policy")}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lapo_ray.config import ProbeConfig
+from lapo_ray.envs import NUM_ACTIONS
 from lapo_ray.evaluation.probe import (
-    NUM_ACTIONS,
     code_action_nmi,
     codebook_perplexity,
     episode_split,

@@ -31,6 +31,7 @@ from lapo_ray.data.corpus import (
     write_manifest,
     write_shard,
 )
+from lapo_ray.envs import OBS_SHAPE
 from lapo_ray.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,6 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
         "start_level": cfg.start_level, "seconds": round(time.monotonic() - started, 1),
         "mean_episode_return": (sum(s["return_sum"] for s in finals) / max(1, sum(s["episodes_done"] for s in finals))),
     }
-    manifest = build_manifest(cfg.out, cfg.game, (64, 64, 3), made_by)
+    manifest = build_manifest(cfg.out, cfg.game, OBS_SHAPE, made_by)
     write_manifest(cfg.out, manifest)
     return manifest

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-NUM_ACTIONS = 15  # every Procgen game has the same 15-action set
+from lapo_ray.envs import NUM_ACTIONS
 
 
 class Policy(Protocol):

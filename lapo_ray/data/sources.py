@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from lapo_ray import storage
+from lapo_ray.envs import OBS_SHAPE
 from lapo_ray.data.corpus import (
     CorpusError,
     Episode,
@@ -298,7 +299,7 @@ class LapoNpzSource(FileSource):
             raise CorpusError(f"{folder}: no .npz files")
         self.paths = [_as_uri(folder, p) for p in paths]
         self.name = f"lapo-npz:{folder}"
-        self.frame_shape = (64, 64, 3)
+        self.frame_shape = OBS_SHAPE  # the official LAPO data is Procgen's
         self.has_actions = True
         self.max_segment_frames = max_segment_frames
 

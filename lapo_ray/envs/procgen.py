@@ -61,7 +61,6 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
-from procgen import ProcgenGym3Env
 
 __all__ = [
     "PROCGEN_GAMES",
@@ -206,7 +205,7 @@ class ProcgenVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
-        self._env: ProcgenGym3Env = self._make_procgen(seed)
+        self._env = self._make_procgen(seed)
         self._fresh = True  # procgen starts every sub-env on a new level when it is created.
         n = self.num_envs
         self._autoreset = np.zeros(n, dtype=bool)
@@ -214,7 +213,11 @@ class ProcgenVectorEnv(VectorEnv):
         self._episode_length = np.zeros(n, dtype=np.int64)
         self._last_obs = np.zeros(self.observation_space.shape, dtype=np.uint8)
 
-    def _make_procgen(self, seed: int | None) -> ProcgenGym3Env:
+    def _make_procgen(self, seed: int | None):
+        # procgen imports the old gym, which prints a deprecation banner: only when an env is made,
+        # so that jobs (and their one-line errors) that never step Procgen stay quiet.
+        from procgen import ProcgenGym3Env
+
         kwargs: dict[str, Any] = {}
         if self.distribution_mode != "exploration":  # procgen rejects these keys there.
             kwargs.update(num_levels=self.num_levels, start_level=self.start_level)

@@ -16,18 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lapo_ray.config import ModelConfig
+from lapo_ray.envs import NUM_ACTIONS
 from lapo_ray.models import ImpalaCNN, frames_to_input, stack_frames
 
-NUM_ACTIONS = 15
 
 
 class SupervisedIDM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_actions: int = NUM_ACTIONS):
         super().__init__()
         c, s, i = cfg.channels, cfg.frame_size, cfg.idm
         self.encoder = ImpalaCNN(3 * c, s, i.impala_scale, i.impala_channels, i.impala_features)
         self.latent = nn.Linear(i.impala_features, cfg.latent_dim)
-        self.head = nn.Linear(cfg.latent_dim, NUM_ACTIONS)
+        self.head = nn.Linear(cfg.latent_dim, num_actions)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """frames uint8 (B, 3, H, W, C) -> the latent layer (B, latent_dim) the probe reads."""

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from lapo_ray.config import ProbeConfig
 from lapo_ray.data.triplets import SplitSpec
 
-NUM_ACTIONS = 15
 
 
 def episode_split(episode_ids: np.ndarray, frac: float, seed: int = 1234) -> np.ndarray:
@@ -97,7 +96,7 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
     x = (x - mean) / std
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = _mlp(x.shape[1], cfg.hidden, NUM_ACTIONS)
+    net = _mlp(x.shape[1], cfg.hidden, int(y.max()) + 1)  # the classes the data has: any action space
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     xfit, yfit = x[fit], y[fit]
     best: tuple[float, float] | None = None
@@ -139,7 +138,7 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
 def majority_rate(actions: np.ndarray, test_mask: np.ndarray) -> float:
     """Accuracy on the test half of always answering the train half's most common action."""
     train_actions = np.asarray(actions)[~test_mask]
-    majority = np.bincount(train_actions, minlength=NUM_ACTIONS).argmax()
+    majority = np.bincount(train_actions).argmax()
     return float(np.mean(np.asarray(actions)[test_mask] == majority))
 
 
