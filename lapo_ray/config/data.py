@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The one list of Procgen games; the envs room and every config that names a game check here.
 PROCGEN_GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )
+
+
+def check_game(game: str, flag: str = "--game") -> None:
+    if game not in PROCGEN_GAMES:
+        raise ValueError(f"{flag} {game!r} is not a Procgen game; choose one of {', '.join(PROCGEN_GAMES)}")
 
 
 @dataclass
@@ -34,8 +40,7 @@ class CollectConfig:
     worker_num_cpus: float = 1.0
 
     def validate(self) -> None:
-        if self.game not in PROCGEN_GAMES:
-            raise ValueError(f"--game {self.game!r} is not a Procgen game; choose one of {', '.join(PROCGEN_GAMES)}")
+        check_game(self.game)
         for name in ("frames", "num_workers", "envs_per_worker", "shard_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
-from lapo_ray.config.data import PROCGEN_GAMES, CollectConfig
+from lapo_ray.config.data import CollectConfig, check_game
 from lapo_ray.config.rl import (
     DecoderConfig,
     EvalConfig,
@@ -43,8 +43,7 @@ class ExperimentConfig:
         return [v.strip() for v in self.variants.split(",") if v.strip()]
 
     def validate(self) -> None:
-        if self.game not in PROCGEN_GAMES:
-            raise ValueError(f"--game {self.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+        check_game(self.game)
         unknown = set(self.variant_list()) - set(VARIANTS)
         if unknown:
             raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")

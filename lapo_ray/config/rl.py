@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lapo_ray.config.data import PROCGEN_GAMES
+from lapo_ray.config.data import check_game
 from lapo_ray.config.models import PolicyConfig, cpu_model_config
 from lapo_ray.config.train import WandbConfig
 
@@ -173,8 +173,7 @@ class FinetuneConfig:
                              f"divisible by --ppo.num-minibatches {self.ppo.num_minibatches}")
         if self.ppo.env_steps <= 0:
             raise ValueError("--ppo.env-steps must be positive")
-        if self.env.game not in PROCGEN_GAMES:
-            raise ValueError(f"--env.game {self.env.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+        check_game(self.env.game, "--env.game")
 
 
 @dataclass
@@ -193,8 +192,7 @@ class DecodeConfig:
     def validate(self) -> None:
         if not 1 <= self.decoder.k <= 1_000_000:
             raise ValueError(f"--decoder.k must be a positive number of labelled frames, got {self.decoder.k}")
-        if self.env.game not in PROCGEN_GAMES:
-            raise ValueError(f"--env.game {self.env.game!r} is not a Procgen game: {', '.join(PROCGEN_GAMES)}")
+        check_game(self.env.game, "--env.game")
 
 
 @dataclass

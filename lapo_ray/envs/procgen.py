@@ -62,6 +62,8 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from lapo_ray.config.data import PROCGEN_GAMES, check_game
+
 __all__ = [
     "PROCGEN_GAMES",
     "DISTRIBUTION_MODES",
@@ -73,10 +75,6 @@ __all__ = [
     "register_with_rllib",
 ]
 
-PROCGEN_GAMES: Final[tuple[str, ...]] = (
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-)  # fmt: skip
 
 DISTRIBUTION_MODES: Final[tuple[str, ...]] = ("easy", "hard", "extreme", "memory", "exploration")
 
@@ -105,8 +103,7 @@ _INT32_MAX: Final[int] = 2**31 - 1
 
 
 def _check_game_and_mode(game: str, distribution_mode: str) -> None:
-    if game not in PROCGEN_GAMES:
-        raise ValueError(f"Unknown Procgen game {game!r}; valid games: {', '.join(PROCGEN_GAMES)}")
+    check_game(game, "game")
     if distribution_mode not in DISTRIBUTION_MODES:
         raise ValueError(
             f"Unknown distribution_mode {distribution_mode!r}; "

@@ -11,9 +11,6 @@ from lapo_ray.config import config_from_dict
 from lapo_ray.config.rl import EnvConfig, EvaluateConfig
 from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
 
-# Where RLlib keeps the module inside an Algorithm checkpoint.
-_MODULE_IN_ALGO = ("learner_group", "learner", "rl_module", "default_policy")
-
 
 def load_agent(agent_uri: str):
     """(module, agent config dict) from a finetune or decode artifact folder."""
@@ -29,7 +26,12 @@ def load_agent(agent_uri: str):
     if agent_cfg.get("variant") == "offline-decoded":
         module_uri = storage.join(agent_uri, MODULE_DIR)
     else:
-        module_uri = storage.join(agent_uri, CHECKPOINT_DIR, *_MODULE_IN_ALGO)
+        from ray.rllib.core import (COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE,
+                                    DEFAULT_MODULE_ID)
+
+        # The module's place inside an Algorithm checkpoint, named by RLlib's own component names.
+        module_uri = storage.join(agent_uri, CHECKPOINT_DIR, COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER,
+                                  COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
     if not storage.exists(module_uri):
         raise FileNotFoundError(f"{agent_uri}: no trained agent at {module_uri}; has the job finished a checkpoint?")
     fs, path = storage.resolve(module_uri)
