@@ -250,16 +250,27 @@ def test_maze_time_limit_is_truncation_and_goal_is_termination() -> None:
     assert truncations >= 1 and terminations >= 1
 
 
-def test_reset_without_seed_starts_new_episodes(coinrun: ProcgenVectorEnv) -> None:
-    coinrun.reset()
-    for actions in _random_actions(4, 5, 4):
-        coinrun.step(actions)
-    coinrun.reset()
-    # Statistics restart from the reset: no episode can end before its first step.
-    for t, actions in enumerate(_random_actions(5, 30, 4), start=1):
-        _, _, _, _, info = coinrun.step(actions)
-        if "episode" in info:
-            assert (info["episode"]["l"][info["_episode"]] <= t).all()
+def test_reset_without_seed_starts_new_episodes() -> None:
+    env = ProcgenVectorEnv("coinrun", num_envs=8, seed=0)
+    env.reset()
+    for actions in _random_actions(4, 5, 8):
+        env.step(actions)
+    env.reset()
+    # Statistics restart from the reset: no episode can end with more steps than were taken since.
+    # CoinRun's time limit is 1000 steps, so every sub-env ends at least once in 1000 steps.
+    ended, t = np.zeros(8, bool), 0
+    rng = np.random.default_rng(5)
+    while not ended.all():
+        t += 1
+        assert t <= 1000, f"sub-envs {np.flatnonzero(~ended)} never ended"
+        _, _, term, trunc, info = env.step(rng.integers(0, 15, 8))
+        done = term | trunc
+        if done.any():
+            assert np.array_equal(info["_episode"], done)
+            lengths = info["episode"]["l"][done]
+            assert (lengths <= t).all() and (lengths >= 1).all(), (t, lengths)
+            ended |= done
+    env.close()
 
 
 def test_rgb_array_render() -> None:
