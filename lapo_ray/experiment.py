@@ -10,7 +10,6 @@ import dataclasses
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -163,16 +162,14 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
         curves[variant] = [{**r, "return_vs_demo": norm(r["episode_return"])} for r in rows
                            if r.get("episode_return") is not None]
     plots = {}
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "online.png")
-        plot_return_curves(curves, path, key="return_vs_demo",
-                           title=f"{cfg.game}: return, random policy = 0, demonstrator = 1")
-        plots["online"] = _upload(path, out, "online.png")
-        ks = sorted(int(k) for k in results["decode"])
-        path = os.path.join(d, "offline.png")
-        plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],
-                              [results["decode"][str(k)]["decoder_val_accuracy"] for k in ks], path, cfg.game)
-        plots["offline"] = _upload(path, out, "offline.png")
+    plot_return_curves(curves, storage.join(out, "plots", "online.png"), key="return_vs_demo",
+                       title=f"{cfg.game}: return, random policy = 0, demonstrator = 1")
+    plots["online"] = "plots/online.png"
+    ks = sorted(int(k) for k in results["decode"])
+    plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],
+                          [results["decode"][str(k)]["decoder_val_accuracy"] for k in ks],
+                          storage.join(out, "plots", "offline.png"), cfg.game)
+    plots["offline"] = "plots/offline.png"
     pre_plots = storage.join(out, "pretrain", "plots")
     for name in ("latent_map.png", "training_curves.png"):
         src = storage.join(pre_plots, name)
@@ -185,12 +182,6 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
                                if k.startswith(("train/vq", "val/", "train/wm")) or k == "step"}
     storage.write_bytes(storage.join(out, "report.md"), render_report(cfg, results, norm, plots).encode())
     storage.write_json(storage.join(out, "results.json"), results)
-
-
-def _upload(local: str, out: str, name: str) -> str:
-    with open(local, "rb") as f:
-        storage.write_bytes(storage.join(out, "plots", name), f.read())
-    return f"plots/{name}"
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

@@ -163,3 +163,19 @@ def test_probe_report_carries_every_reference():
     assert (r["nmi_trained"], r["nmi_untrained"]) == (0.3, 0.01)
     assert r["perplexity_trained"] == [12.0, 11.0] and r["probe_best_epoch"] == 3
     assert gap_closed(0.3, 0.2, 0.2) is None
+
+
+def test_plots_go_straight_to_any_storage_uri(tmp_path):
+    """One save_figure for every plot: a PNG lands at a local path or a remote URI, no temp file."""
+    import uuid
+
+    from lapo_ray import storage
+    from lapo_ray.evaluation.plots import plot_latent_map, plot_return_curves
+
+    rng = np.random.default_rng(0)
+    uri = f"memory://plots-{uuid.uuid4().hex[:8]}/latent_map.png"
+    plot_latent_map(rng.standard_normal((200, 8)), rng.integers(0, 15, 200), uri, title="t")
+    assert storage.read_bytes(uri)[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "plots" / "return.png"
+    plot_return_curves({"rl+sl": [{"env_steps": i * 100, "episode_return_norm": i / 10} for i in range(5)]}, str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG" and len(path.read_bytes()) > 1000

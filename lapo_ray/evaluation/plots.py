@@ -1,10 +1,26 @@
-"""PNG plots a person would rather look at than read: loss curves and the latent-action map."""
+"""PNG plots a person would rather look at than read: loss curves and the latent-action map.
+
+Every plot goes straight to a path or storage URI through ``save_figure``."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
+
+from lapo_ray import storage
+
+
+def save_figure(fig, uri: str, dpi: int = 110) -> str:
+    """Render ``fig`` as PNG to ``uri`` (path or URI, written atomically) and close it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        _plt().close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
 
 
 def _plt():
@@ -51,8 +67,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str) -> None:
     ax.set(title="stage 2: latent BC loss", xlabel="step", ylabel="MSE")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -74,8 +89,7 @@ def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: 
     ax.set(title=title or "latent actions (PCA), coloured by true action", xlabel="PC 1", ylabel="PC 2")
     ax.legend(title="action", markerscale=3, fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: str = "episode_return_norm",
@@ -100,8 +114,7 @@ def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: st
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[float], path: str, game: str) -> None:
@@ -115,5 +128,4 @@ def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[
     axes[1].plot(ks, accuracies, marker="o", color="tab:orange")
     axes[1].set(xscale="log", xlabel="labelled frames k", ylim=(0, 1), title="decoder accuracy on held-out triplets")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

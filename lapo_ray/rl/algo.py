@@ -266,8 +266,4 @@ def _plot(out: str, variant: str) -> None:
     from lapo_ray.train.metrics import read_metrics
 
     rows = read_metrics(out)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "return.png")
-        plot_return_curves({variant: rows}, path)
-        with open(path, "rb") as f:
-            storage.write_bytes(storage.join(out, "plots", "return.png"), f.read())
+    plot_return_curves({variant: rows}, storage.join(out, "plots", "return.png"))

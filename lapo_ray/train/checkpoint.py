@@ -107,7 +107,7 @@ def load_latent_policy(uri: str):
     return policy.eval(), cfg
 
 
-def load_supervised_idm(uri: str) -> SupervisedIDM:
+def load_supervised_idm(uri: str) -> torch.nn.Module:
     """The supervised IDM from its checkpoint alone (its config travels with it)."""
     from lapo_ray.evaluation.ceiling import SupervisedIDM
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -99,11 +97,7 @@ def _stage_done(stage_uri: str) -> str | None:
 
 def _save_png(fig_fn, out_uri: str, name: str, *args) -> str:
     uri = storage.join(out_uri, "plots", name)
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, name)
-        fig_fn(*args, local)
-        with open(local, "rb") as f:
-            storage.write_bytes(uri, f.read())
+    fig_fn(*args, uri)
     return uri
 
 
