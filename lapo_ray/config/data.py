@@ -65,6 +65,9 @@ class PipelineConfig:
         default=0.5, metadata={"help": "CPUs per Ray Data transform task; leave room for Train workers"}
     )
     on_bad_files: Literal["raise", "skip"] = "raise"
+    paced_scheduling: bool = field(
+        default=True, metadata={"help": "pause Ray Data's scheduling loop while it spins (lapo_ray.data.pacing)"}
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:

@@ -16,18 +16,16 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
-# The callback interface of Ray Data's executor (a developer API; public in name only).
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from lapo_ray import telemetry
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.data.corpus import decode_frames
+from lapo_ray.data.pacing import pace_scheduling
 from lapo_ray.data.sources import Source
 
 Split = Literal["train", "val", "all"]
@@ -194,74 +192,6 @@ class TripletBatcher:
             yield self._take(len(self.pool_t))
 
 
-class PacedScheduling(ExecutionCallback):
-    """A Ray Data execution callback that slows the streaming executor's scheduling loop only
-    while it spins, and backs off the longer it spins.
-
-    When the consumer (a training step) is the bottleneck, the executor is backpressured: it has
-    no task to wait on, or only tasks whose output it may not read yet, so each step returns in
-    a few milliseconds having changed nothing, and the loop spins. Measured on 2 cores with a
-    200k-frame corpus, the SplitCoordinator then used 0.67 of a core and a 1-worker stage 1 ran
-    at 54 samples/s against 155 for the plain loop. A fixed 50 ms period cut that to 0.08 of a
-    core (148 samples/s), still a sizeable share of 2 cores; a fixed 250 ms period gave ~190 but
-    cut the data benchmark's steady rate from 37k to 23k triplets/s.
-
-    So a step counts as spinning when it took under ``spin_s`` (a step with tasks in flight
-    waits up to 0.1 s in ``ray.wait``), the consumer still has output to read, and no counter of
-    progress moved (tasks submitted or finished, blocks produced, blocks waiting in any queue).
-    Each spinning step doubles the pause, from ``min_pause_s`` up to ``max_pause_s``; any
-    progress, a slow step or a waiting consumer drops it to zero, so a pipeline that keeps up
-    with a fast consumer is never slowed.
-    """
-
-    spin_s = 0.05
-    min_pause_s = 0.01
-    max_pause_s = 0.5
-
-    def __init__(self):
-        super().__init__()
-        self._last = None
-        self._pause = 0.0
-        self._progress = None
-
-    def before_execution_starts(self, executor) -> None:
-        self._last = time.perf_counter()
-
-    @staticmethod
-    def _progress_of(executor) -> tuple | None:
-        """Counters that move whenever the executor does useful work; ``None`` if this Ray
-        version's executor does not expose them (the pause then depends on timing alone)."""
-        try:
-            return tuple(
-                (op.metrics.num_tasks_submitted, op.metrics.num_tasks_finished,
-                 op.metrics.num_task_outputs_generated, state.output_queue.num_blocks,
-                 sum(q.num_blocks for q in state.input_queues))
-                for op, state in executor._topology.items()
-            )
-        except (AttributeError, TypeError):
-            return None
-
-    @staticmethod
-    def _consumer_waiting(executor) -> bool:
-        try:
-            return bool(executor._consumer_idling())
-        except AttributeError:
-            return False
-
-    def on_execution_step(self, executor) -> None:
-        now = time.perf_counter()
-        progress = self._progress_of(executor)
-        spinning = (self._last is not None and now - self._last < self.spin_s
-                    and progress == self._progress and not self._consumer_waiting(executor))
-        self._progress = progress
-        if spinning:
-            self._pause = min(max(2 * self._pause, self.min_pause_s), self.max_pause_s)
-            time.sleep(self._pause)
-        else:
-            self._pause = 0.0
-        self._last = time.perf_counter()
-
-
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None,
                     spec: SplitSpec | None = None):
     """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
@@ -279,8 +209,7 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     ds = source.segments(files)
     # The context travels with the dataset to Ray Train's SplitCoordinator and to every
     # worker's iterator, and so does the callback.
-    if PacedScheduling not in ds.context.custom_execution_callback_classes:
-        ds.context.custom_execution_callback_classes.append(PacedScheduling)
+    pace_scheduling(ds.context, cfg.paced_scheduling)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
     # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
     # across workers still hands blocks to whichever worker asks first).
