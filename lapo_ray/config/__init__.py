@@ -6,7 +6,6 @@ This package imports nothing else of lapo_ray: every other room reads it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from lapo_ray.config.models import (
     PolicyConfig,
     VQConfig,
     WorldModelConfig,
+    config_to_dict,
     cpu_model_config,
     paper_model_config,
 )
@@ -25,7 +25,7 @@ from lapo_ray.config.train import LabelConfig, ProbeConfig, StageConfig, WandbCo
 __all__ = [
     "PROCGEN_GAMES", "CollectConfig", "PipelineConfig", "IDMConfig", "ModelConfig", "PolicyConfig",
     "VQConfig", "WorldModelConfig", "LabelConfig", "ProbeConfig", "StageConfig", "WandbConfig",
-    "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict",
+    "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict", "config_to_dict",
 ]
 
 
@@ -64,10 +64,7 @@ class PretrainConfig:
         self.stage2.validate("stage2")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return config_to_dict(self)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
+from lapo_ray.config import PretrainConfig, config_to_dict, cpu_pretrain, paper_pretrain
 from lapo_ray.config.data import CollectConfig, check_game
 from lapo_ray.config.rl import (
     DecoderConfig,
@@ -67,7 +67,7 @@ class ExperimentConfig:
         return c
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_to_dict(self)
 
 
 def cpu_experiment() -> ExperimentConfig:

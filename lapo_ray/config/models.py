@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The one way a config becomes JSON-able data (``config_from_dict`` reads it back): nested
+    dicts of its fields, tuples as lists once written to JSON."""
+    return dataclasses.asdict(config)
+
+
 @dataclass
 class VQConfig:
     """VQ-EMA bottleneck: `num_codebooks` codebooks of `num_embs` codes of size `emb_dim`.
@@ -83,7 +89,7 @@ class ModelConfig:
         return self.vq.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_to_dict(self)
 
 
 def paper_model_config() -> ModelConfig:

@@ -9,7 +9,6 @@ last, after every collector has finished.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import posixpath
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lapo_ray import storage, telemetry
+from lapo_ray.config import config_to_dict
 from lapo_ray.config.data import CollectConfig
 from lapo_ray.data.corpus import (
     SHARD_DIR,
@@ -190,7 +190,7 @@ def _check_resume(cfg: CollectConfig) -> bool:
             raise CorpusError(f"{cfg.out}: has shards but no {COLLECT_CONFIG}; refusing to mix collections")
         return False
     old = storage.read_json(record_uri)
-    new = dataclasses.asdict(cfg)
+    new = config_to_dict(cfg)
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _IDENTITY_FIELDS if old.get(k) != new[k]]
     if diff:
         raise CorpusError(
@@ -212,7 +212,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     resuming = _check_resume(cfg)
     storage.makedirs(storage.join(cfg.out, SHARD_DIR))
     if not resuming:
-        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), dataclasses.asdict(cfg))
+        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))
 
     budgets = [cfg.frames // cfg.num_workers + (1 if i < cfg.frames % cfg.num_workers else 0)
                for i in range(cfg.num_workers)]
