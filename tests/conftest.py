@@ -19,6 +19,18 @@ os.environ.pop("RAY_AUTH_TOKEN", None)
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: with other processes on a 2-core box, OpenMP threads spinning
+    at barriers made steps 10-30x slower than one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """A local 2-CPU Ray instance for one test module (the size of this project's CI machine)."""
     import ray

@@ -20,14 +20,7 @@ from lapo_ray.models import LatentDynamics, VQEmbeddingEMA, build_models, frames
 from lapo_ray.models.world_model import BroadcastConv, PatchConvTranspose2d, WholeInputConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny; with other processes on a 2-core box, OpenMP threads spinning at
-    # barriers made steps 10-30x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frames(batch: int, size: int = 64, seed: int = 0) -> torch.Tensor:
