@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lapo_ray.config.experiment import cpu_experiment
-from lapo_ray.experiment import _demo_norm, verdict
+from lapo_ray.evaluation.reports import demo_norm, verdict
 
 
 def test_resolved_config_threads_game_seed_and_folders_through_every_stage():
@@ -34,9 +34,9 @@ def test_bad_experiment_flags_are_named():
 
 
 def test_returns_are_normalised_between_random_and_demonstrator():
-    assert _demo_norm(3.0, random_raw=2.0, demo_raw=6.0) == 0.25
-    assert _demo_norm(2.0, 2.0, 6.0) == 0.0 and _demo_norm(6.0, 2.0, 6.0) == 1.0
-    assert math.isnan(_demo_norm(3.0, 2.0, 2.0))  # a demonstrator no better than random defines no scale
+    assert demo_norm(3.0, random_raw=2.0, demo_raw=6.0) == 0.25
+    assert demo_norm(2.0, 2.0, 6.0) == 0.0 and demo_norm(6.0, 2.0, 6.0) == 1.0
+    assert math.isnan(demo_norm(3.0, 2.0, 2.0))  # a demonstrator no better than random defines no scale
 
 
 def _results(mean_latent: float, mean_scratch: float, std: float = 2.0, episodes: int = 16):
@@ -79,11 +79,11 @@ def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> 
 
 
 def test_report_states_seeds_budget_versions_and_the_verdict():
-    from lapo_ray.experiment import render_report
+    from lapo_ray.evaluation.reports import render_experiment_report
 
     cfg = cpu_experiment()
     res = _full_results()
-    text = render_report(cfg, res, lambda raw: _demo_norm(raw, 2.0, 8.0), {"online": "plots/online.png",
+    text = render_experiment_report(cfg, res, lambda raw: demo_norm(raw, 2.0, 8.0), {"online": "plots/online.png",
                                                                             "offline": "plots/offline.png"})
     assert "lapo_ray commit `aaaaaaaaaaaa`; Python 3.11.7, Ray 2.60.0, PyTorch 2.13.0" in text
     assert "report written at" not in text
@@ -101,13 +101,13 @@ def test_report_states_seeds_budget_versions_and_the_verdict():
     assert "gap closed: 0.50" in text and "| majority action | 0.150 |" in text
     assert "| 0.210 | 0.004 |" in text and "| 12.3, 11.0 | 1.2, 1.0 |" in text
     assert "says nothing about the action" in text and "best validation epoch 17" in text
-    resumed = render_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
+    resumed = render_experiment_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
                             {"online": "o.png", "offline": "f.png"})
     assert "(report written at `bbbbbbbbbbbb`)" in resumed
 
 
 def test_a_lost_comparison_names_its_measured_causes():
-    from lapo_ray.experiment import render_report
+    from lapo_ray.evaluation.reports import render_experiment_report
 
     res = _full_results()
     res["finetune"]["rl+sl"]["evaluation"]["train_levels"]["return_mean"] = 4.2  # within noise of scratch
@@ -115,7 +115,7 @@ def test_a_lost_comparison_names_its_measured_causes():
     res["pretrain"]["probe"].update(probe_acc=0.2, gap_closed=0.0, stage1_steps=1357)
     res["stage1_final"] = {"train/vq_usage_cb0": 0.98, "train/vq_usage_cb1": 0.97, "train/vq_perplexity_cb0": 13.5,
                            "train/vq_perplexity_cb1": 12.3, "val/wm_loss": 0.0034}
-    text = render_report(cpu_experiment(), res, lambda raw: _demo_norm(raw, 2.0, 3.0),
+    text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 3.0),
                          {"online": "o.png", "offline": "f.png"})
     assert "**is not distinguishable from**" in text and "### Why not" in text
     assert "3.00 against the random policy's 2.00 (difference +1.00, 1.4 standard errors)" in text
@@ -124,5 +124,5 @@ def test_a_lost_comparison_names_its_measured_causes():
     assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text
     assert "Codes in use are no evidence of action information" in text and "collapsed" not in text
     assert "k = 4,096 labelled frames" in text and "RL + SL decoder ends at 0.80" in text
-    assert "### Why not" not in render_report(cpu_experiment(), _full_results(), lambda raw: raw,
+    assert "### Why not" not in render_experiment_report(cpu_experiment(), _full_results(), lambda raw: raw,
                                               {"online": "o.png", "offline": "f.png"})

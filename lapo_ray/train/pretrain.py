@@ -324,58 +324,6 @@ def _latent_map(latents, actions, path):
 
 
 def write_report(out: str, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    lines = ["# lapo_ray pretraining report", "", f"Source: `{summary['source']['name']}` "
-             f"({summary['source']['frames']:,} frames, {summary['source']['episodes']:,} episodes, "
-             f"{summary['source']['triplets']:,} triplets).", ""]
-    if "probe" in summary:
-        lines += probe_lines(summary["probe"]) + ["", "![latent map](plots/latent_map.png)", ""]
-    last = {}
-    for r in rows:
-        last[r["stage"]] = r
-    for stage in ("stage1", "stage2"):
-        if stage in last:
-            r = last[stage]
-            lines += [f"## {stage}", "", f"step {r['step']}, {r['samples_per_s']:.0f} samples/s "
-                      f"({r['world_size']} worker(s)), data wait {100 * r['data_wait_frac']:.0f}%", ""]
-            lines += [f"- {k}: {v:.4g}" for k, v in sorted(r.items()) if "/" in k and isinstance(v, float)]
-            lines.append("")
-    lines += ["![training curves](plots/training_curves.png)", ""]
-    storage.write_bytes(storage.join(out, "report.md"), "\n".join(lines).encode())
+    from lapo_ray.evaluation.reports import render_pretrain_report
 
-
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "n/a"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(format(x, ".1f") for x in v)
-    return format(v, spec)
-
-
-def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
-    """probe.json as markdown: accuracies with their references, then what the codes carry."""
-    lines = ["## Latent-action probe (held-out episodes)", ""] if heading else []
-    lines += ["| probe on held-out triplets | accuracy |", "|---|---|",
-              f"| trained IDM (no labels) | {_fmt(p.get('probe_acc'))} |",
-              f"| floor: untrained IDM | {_fmt(p.get('floor_untrained_idm'))} |",
-              f"| majority action | {_fmt(p.get('majority_rate'))} |"]
-    if "ceiling_supervised_idm" in p:
-        lines.append(f"| ceiling: same probe on an IDM trained on the true actions | "
-                     f"{_fmt(p.get('ceiling_supervised_idm'))} |")
-    if "direct_supervised_classifier" in p:
-        lines.append(f"| direct supervised classifier (that IDM's own action head; not a probe) | "
-                     f"{_fmt(p.get('direct_supervised_classifier'))} |")
-    if "gap_closed" in p:
-        closed = ("undefined (the ceiling is not above the floor)" if p["gap_closed"] is None
-                  else f"{p['gap_closed']:.2f}")
-        lines += ["", f"**Share of the floor-to-ceiling gap closed: {closed}**"]
-    if "nmi_trained" in p:
-        lines += ["", "| discrete codes vs true actions (no training) | trained IDM | untrained IDM |",
-                  "|---|---|---|",
-                  f"| normalised mutual information (chance-corrected, 1 = code determines action) | "
-                  f"{_fmt(p.get('nmi_trained'))} | {_fmt(p.get('nmi_untrained'))} |",
-                  f"| codebook perplexity (codes in use; says nothing about the action) | "
-                  f"{_fmt(p.get('perplexity_trained'))} | {_fmt(p.get('perplexity_untrained'))} |"]
-    lines += ["", f"Probe: {p.get('n_train', '?')} train / {p.get('n_val', '?')} validation / "
-              f"{p.get('n_test', '?')} test triplets (split by episode), best validation epoch "
-              f"{p.get('probe_best_epoch', '?')}, after {p.get('stage1_steps', '?')} stage-1 steps."]
-    return lines
+    storage.write_bytes(storage.join(out, "report.md"), render_pretrain_report(summary, rows).encode())
