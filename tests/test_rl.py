@@ -463,8 +463,8 @@ def test_decoder_rl_grad_flag_restores_the_joint_update(pretrain_dir, tmp_path):
 
 
 def test_finetune_metrics_time_each_iteration_not_a_moving_average(ray_local, tmp_path, monkeypatch):
-    # RLlib's timers are EMAs (coefficient 0.01): a learner update that takes one second longer in
-    # the third iteration moved them by ~0.01 s (the first iteration is slow anyway: warm-up). metrics.jsonl must show the second itself, and
+    # RLlib's timers are EMAs (coefficient 0.01): a learner update that takes three seconds longer in
+    # the third iteration moved them by ~0.03 s (the first iteration is slow anyway: warm-up). metrics.jsonl must show the second itself, and
     # the parts must fit inside the iteration's wall time.
     from ray.rllib.core.learner.learner_group import LearnerGroup
 
@@ -479,7 +479,7 @@ def test_finetune_metrics_time_each_iteration_not_a_moving_average(ray_local, tm
         if len(calls) == 3:
             import time
 
-            time.sleep(1.0)
+            time.sleep(3.0)  # far above the noise of a learner update on 2 busy cores (seen: +-0.6 s)
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(LearnerGroup, "update", update_slow_once)
@@ -489,7 +489,7 @@ def test_finetune_metrics_time_each_iteration_not_a_moving_average(ray_local, tm
     rows = read_metrics(cfg.out)
     assert len(rows) == 4 and len(calls) == 4
     learn = [r["learn_seconds"] for r in rows]
-    assert learn[2] - learn[1] > 0.9 and learn[2] - learn[3] > 0.9, learn
+    assert learn[2] - max(learn[1], learn[3]) > 2.0, learn  # an EMA would have moved by ~0.03 s
     for r in rows:
         assert 0 < r["sample_seconds"] and 0 < r["learn_seconds"]
         assert r["sample_seconds"] + r["learn_seconds"] <= r["iteration_seconds"]
