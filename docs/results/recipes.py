@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="artifacts/recipes")
     ap.add_argument("--table", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.md"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--frames", type=int, default=30_000)
     ap.add_argument("--seed", type=int, default=0)
