@@ -32,11 +32,9 @@ CONFIGS = {
     "shift4": {"stage1.augment": "shift", "stage1.shift_pad": 4},
     "novq": {"model.vq.enabled": False},
 }
-PRIORITY = [(g, c) for c in ("baseline", "labels512", "change5") for g in GAMES]
-PRIORITY = sorted(PRIORITY, key=lambda gc: GAMES.index(gc[0]))
-PRIORITY += [("coinrun", "shift4"), ("coinrun", "novq"), ("coinrun", "labels512w002")]
-PRIORITY += [(g, "labels512w002") for g in GAMES[1:]]
-PRIORITY += [(g, c) for g in GAMES[1:] for c in ("shift4", "novq")]
+PRIORITY = [(g, c) for g in GAMES for c in ("baseline", "labels512w002", "change5")]
+PRIORITY += [("coinrun", "labels512"), ("coinrun", "shift4"), ("coinrun", "novq")]
+PRIORITY += [(g, c) for g in GAMES[1:] for c in ("labels512", "shift4", "novq")]
 
 
 def base_config(args, game: str, name: str):
