@@ -133,7 +133,8 @@ def cpu_pretrain() -> PretrainConfig:
         # 0.070 vs labels (0.02) 0.069 and change 0.083 (floor 0.063, ceiling 0.081: a gap of
         # 0.018, within one run's noise). Change weighting won on jumper only and lost on the
         # other two; labels lost on coinrun and cut the codes' NMI on all three. Shift
-        # augmentation gave coinrun 0.165 (gap 0.69 vs 0.40) but ran on coinrun only, once.
+        # augmentation (0.165, gap 0.69 vs 0.40) and the continuous latent (0.164, gap 0.66) led
+        # on coinrun but ran on coinrun only, once each: candidates, not yet defaults.
     )
 
 
