@@ -41,6 +41,10 @@ class VQConfig:
     # All-reduce the per-batch code counts and sums across data-parallel ranks before the EMA
     # update, so every rank holds the codebook a single worker would learn on the global batch.
     sync_ema: bool = True
+    # False passes the IDM's continuous latent to the world model unquantised (a continuous
+    # latent action, as LAOM, Nikulin et al. 2025, found better than VQ under distractors); the
+    # codes are then all zero and the code-action NMI does not apply.
+    enabled: bool = True
 
     @property
     def latent_dim(self) -> int:

@@ -29,6 +29,8 @@ class IDM(nn.Module):
         `codes` (B, num_codebooks, num_discrete_latents), `vq_loss`, `perplexity`, `usage`.
         """
         latent = self.head(self.encoder(x))
+        if not self.vq.cfg.enabled:
+            return self._continuous(latent)
         latent_q, latent, codes, vq = self.vq(latent, update=update_codebook)
         return {
             "latent": latent,
@@ -37,4 +39,20 @@ class IDM(nn.Module):
             "vq_loss": vq["loss"],
             "perplexity": vq["perplexity"],
             "usage": vq["usage"],
+        }
+
+    def _continuous(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """No bottleneck: the world model sees the latent itself. Zero codes keep the output's
+        shape for code consumers; zero loss and perplexity keep the metric set fixed."""
+        c = self.vq.cfg
+        latent = latent.float()
+        zero = latent.new_zeros(())
+        return {
+            "latent": latent,
+            "latent_q": latent,
+            "codes": torch.zeros(latent.shape[0], c.num_codebooks, c.num_discrete_latents, dtype=torch.int64,
+                                 device=latent.device),
+            "vq_loss": zero,
+            "perplexity": latent.new_zeros(c.num_codebooks),
+            "usage": latent.new_zeros(c.num_codebooks),
         }

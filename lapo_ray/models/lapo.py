@@ -14,18 +14,23 @@ from lapo_ray.models.impala import frames_to_input, stack_frames
 from lapo_ray.models.policy import LatentPolicy
 from lapo_ray.models.world_model import WorldModel
 
+NUM_ACTIONS = 15  # every Procgen game
+
 
 class LatentDynamics(nn.Module):
     """IDM + world model. The world model must reconstruct o[t+1] from o[t-1], o[t] and the IDM's
     quantised latent, so the latent is forced to carry what changed; the VQ bottleneck keeps it
     from simply carrying o[t+1] itself."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, action_head: bool = False):
         super().__init__()
         self.cfg = cfg
         c, s = cfg.channels, cfg.frame_size
         self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * c, frame_size=s)
         self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels, norm=cfg.wm.norm)
+        # Only with --stage1.action-labels: a linear map from the continuous (pre-quantisation)
+        # latent to the 15 actions, as in LAOM, so the few labels shape the latent itself.
+        self.action_head = nn.Linear(cfg.latent_dim, NUM_ACTIONS) if action_head else None
         # Conv weights in channels-last too, matching the input: measured on 2 AVX2 cores,
         # 5-10% faster steps than a channels-last input alone, 15-30% faster than plain NCHW.
         self.to(memory_format=torch.channels_last)
@@ -43,6 +48,8 @@ class LatentDynamics(nn.Module):
         target = x[:, 2].contiguous(memory_format=torch.channels_last)
         wm_loss = F.mse_loss(pred.float(), target)
         out.update(pred=pred, wm_loss=wm_loss, loss=wm_loss + out["vq_loss"])
+        if self.action_head is not None:
+            out["action_logits"] = self.action_head(out["latent"].float())
         return out
 
     @torch.no_grad()

@@ -91,7 +91,10 @@ def load_dynamics(uri: str):
     from lapo_ray.models import LatentDynamics
 
     with local_checkpoint(uri) as d:
-        model = LatentDynamics(config_from_dict(ModelConfig, read_checkpoint_config(d)["model"]))
+        cfg = read_checkpoint_config(d)
+        # A run with --stage1.action-labels saved its label head too.
+        head = int(cfg.get("stage1", {}).get("action_labels", 0) or 0) > 0
+        model = LatentDynamics(config_from_dict(ModelConfig, cfg["model"]), action_head=head)
         load_checkpoint(d, model)
     return model.eval()
 

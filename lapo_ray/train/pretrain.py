@@ -140,6 +140,20 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
                          "--allow-config-change true to continue that run with this config")
 
 
+def stage1_task(cfg: PretrainConfig, scan, spec: SplitSpec, probe: ProbeSet | None) -> Stage1Task:
+    """Stage 1's task with its recipe options; the labelled share is sized from the training
+    split's triplet count (episodes are about equally long, so the episode share stands in)."""
+    from lapo_ray.train.recipes import label_fraction
+
+    n_eps = max(1, len(scan.episode_ids))
+    train_share = 1.0 - (len(spec.val_episodes or ()) / n_eps)
+    frac = label_fraction(cfg.stage1.action_labels, int(scan.triplets * train_share))
+    if cfg.stage1.action_labels > 0:
+        print(f"stage 1: action labels on about {cfg.stage1.action_labels} training triplets "
+              f"(hash fraction {frac:.4g} of ~{int(scan.triplets * train_share)})", flush=True)
+    return Stage1Task(cfg.model, cfg.probe, probe, recipe=cfg.stage1, label_fraction=frac)
+
+
 def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
     return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
 
@@ -204,8 +218,10 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     test = probe_halves(episodes)
     acc = {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg.probe, episode_ids=episodes)
            for name in encoders}
+    # Without VQ (--model.vq.enabled false) there are no codes: NMI and perplexity are n/a.
+    code_names = ("trained", "untrained") if cfg.model.vq.enabled else ()
     codes = {name: {"nmi": code_action_nmi(enc[f"{name}/codes"], actions),
-                    "perplexity": codebook_perplexity(enc[f"{name}/codes"])} for name in ("trained", "untrained")}
+                    "perplexity": codebook_perplexity(enc[f"{name}/codes"])} for name in code_names}
     for name in codes:
         # Per codebook too: the whole tuple can have nearly as many values as there are triplets
         # (16^4 in the cpu preset), which leaves the chance-corrected estimate little room.
@@ -263,7 +279,7 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
         if ckpt is None:
             t0 = time.monotonic()
             result = fit_stage(
-                Stage1Task(cfg.model, cfg.probe, probe), cfg.stage1, cfg.data,
+                stage1_task(cfg, scan, spec, probe), cfg.stage1, cfg.data,
                 triplet_dataset(source, "train", cfg.data, scan.files, spec),
                 triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
                 out, run_config, MetricsSink(out, "stage1", cfg.wandb, run_config),

@@ -8,9 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lapo_ray.config import ModelConfig, ProbeConfig
+from lapo_ray.config import ModelConfig, ProbeConfig, StageConfig
 from lapo_ray.evaluation.ceiling import SupervisedIDM, labelled_loss
 from lapo_ray.models import LatentDynamics, LatentPolicy
+from lapo_ray.models.impala import frames_to_input
+from lapo_ray.train.recipes import change_weights, labelled_mask, random_shift
 
 # The input pipelines (Ray Data, pyarrow) are imported inside ``batches`` only: the models and
 # the training step then run on a machine with PyTorch alone.
@@ -38,9 +40,18 @@ class Stage1Task:
     probe_cfg: ProbeConfig = field(default_factory=ProbeConfig)
     probe_set: ProbeSet | None = None
     name: str = "stage1"
+    # The recipe options (StageConfig.action_labels, change_weight, augment; docs/recipes.md).
+    # None: the plain LAPO objective.
+    recipe: StageConfig | None = None
+    # Share of the training triplets in the labelled subset (recipes.label_fraction), set by the
+    # caller, who knows how many training triplets the corpus has.
+    label_fraction: float = 0.0
 
     def build(self) -> torch.nn.Module:
-        return LatentDynamics(self.model_cfg)
+        return LatentDynamics(self.model_cfg, action_head=self._labels())
+
+    def _labels(self) -> bool:
+        return self.recipe is not None and self.recipe.action_labels > 0
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         from lapo_ray.data.triplets import torch_batches
@@ -50,12 +61,32 @@ class Stage1Task:
                              device=device)
 
     def loss(self, model, batch):
-        out = model(batch["frames"])
-        metrics = {"loss": out["loss"], "wm_loss": out["wm_loss"], "vq_loss": out["vq_loss"]}
+        r = self.recipe
+        frames = batch["frames"]
+        if r is not None and r.augment == "shift":
+            frames = random_shift(frames, r.shift_pad)
+        out = model(frames)
+        loss = out["loss"]
+        metrics = {"wm_loss": out["wm_loss"], "vq_loss": out["vq_loss"]}
+        if r is not None and r.change_weight > 0:
+            x = frames_to_input(frames)
+            target = x[:, 2].contiguous(memory_format=torch.channels_last)
+            weighted = (change_weights(x, r.change_weight) * (out["pred"].float() - target) ** 2).mean()
+            loss = weighted + out["vq_loss"]
+            metrics["wm_loss_weighted"] = weighted
+        if self._labels():
+            mask = labelled_mask(batch, self.label_fraction)
+            ce = F.cross_entropy(out["action_logits"], batch["action"].clamp(min=0), reduction="none")
+            n = mask.sum()
+            label_loss = (ce * mask).sum() / n.clamp(min=1)
+            loss = loss + r.action_label_weight * label_loss
+            hit = (out["action_logits"].argmax(-1) == batch["action"]) & mask
+            metrics.update(label_loss=label_loss, label_acc=hit.sum() / n.clamp(min=1), labelled_rows=n.float())
+        metrics["loss"] = loss
         for i in range(self.model_cfg.vq.num_codebooks):
             metrics[f"vq_perplexity_cb{i}"] = out["perplexity"][i]
             metrics[f"vq_usage_cb{i}"] = out["usage"][i]
-        return out["loss"], metrics
+        return loss, metrics
 
     def validate(self, model, batches):
         losses = torch.stack([model(b["frames"])["wm_loss"].float() for b in batches]).tolist()
