@@ -12,7 +12,6 @@ whose JSON exists is skipped, so the script resumes where it stopped. The table 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
