@@ -19,7 +19,7 @@ from lapo_ray import storage
 from lapo_ray.config.experiment import ExperimentConfig
 from lapo_ray.config.rl import DecodeConfig, EvaluateConfig
 
-STEPS = ("demonstrator", "random", "collect", "pretrain", "finetune", "decode", "report")
+STEPS = ("demonstrator", "random", "collect", "majority", "pretrain", "finetune", "decode", "report")
 
 
 def _marker(out: str, name: str) -> str:
@@ -56,7 +56,7 @@ def versions() -> dict[str, str]:
 def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]:
     from lapo_ray.data.collect import collect
     from lapo_ray.envs import NUM_ACTIONS
-    from lapo_ray.evaluation.rollout import evaluate_policy
+    from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets, evaluate_policy
     from lapo_ray.rl.algo import finetune
     from lapo_ray.rl.decode import decode_offline
     from lapo_ray.rl.evaluate import POLICY_FACTORIES, evaluate_agent
@@ -109,10 +109,24 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
 
     results["pretrain"] = _step(out, "pretrain", pretrain_step)
 
-    online: dict[str, Any] = {}
-    for variant in cfg.variant_list():
-        ft = dataclasses.replace(c.finetune, out=storage.join(out, f"finetune-{variant}"),
-                                 scratch=variant == "scratch",
+    def majority_step() -> dict[str, Any]:
+        import torch
+
+        action = majority_action(c.collect.out)
+
+        def constant(obs):
+            logits = torch.full((len(obs), NUM_ACTIONS), -1e9)
+            logits[:, action] = 0.0
+            return logits
+
+        return {"action": action, **evaluate_on_both_level_sets(constant, c.finetune.env, ev, "majority action")}
+
+    results["majority"] = _step(out, "majority", majority_step)
+
+    online: dict[str, list[dict[str, Any]]] = {}
+    for variant, seed in cfg.online_runs():
+        ft = dataclasses.replace(c.finetune, out=storage.join(out, f"finetune-{variant}-s{seed}"),
+                                 scratch=variant == "scratch", seed=seed,
                                  ppo=dataclasses.replace(c.finetune.ppo, decoder_sl=variant == "rl+sl"))
 
         def run_variant(ft=ft) -> dict[str, Any]:
@@ -120,10 +134,10 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
             summary = finetune(ft)
             seconds = time.time() - t0
             report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=ev))
-            return {"finetune": summary, "evaluation": report, "wall_seconds": seconds,
-                    "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
+            return {"seed": ft.seed, "out": ft.out, "finetune": summary, "evaluation": report,
+                    "wall_seconds": seconds, "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
 
-        online[variant] = _step(out, f"finetune-{variant}", run_variant)
+        online.setdefault(variant, []).append(_step(out, f"finetune-{variant}-s{seed}", run_variant))
     results["finetune"] = online
 
     offline: dict[str, Any] = {}
@@ -138,11 +152,19 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     return results
 
 
+def majority_action(corpus: str) -> int:
+    """The corpus's most frequent action: the agent that always plays it is the floor offline
+    decoding must beat (a decoder that learned nothing from the latents converges to it)."""
+    from lapo_ray.data.corpus import read_actions
+
+    return int(np.bincount(read_actions(corpus)).argmax())
+
+
 # ---- report ------------------------------------------------------------------------------
 
 
 def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
-    from lapo_ray.evaluation.plots import plot_offline_decoding, plot_return_curves
+    from lapo_ray.evaluation.plots import plot_offline_decoding, plot_seed_curves
     from lapo_ray.evaluation.reports import demo_norm, render_experiment_report
     from lapo_ray.train.metrics import read_metrics
 
@@ -151,14 +173,13 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
     rand_raw = results["random"]["train_levels"]["return_mean"]
     norm = lambda raw: demo_norm(raw, rand_raw, demo_raw)  # noqa: E731
 
-    curves = {}
-    for variant in results["finetune"]:
-        rows = read_metrics(storage.join(out, f"finetune-{variant}"))
-        curves[variant] = [{**r, "return_vs_demo": norm(r["episode_return"])} for r in rows
-                           if r.get("episode_return") is not None]
+    curves = {variant: [[{**r, "return_vs_demo": norm(r["episode_return"])}
+                         for r in read_metrics(run["out"]) if r.get("episode_return") is not None]
+                        for run in runs]
+              for variant, runs in results["finetune"].items()}
     plots = {}
-    plot_return_curves(curves, storage.join(out, "plots", "online.png"), key="return_vs_demo",
-                       title=f"{cfg.game}: return, random policy = 0, demonstrator = 1")
+    plot_seed_curves(curves, storage.join(out, "plots", "online.png"), key="return_vs_demo",
+                     title=f"{cfg.game}: training return, random policy = 0, demonstrator = 1 (mean, 95% band)")
     plots["online"] = "plots/online.png"
     ks = sorted(int(k) for k in results["decode"])
     plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],

@@ -39,32 +39,69 @@ def test_returns_are_normalised_between_random_and_demonstrator():
     assert math.isnan(demo_norm(3.0, 2.0, 2.0))  # a demonstrator no better than random defines no scale
 
 
-def _results(mean_latent: float, mean_scratch: float, std: float = 2.0, episodes: int = 16):
-    ev = lambda m: {"evaluation": {"train_levels": {"return_mean": m, "return_std": std, "episodes": episodes}},  # noqa: E731
-                    "finetune": {"env_steps": 75_000}}
-    return {"finetune": {"rl+sl": ev(mean_latent), "scratch": ev(mean_scratch)}}
+def _run(mean: float, seed: int = 0, std: float = 2.0, episodes: int = 100, acc: float = float("nan")):
+    ev = {"return_mean": mean, "return_std": std, "episodes": episodes, "return_norm_mean": mean / 10}
+    return {"seed": seed, "out": f"finetune-s{seed}", "finetune": {"env_steps": 60_000, "decoder_accuracy": acc},
+            "evaluation": {"train_levels": ev, "held_out_levels": ev}, "wall_seconds": 600.0,
+            "env_steps_per_s": 125.0}
 
 
-def test_verdict_says_beats_only_beyond_two_standard_errors():
-    # Standard error of the difference: hypot(2/4, 2/4) = 0.707; two of them: 1.41.
-    assert "**beats**" in verdict({"rl+sl": 0.6, "scratch": 0.2}, _results(6.0, 4.5))
-    assert "**is not distinguishable from**" in verdict({"rl+sl": 0.3, "scratch": 0.2}, _results(5.0, 4.5))
-    text = verdict({"rl+sl": 0.0, "scratch": 0.5}, _results(3.0, 4.5))
-    assert "**does worse than**" in text and "raw difference -1.50" in text and "75,000 environment steps" in text
+def _results(latent: list[float], scratch: list[float]) -> dict:
+    return {"finetune": {"rl+sl": [_run(m, i) for i, m in enumerate(latent)],
+                         "scratch": [_run(m, i) for i, m in enumerate(scratch)]}}
+
+
+def test_verdict_uses_welch_t_over_seeds_and_says_ahead_only_beyond_the_95_interval():
+    # Per-seed means 6.0, 6.5, 7.0 vs 4.0, 4.5, 5.0: difference 2.0, each side's SE 0.289, SE of the
+    # difference 0.408, 4 degrees of freedom, t(0.975, 4) = 2.776: interval 2.0 +- 1.13.
+    text = verdict(_results([6.0, 6.5, 7.0], [4.0, 4.5, 5.0]))
+    assert "**is ahead of**" in text and "+2.00" in text and "[+0.87, +3.13]" in text
+    assert "Welch t on 3 vs 3 seeds (4.0 degrees of freedom" in text and "60,000 environment steps" in text
+    # A larger mean difference with seeds that disagree is not a win: the interval spans zero.
+    assert "**cannot be told apart from**" in verdict(_results([3.0, 9.0, 6.5], [4.0, 4.5, 5.0]))
+    assert "**is behind**" in verdict(_results([2.0, 2.5, 3.0], [4.0, 4.5, 5.0]))
+
+
+def test_one_seed_each_falls_back_to_an_episode_interval():
+    # SE of each 100-episode mean: 2.0 * sqrt(100/99) / 10 = 0.201; of the difference 0.284; 1.96 of them 0.557.
+    text = verdict(_results([5.0], [4.0]))
+    assert "**is ahead of**" in text and "[+0.44, +1.56]" in text and "100 vs 100 episodes" in text
+
+
+def test_mean_intervals_and_curve_bands_are_student_t():
+    import numpy as np
+
+    from lapo_ray.evaluation.stats import curve_band, mean_interval
+
+    m, half = mean_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)
+    assert math.isnan(mean_interval([1.0])[1])
+    grid = np.array([0.0, 50.0, 100.0, 150.0])
+    mean, half = curve_band([[(0, 0.0), (100, 1.0)], [(0, 1.0), (100, 2.0)], [(0, 2.0), (100, 3.0), (150, 3.0)]], grid)
+    assert mean[:3].tolist() == [1.0, 1.5, 2.0] and half[1] == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert mean[3] == 3.0 and math.isnan(half[3])  # only one run reaches 150: no extrapolation of the others
+
+
+def test_online_runs_interleave_variants_seed_by_seed():
+    cfg = cpu_experiment()
+    assert cfg.game == "coinrun" and cfg.seeds == 3 and cfg.eval.episodes >= 100
+    assert cfg.online_runs() == [("rl+sl", 0), ("rl", 0), ("scratch", 0), ("rl+sl", 1), ("scratch", 1),
+                                 ("rl+sl", 2), ("scratch", 2)]
+    cfg.seeds = 0
+    with pytest.raises(ValueError, match="--seeds must be at least 1, got 0"):
+        cfg.validate()
 
 
 def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> dict:
-    ev = lambda m: {"return_mean": m, "return_std": 2.0, "episodes": 16, "return_norm_mean": m / 10}  # noqa: E731
+    ev = lambda m: {"return_mean": m, "return_std": 2.0, "episodes": 100, "return_norm_mean": m / 10}  # noqa: E731
     versions = lambda c: {"python": "3.11.7", "ray": "2.60.0", "torch": "2.13.0", "numpy": "1.26.4",  # noqa: E731
                           "lapo_ray_commit": c, "machine": "x86_64", "cpus": "2"}
-    online = lambda m, acc: {"finetune": {"env_steps": 75_000, "decoder_accuracy": acc},  # noqa: E731
-                             "evaluation": {"train_levels": ev(m), "held_out_levels": ev(m)},
-                             "wall_seconds": 600.0, "env_steps_per_s": 125.0}
     return {
         "versions": versions(run_commit), "report_versions": versions(report_commit), "preset": "cpu",
         "demonstrator": {"finetune": {"env_steps": 200_000, "env_steps_per_s": 140.0},
                          "evaluation": {"train_levels": ev(8.0)}, "wall_seconds": 1500.0},
-        "random": {"train_levels": ev(2.0), "wall_seconds": 60.0},
+        "random": {"train_levels": ev(2.0), "held_out_levels": ev(2.0), "wall_seconds": 60.0},
+        "majority": {"action": 7, "train_levels": ev(2.5), "held_out_levels": ev(2.5), "wall_seconds": 60.0},
         "collect": {"frames": 50_000, "episodes": 300, "frames_per_s": 400.0, "wall_seconds": 125.0},
         "pretrain": {"probe": {"probe_acc": 0.4, "floor_untrained_idm": 0.2, "ceiling_supervised_idm": 0.6,
                                "majority_rate": 0.15, "gap_closed": 0.5, "direct_supervised_classifier": 0.62,
@@ -72,28 +109,40 @@ def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> 
                                "perplexity_untrained": [1.2, 1.0], "n_train": 8000, "n_val": 2000,
                                "n_test": 10000, "probe_best_epoch": 17, "stage1_steps": 2500},
                      "stage1": {"steps": 2_500}, "wall_seconds": 1200.0},
-        "finetune": {"rl+sl": online(6.5, 0.8), "rl": online(5.0, float("nan")), "scratch": online(4.0, float("nan"))},
-        "decode": {str(k): {"decoder_val_accuracy": 0.3, "agent_val_accuracy": 0.25, "train_levels": ev(3.0),
-                            "wall_seconds": 30.0} for k in (16, 4096)},
+        "finetune": {"rl+sl": [_run(m, i, acc=0.8) for i, m in enumerate([6.0, 6.5, 7.0])],
+                     "rl": [_run(5.0)],
+                     "scratch": [_run(m, i) for i, m in enumerate([4.0, 4.5, 5.0])]},
+        "decode": {str(k): {"decoder_val_accuracy": 0.3, "agent_val_accuracy": 0.25, "train_levels": ev(3.5),
+                            "wall_seconds": 30.0} for k in (16, 256)},
     }
 
 
-def test_report_states_seeds_budget_versions_and_the_verdict():
+def test_report_states_seeds_budget_versions_the_metric_and_both_verdicts():
     from lapo_ray.evaluation.reports import render_experiment_report
 
     cfg = cpu_experiment()
     res = _full_results()
     text = render_experiment_report(cfg, res, lambda raw: demo_norm(raw, 2.0, 8.0), {"online": "plots/online.png",
-                                                                            "offline": "plots/offline.png"})
+                                                                                    "offline": "plots/offline.png"})
     assert "lapo_ray commit `aaaaaaaaaaaa`; Python 3.11.7, Ray 2.60.0, PyTorch 2.13.0" in text
     assert "report written at" not in text
-    assert "Experiment seed 0" in text and "seeded 12345" in text and "held-out levels start at 1,000,000" in text
-    assert "Demonstrator: 200,000 PPO steps" in text and "Corpus: 50,000 frames" in text
-    assert "12 min (ran 2,500 steps" in text and "75,000 env steps per variant" in text
-    # 1500 + 60 + 125 + 1200 + 3 x 600 + 2 x 30 seconds = 4745 s = 79 min
-    assert "Total wall time: **79 min**" in text
-    assert "| rl+sl | 75,000 | 10.0 min | 125 | 6.50 ± 0.50 | 0.75 |" in text
-    assert "**beats**" in text  # 6.5 vs 4.0 with two standard errors of 1.41
+    assert "Online PPO seeds: 0, 1, 2 for rl+sl (3), rl (1), scratch (3)" in text
+    assert "seeded 12345" in text and "held-out levels start at 1,000,000" in text
+    assert f"Demonstrator: {cfg.demonstrator.ppo.env_steps:,} PPO steps" in text
+    assert f"Corpus: {cfg.collect.frames:,} frames" in text and "(ran 2,500 steps" in text
+    assert "chosen before the run:** final return" in text
+    # 1500 + 60 + 60 + 125 + 1200 + 7 x 600 + 2 x 30 seconds = 7205 s = 120 min
+    assert "Total wall time: **120 min**" in text
+    # rl+sl: mean 6.5, t(0.975, 2) x 0.5 / sqrt(3) = 1.24; (6.5 - 2) / 6 = 0.75 of the demonstrator.
+    assert "| rl+sl | 3 | 60,000 | 10.0 min | 125 | 6.50 ± 1.24 | 0.75 | 0.65 |" in text
+    assert "| rl | 1 | 60,000 | 10.0 min | 125 | 5.00 | 0.50 |" in text
+    assert "| rl+sl | 6.00 ± 0.20 | 6.50 ± 0.20 | 7.00 ± 0.20 |" in text
+    assert "**is ahead of**" in text and "Targets missed" not in text
+    # Demonstrator 8.0 vs random 2.0, each SE 0.201: 21.1 standard errors; official norm 0.8.
+    assert "21.1 standard errors above random" in text and "**met**" in text
+    # k = 256: 3.5 vs majority 2.5 over 100 episodes each: +1.00 +- 0.56.
+    assert "always action 7" in text and "Decoding from k = 256 labelled frames **is ahead of**" in text
+    assert "[+0.44, +1.56]" in text
     # Every probe figure, each under its own name: the ceiling is a probe, the classifier is not.
     assert "| trained IDM (no labels) | 0.400 |" in text and "| floor: untrained IDM | 0.200 |" in text
     assert "| ceiling: same probe on an IDM trained on the true actions | 0.600 |" in text
@@ -102,27 +151,43 @@ def test_report_states_seeds_budget_versions_and_the_verdict():
     assert "| 0.210 | 0.004 |" in text and "| 12.3, 11.0 | 1.2, 1.0 |" in text
     assert "says nothing about the action" in text and "best validation epoch 17" in text
     resumed = render_experiment_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
-                            {"online": "o.png", "offline": "f.png"})
+                                       {"online": "o.png", "offline": "f.png"})
     assert "(report written at `bbbbbbbbbbbb`)" in resumed
 
 
-def test_a_lost_comparison_names_its_measured_causes():
+def test_a_missed_target_is_named_with_its_size_and_measured_causes():
     from lapo_ray.evaluation.reports import render_experiment_report
 
     res = _full_results()
-    res["finetune"]["rl+sl"]["evaluation"]["train_levels"]["return_mean"] = 4.2  # within noise of scratch
-    res["demonstrator"]["evaluation"]["train_levels"]["return_mean"] = 3.0  # 1.0 above random: 1.4 SE
+    res["finetune"]["rl+sl"] = [_run(m, i, acc=0.8) for i, m in enumerate([4.2, 4.6, 4.4])]
+    res["demonstrator"]["evaluation"]["train_levels"].update(return_mean=3.0, return_norm_mean=0.1)
+    res["decode"]["256"]["train_levels"]["return_mean"] = 2.4
     res["pretrain"]["probe"].update(probe_acc=0.2, gap_closed=0.0, stage1_steps=1357)
     res["stage1_final"] = {"train/vq_usage_cb0": 0.98, "train/vq_usage_cb1": 0.97, "train/vq_perplexity_cb0": 13.5,
                            "train/vq_perplexity_cb1": 12.3, "val/wm_loss": 0.0034}
     text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 3.0),
-                         {"online": "o.png", "offline": "f.png"})
-    assert "**is not distinguishable from**" in text and "### Why not" in text
-    assert "3.00 against the random policy's 2.00 (difference +1.00, 1.4 standard errors)" in text
+                                    {"online": "o.png", "offline": "f.png"})
+    assert "**cannot be told apart from**" in text and "## Targets missed, and the measured causes" in text
+    assert "**missed**" in text
+    # 3.0 vs 2.0 with SEs of 0.201: 3.5 standard errors.
+    assert "3.00 against the random policy's 2.00 (difference +1.00, 3.5 standard errors" in text
     assert "barely better than random" in text
+    assert "target 0.50, missed by 0.50" in text
     assert "in 1357 steps of stage 1 the unsupervised IDM did not learn them" in text
     assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text
     assert "Codes in use are no evidence of action information" in text and "collapsed" not in text
-    assert "k = 4,096 labelled frames" in text and "RL + SL decoder ends at 0.80" in text
-    assert "### Why not" not in render_experiment_report(cpu_experiment(), _full_results(), lambda raw: raw,
-                                              {"online": "o.png", "offline": "f.png"})
+    assert "k = 256 the decoded agent minus the majority-action agent: -0.10" in text
+    assert "RL + SL minus scratch: -0.10 raw" in text and "RL + SL decoder ends at 0.80" in text
+
+
+def test_majority_action_counts_each_frame_once(tmp_path):
+    import numpy as np
+
+    from lapo_ray.data.corpus import Episode, read_actions, write_corpus
+    from lapo_ray.experiment import majority_action
+
+    frames = np.zeros((10, 64, 64, 3), np.uint8)
+    eps = [Episode(0, frames, actions=np.array([3] * 6 + [5] * 4)), Episode(1, frames, actions=np.array([5] * 10))]
+    write_corpus(str(tmp_path / "c"), eps, game="coinrun", max_segment_frames=4)
+    acts = read_actions(str(tmp_path / "c"))
+    assert len(acts) == 20 and np.bincount(acts)[3] == 6 and majority_action(str(tmp_path / "c")) == 5

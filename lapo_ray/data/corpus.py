@@ -200,6 +200,20 @@ def read_manifest(corpus_uri: str) -> Manifest:
     return Manifest.from_dict(storage.read_json(uri), where=uri)
 
 
+def read_actions(corpus_uri: str) -> np.ndarray:
+    """Every stored action of a corpus, each frame once (continuation segments repeat two)."""
+    manifest = read_manifest(corpus_uri)
+    if "actions" not in manifest.columns:
+        raise CorpusError(f"{corpus_uri}: the corpus has no actions column (observation-only video)")
+    parts = []
+    for shard in manifest.shards:
+        with storage.open_input(storage.join(corpus_uri, shard.path)) as f:
+            table = pq.read_table(f, columns=["start", "actions"])
+        for start, acts in zip(table.column("start").to_pylist(), table.column("actions").to_pylist()):
+            parts.append(np.asarray(acts[2:] if start > 0 else acts, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def shard_stats(rows: Iterable[dict[str, Any]]) -> tuple[int, int, int]:
     """(frames, segments, episodes) of a shard's rows, counting overlap frames once."""
     frames = segments = 0

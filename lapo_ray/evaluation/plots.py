@@ -117,6 +117,36 @@ def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: st
     save_figure(fig, path)
 
 
+def plot_seed_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str, key: str, title: str,
+                     points: int = 60) -> None:
+    """Several seeds per variant: each seed as a thin line, the mean across seeds with its 95% t
+    band (a variant with one seed has no band)."""
+    from lapo_ray.evaluation.stats import curve_band
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, seeds) in enumerate(runs.items()):
+        colour = f"C{i}"
+        curves = [[(r["env_steps"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
+                  for rows in seeds]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        for c in curves:
+            ax.plot(*zip(*c), color=colour, lw=0.6, alpha=0.35)
+        grid = np.linspace(min(c[0][0] for c in curves), max(c[-1][0] for c in curves), points)
+        mean, half = curve_band(curves, grid)
+        ax.plot(grid, mean, color=colour, lw=2, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        if len(curves) > 1:
+            ax.fill_between(grid, mean - half, mean + half, color=colour, alpha=0.2, lw=0)
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="demonstrator")
+    ax.set(title=title, xlabel="environment steps")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[float], path: str, game: str) -> None:
     """Offline decoding: return (random 0, demonstrator 1) and decoder accuracy against k."""
     plt = _plt()

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lapo_ray.config.experiment import ExperimentConfig
+from lapo_ray.evaluation.stats import Difference, episode_difference, mean_interval, sem, welch_difference
 
 
 def demo_norm(raw: float, random_raw: float, demo_raw: float) -> float:
@@ -80,14 +81,26 @@ def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
     return lines
 
 
+# What the experiment's comparison is judged on, fixed before the run (the issue lets us choose
+# between area under the curve and final return): the final evaluation's mean return on the
+# training levels, per seed, at equal environment steps.
+PRIMARY_METRIC = ("final return: the mean raw return of a separate evaluation on the training levels after "
+                  "the last PPO iteration, one value per seed, compared at equal environment steps")
+DEMONSTRATOR_TARGET_SE = 5.0
+DEMONSTRATOR_TARGET_NORM = 0.3
+
+
 def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], norm, plots: dict[str, str]) -> str:
     v = results["versions"]
     demo, rand = results["demonstrator"], results["random"]
     demo_eval = demo["evaluation"]["train_levels"]
+    rand_eval = _train_levels(rand)
     written = results.get("report_versions", v)["lapo_ray_commit"]
     total_min = sum(_walls(results)) / 60
     c = cfg.resolved()
     s1 = results["pretrain"].get("stage1", {})
+    online = results["finetune"]
+    seeds = sorted({r["seed"] for runs in online.values() for r in runs})
     lines = [
         f"# LAPO on {cfg.game}: latent actions from video, then an agent",
         "",
@@ -97,32 +110,41 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
         + f"; Python {v['python']}, Ray {v['ray']}, PyTorch {v['torch']}, numpy {v['numpy']}; "
         f"{v['cpus']} CPUs, no GPU.",
         "",
-        f"**Seeds.** Experiment seed {cfg.seed}: PPO (every variant and the demonstrator), collection, "
-        f"pretraining shuffles and offline decoding. Evaluation environments are seeded {cfg.seed + 12345}; "
-        f"training levels are Procgen's unbounded {c.finetune.env.distribution_mode} set from level "
-        f"{c.finetune.env.start_level}, held-out levels start at {cfg.eval.held_out_start_level:,}.",
+        f"**Seeds.** Experiment seed {cfg.seed}: the demonstrator, collection, pretraining shuffles and offline "
+        f"decoding. Online PPO seeds: {', '.join(str(s) for s in seeds)} for "
+        + ", ".join(f"{name} ({len(runs)})" for name, runs in online.items())
+        + f". Evaluation environments are seeded {cfg.seed + 12345}; training levels are Procgen's unbounded "
+        f"{c.finetune.env.distribution_mode} set from level {c.finetune.env.start_level}, held-out levels start "
+        f"at {cfg.eval.held_out_start_level:,}.",
         "",
         f"**Budget.** Demonstrator: {c.demonstrator.ppo.env_steps:,} PPO steps. Corpus: "
         f"{c.collect.frames:,} frames. Stage 1: at most {c.pretrain.stage1.steps:,} steps or "
         f"{c.pretrain.stage1.time_budget_min:g} min (ran {s1.get('steps', 0):,} steps, batch "
         f"{c.pretrain.stage1.batch_size}); stage 2: {c.pretrain.stage2.steps:,} steps. Online: "
-        f"{c.finetune.ppo.env_steps:,} env steps per variant on {c.finetune.num_env_runners} env runners x "
+        f"{c.finetune.ppo.env_steps:,} env steps per run on {c.finetune.num_env_runners} env runners x "
         f"{c.finetune.envs_per_runner} envs. Offline: k = {', '.join(str(k) for k in cfg.decode_k)}. "
-        f"Evaluation: {cfg.eval.episodes} episodes per level set. Total wall time: **{total_min:.0f} min**.",
+        f"Evaluation: {cfg.eval.episodes} episodes per agent and level set. Total wall time: **{total_min:.0f} min**.",
+        "",
+        f"**The comparison, chosen before the run:** {PRIMARY_METRIC}. RL + SL is ahead of scratch only if "
+        "the 95% interval of the difference (Welch's t on the per-seed values) lies above zero.",
         "",
         "Returns are normalised so that the uniform random policy scores 0 and the demonstrator 1, "
-        "both measured here with the same evaluation (mean over "
-        f"{demo_eval['episodes']} episodes, sampled actions). The official Procgen normalisation "
-        "(random 0, the paper's 50M-step PPO expert 1) is given beside it.",
+        "both measured here with the same evaluation (sampled actions). The official normalisation "
+        "(random 0, the LAPO paper's PPO expert 1) is given beside it.",
         "",
         "## Demonstrator",
         "",
+    ]
+    z = _z(demo_eval, rand_eval)
+    demo_ok = z >= DEMONSTRATOR_TARGET_SE and demo_eval["return_norm_mean"] >= DEMONSTRATOR_TARGET_NORM
+    lines += [
         f"PPO from scratch for {demo['finetune']['env_steps']:,} environment steps "
-        f"({demo['wall_seconds'] / 60:.1f} min). This is a weak demonstrator, not an expert: the paper's "
-        "experts trained for 50M steps. Its evaluation on its training levels: raw return "
-        f"{demo_eval['return_mean']:.2f} (official normalisation {demo_eval['return_norm_mean']:.2f}); "
-        f"random policy: {rand['train_levels']['return_mean']:.2f} "
-        f"({rand['train_levels']['return_norm_mean']:.2f}).",
+        f"({demo['wall_seconds'] / 60:.1f} min). On its training levels: raw return "
+        f"{demo_eval['return_mean']:.2f} ± {_sem(demo_eval):.2f} (official normalisation "
+        f"{demo_eval['return_norm_mean']:.2f}); random policy {rand_eval['return_mean']:.2f} ± {_sem(rand_eval):.2f} "
+        f"({rand_eval['return_norm_mean']:.2f}): {z:.1f} standard errors above random. Target: at least "
+        f"{DEMONSTRATOR_TARGET_SE:g} standard errors and {DEMONSTRATOR_TARGET_NORM} official: "
+        + ("**met**." if demo_ok else "**missed**."),
         "",
         "## Corpus and latent actions",
         "",
@@ -136,58 +158,95 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
     ]
     probe = pre.get("probe") or {}
     if probe:
-
         lines += probe_lines(probe, heading=False) + [""]
     if "latent_map.png" in plots:
         lines += [f"![latent actions]({plots['latent_map.png']})", ""]
     lines += ["## Online decoding: PPO from the latent policy vs. from scratch", "",
               f"![online]({plots['online']})", "",
-              "| variant | env steps | wall time | env steps/s | final return (raw) | vs demonstrator | "
+              "Mean over seeds with the 95% t interval across seeds; each seed's return is the mean of its "
+              f"{cfg.eval.episodes}-episode evaluation.", "",
+              "| variant | seeds | env steps | wall time per run | env steps/s | final return (raw) | vs demonstrator | "
               "official norm. | held-out levels vs demonstrator | final decoder acc. |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    finals = {}
-    for variant, r in results["finetune"].items():
-        tr, ho = r["evaluation"]["train_levels"], r["evaluation"]["held_out_levels"]
-        finals[variant] = norm(tr["return_mean"])
-        acc = r["finetune"].get("decoder_accuracy")
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, runs in online.items():
+        raw = [r["evaluation"]["train_levels"]["return_mean"] for r in runs]
+        held = [r["evaluation"]["held_out_levels"]["return_mean"] for r in runs]
+        off = [r["evaluation"]["train_levels"]["return_norm_mean"] for r in runs]
+        m, half = mean_interval(raw)
+        accs = [r["finetune"].get("decoder_accuracy") for r in runs]
+        accs = [a for a in accs if a is not None and a == a]
         lines.append(
-            f"| {variant} | {r['finetune']['env_steps']:,} | {r['wall_seconds'] / 60:.1f} min | "
-            f"{r['env_steps_per_s']:.0f} | {tr['return_mean']:.2f} ± {_sem(tr):.2f} | "
-            f"{finals[variant]:.2f} | {tr['return_norm_mean']:.2f} | {norm(ho['return_mean']):.2f} | "
-            f"{'' if acc is None or acc != acc else f'{acc:.2f}'} |")
-    lines += ["", verdict(finals, results), ""]
-    comparison = _latent_vs_scratch(results)
-    if comparison is None or comparison[2] != BEATS:
-        lines += ["### Why not", ""] + diagnosis(results) + [""]
+            f"| {variant} | {len(runs)} | {runs[0]['finetune']['env_steps']:,} | "
+            f"{np.mean([r['wall_seconds'] for r in runs]) / 60:.1f} min | "
+            f"{np.mean([r['env_steps_per_s'] for r in runs]):.0f} | {m:.2f}" + (f" ± {half:.2f}" if half == half else "")
+            + f" | {norm(m):.2f} | {np.mean(off):.2f} | {norm(float(np.mean(held))):.2f} | "
+            f"{f'{np.mean(accs):.2f}' if accs else ''} |")
+    lines += ["", "Per seed (raw return on the training levels, mean ± standard error of its episodes):", "",
+              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---|" * len(seeds)]
+    for variant, runs in online.items():
+        by_seed = {r["seed"]: r["evaluation"]["train_levels"] for r in runs}
+        lines.append(f"| {variant} | " + " | ".join(
+            f"{by_seed[s]['return_mean']:.2f} ± {_sem(by_seed[s]):.2f}" if s in by_seed else "" for s in seeds) + " |")
+    lines += ["", verdict(results), ""]
     lines += ["## Offline decoding from k labelled frames", "", f"![offline]({plots['offline']})", "",
-              "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return vs demonstrator |",
-              "|---|---|---|---|"]
+              "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return (raw) | "
+              "return vs demonstrator |", "|---|---|---|---|---|"]
     for k in sorted(results["decode"], key=int):
         r = results["decode"][k]
+        tr = r["train_levels"]
         lines.append(f"| {k} | {r['decoder_val_accuracy']:.3f} | {r['agent_val_accuracy']:.3f} | "
-                     f"{norm(r['train_levels']['return_mean']):.2f} |")
-    lines += ["", "## Wall-clock time and throughput", "", "| step | wall time | throughput |", "|---|---|---|"]
+                     f"{tr['return_mean']:.2f} ± {_sem(tr):.2f} | {norm(tr['return_mean']):.2f} |")
+    maj = results.get("majority")
+    if maj:
+        lines += ["", f"Majority-action agent (always action {maj['action']}, the corpus's most frequent): "
+                  f"{_train_levels(maj)['return_mean']:.2f} ± {_sem(_train_levels(maj)):.2f} raw, "
+                  f"{norm(_train_levels(maj)['return_mean']):.2f} of the demonstrator."]
+    off = offline_verdict(results)
+    if off:
+        lines += ["", off]
+    lines.append("")
+    if not (demo_ok and _online_win(results) and _offline_win(results) and _probe_ok(probe)):
+        lines += ["## Targets missed, and the measured causes", ""] + diagnosis(results) + [""]
+    lines += ["## Wall-clock time and throughput", "", "| step | wall time | throughput |", "|---|---|---|"]
     lines.append(f"| demonstrator (PPO) | {demo['wall_seconds'] / 60:.1f} min | "
                  f"{demo['finetune'].get('env_steps_per_s', float('nan')):.0f} env steps/s (last iteration) |")
     lines.append(f"| collection | {col['wall_seconds'] / 60:.1f} min | {col['frames_per_s']:,.0f} frames/s |")
-    lines.append(f"| pretraining (stage 1, probe, labelling, stage 2) | {pre['wall_seconds'] / 60:.1f} min | "
-                 f"stage 1: {pre.get('stage1', {}).get('steps', 0)} steps |")
-    for variant, r in results["finetune"].items():
-        lines.append(f"| online {variant} | {r['wall_seconds'] / 60:.1f} min | {r['env_steps_per_s']:.0f} env steps/s |")
+    lines.append(f"| pretraining (stage 1, probe with floor and ceiling, labelling, stage 2) | "
+                 f"{pre['wall_seconds'] / 60:.1f} min | stage 1: {pre.get('stage1', {}).get('steps', 0)} steps |")
+    for variant, runs in online.items():
+        for r in runs:
+            lines.append(f"| online {variant} seed {r['seed']} | {r['wall_seconds'] / 60:.1f} min | "
+                         f"{r['env_steps_per_s']:.0f} env steps/s |")
     for k in sorted(results["decode"], key=int):
         lines.append(f"| offline decoding k={k} | {results['decode'][k]['wall_seconds'] / 60:.1f} min | |")
+    evals = [results.get(k, {}).get("wall_seconds", 0.0) for k in ("random", "majority")]
+    lines.append(f"| random and majority-action evaluations | {sum(evals) / 60:.1f} min | |")
     return "\n".join(lines) + "\n"
 
 
+def _train_levels(r: dict[str, Any]) -> dict[str, Any]:
+    return r["train_levels"] if "train_levels" in r else r["evaluation"]["train_levels"]
+
+
+def _z(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return (a["return_mean"] - b["return_mean"]) / max(float(np.hypot(_sem(a), _sem(b))), 1e-9)
+
+
+def _probe_ok(probe: dict[str, Any]) -> bool:
+    return (probe.get("gap_closed") or 0.0) >= 0.5
+
+
 def diagnosis(results: dict[str, Any]) -> list[str]:
-    """The measured suspects when the latent start does not win: the demonstrator's quality,
-    whether the latent actions carry the action, the codebook, and the decoders."""
+    """Each target the run missed, by how much, and the measured suspects: the demonstrator's
+    quality, whether the latent actions carry the action, the codebook, and the decoders."""
     demo = results["demonstrator"]["evaluation"]["train_levels"]
-    rand = results["random"]["train_levels"]
+    rand = _train_levels(results["random"])
     margin = demo["return_mean"] - rand["return_mean"]
-    z = margin / max(float(np.hypot(_sem(demo), _sem(rand))), 1e-9)
+    z = _z(demo, rand)
     out = [f"- **Demonstrator.** {demo['return_mean']:.2f} against the random policy's {rand['return_mean']:.2f} "
-           f"(difference {margin:+.2f}, {z:.1f} standard errors)."
+           f"(difference {margin:+.2f}, {z:.1f} standard errors; official normalisation "
+           f"{demo.get('return_norm_mean', float('nan')):.2f}, target {DEMONSTRATOR_TARGET_NORM})."
            + (f" It is barely better than random, so the corpus holds little purposeful play to imitate, and on "
               f"the random = 0 / demonstrator = 1 scale one standard error of a {demo['episodes']}-episode mean "
               f"is about {_sem(demo) / max(abs(margin), 1e-9):.2f}." if z < 4 else "")]
@@ -199,7 +258,8 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
         text = (f"- **Latent actions.** The probe reaches {fmt(probe.get('probe_acc'))} against a floor of "
                 f"{fmt(probe.get('floor_untrained_idm'))} and a majority rate of {fmt(probe.get('majority_rate'))}, "
                 f"closing {fmt(gap, '.2f')} of the gap to the supervised ceiling of "
-                f"{fmt(probe.get('ceiling_supervised_idm'))}.")
+                f"{fmt(probe.get('ceiling_supervised_idm'))} (target 0.50"
+                + (", met)." if gap >= 0.5 else f", missed by {0.5 - gap:.2f}).") if gap == gap else ").")
         if no_action_info:
             text += (f" The actions are visible in the frames (the same probe on an IDM trained on the true actions reaches "
                      f"{fmt(probe.get('ceiling_supervised_idm'))}), but in {probe.get('stage1_steps', '?')} steps of stage 1 "
@@ -219,6 +279,10 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
                    f"{fmt(s1.get('val/wm_loss'), '.4g')}." + nmi
                    + (" Codes in use are no evidence of action information: with dead-code splitting, pure-noise "
                       "latents also use nearly every code." if min(usage) > 0.5 and no_action_info else ""))
+    comparison = latent_vs_scratch(results)
+    if comparison is not None and comparison.word != "ahead":
+        out.append(f"- **Online.** RL + SL minus scratch: {comparison.diff:+.2f} raw, 95% interval "
+                   f"[{comparison.low:+.2f}, {comparison.high:+.2f}] ({comparison.test}).")
     decoders = []
     dec = results.get("decode") or {}
     if dec:
@@ -226,52 +290,77 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
         decoders.append(f"Offline, a decoder trained on k = {int(k):,} labelled frames predicts held-out true actions "
                         f"with accuracy {dec[k]['decoder_val_accuracy']:.3f} (majority rate "
                         f"{fmt(probe.get('majority_rate'))}).")
-    acc = (results["finetune"].get("rl+sl") or {}).get("finetune", {}).get("decoder_accuracy")
-    if acc is not None and acc == acc:
-        decoders.append(f"Online, the RL + SL decoder ends at {acc:.2f} accuracy on the actions the agent itself "
-                        "took (its own policy's actions, so this measures agreement, not knowledge of the game).")
+    off = offline_difference(results)
+    if off is not None and off.word != "ahead":
+        decoders.append(f"At k = 256 the decoded agent minus the majority-action agent: {off.diff:+.2f} raw, 95% "
+                        f"interval [{off.low:+.2f}, {off.high:+.2f}].")
+    accs = [r["finetune"].get("decoder_accuracy") for r in results["finetune"].get("rl+sl", [])]
+    accs = [a for a in accs if a is not None and a == a]
+    if accs:
+        decoders.append(f"Online, the RL + SL decoder ends at {np.mean(accs):.2f} accuracy on the actions the agent "
+                        "itself took (its own policy's actions, so this measures agreement, not knowledge of the game).")
     if decoders:
         out.append("- **Decoders.** " + " ".join(decoders))
     return out
 
 
 def _sem(evaluation: dict[str, Any]) -> float:
-    """Standard error of an evaluation's mean return."""
-    return evaluation["return_std"] / np.sqrt(max(evaluation["episodes"], 1))
+    return sem(evaluation)
 
 
 def _walls(results: dict[str, Any]) -> list[float]:
-    steps = [results.get(k, {}) for k in ("demonstrator", "random", "collect", "pretrain")]
-    steps += list(results.get("finetune", {}).values()) + list(results.get("decode", {}).values())
+    steps = [results.get(k, {}) for k in ("demonstrator", "random", "collect", "majority", "pretrain")]
+    steps += [r for runs in results.get("finetune", {}).values() for r in runs]
+    steps += list(results.get("decode", {}).values())
     return [float(s.get("wall_seconds", 0.0)) for s in steps]
 
 
-BEATS = "**beats**"
-
-
-def _latent_vs_scratch(results: dict[str, Any]) -> tuple[float, float, str] | None:
-    """(raw difference, its standard error, verdict word) of RL + SL against scratch on the
-    training levels; the latent start wins only beyond two standard errors."""
+def latent_vs_scratch(results: dict[str, Any]) -> Difference | None:
+    """RL + SL minus scratch on the primary metric, with Welch's 95% interval over seeds; with
+    one seed each, over the two evaluations' episodes (said so in the test's name)."""
     online = results["finetune"]
-    if "rl+sl" not in online or "scratch" not in online:
+    if not online.get("rl+sl") or not online.get("scratch"):
         return None
-    tr_a = online["rl+sl"]["evaluation"]["train_levels"]
-    tr_b = online["scratch"]["evaluation"]["train_levels"]
-    sem = float(np.hypot(_sem(tr_a), _sem(tr_b)))
-    diff = tr_a["return_mean"] - tr_b["return_mean"]
-    if diff > 2 * sem:
-        return diff, sem, BEATS
-    if diff < -2 * sem:
-        return diff, sem, "**does worse than**"
-    return diff, sem, "**is not distinguishable from**"
+    a = [r["evaluation"]["train_levels"] for r in online["rl+sl"]]
+    b = [r["evaluation"]["train_levels"] for r in online["scratch"]]
+    if len(a) == 1 and len(b) == 1:
+        return episode_difference(a[0], b[0])
+    return welch_difference([e["return_mean"] for e in a], [e["return_mean"] for e in b])
 
 
-def verdict(finals: dict[str, float], results: dict[str, Any]) -> str:
-    if "scratch" not in finals or "rl+sl" not in finals:
+def _online_win(results: dict[str, Any]) -> bool:
+    d = latent_vs_scratch(results)
+    return d is not None and d.word == "ahead"
+
+
+def offline_difference(results: dict[str, Any], k: str = "256") -> Difference | None:
+    dec, maj = results.get("decode") or {}, results.get("majority")
+    if k not in dec or not maj:
+        return None
+    return episode_difference(dec[k]["train_levels"], _train_levels(maj))
+
+
+def _offline_win(results: dict[str, Any]) -> bool:
+    d = offline_difference(results)
+    return d is not None and d.word == "ahead"
+
+
+_WORDS = {"ahead": "**is ahead of**", "behind": "**is behind**", "level": "**cannot be told apart from**"}
+
+
+def verdict(results: dict[str, Any]) -> str:
+    d = latent_vs_scratch(results)
+    if d is None:
         return "The comparison needs both the rl+sl and the scratch variants."
-    a, b = finals["rl+sl"], finals["scratch"]
-    steps = results["finetune"]["scratch"]["finetune"]["env_steps"]
-    diff, sem, word = _latent_vs_scratch(results)
-    return (f"At {steps:,} environment steps, PPO from the latent policy (RL + SL) {word} PPO from scratch: "
-            f"{a:.2f} vs {b:.2f} of the demonstrator's return (raw difference {diff:+.2f}, two standard "
-            f"errors {2 * sem:.2f}).")
+    steps = results["finetune"]["scratch"][0]["finetune"]["env_steps"]
+    return (f"**Verdict.** At {steps:,} environment steps, PPO from the latent policy (RL + SL) {_WORDS[d.word]} "
+            f"PPO from scratch: final return difference {d.diff:+.2f} raw, 95% interval [{d.low:+.2f}, {d.high:+.2f}] "
+            f"({d.test}).")
+
+
+def offline_verdict(results: dict[str, Any]) -> str:
+    d = offline_difference(results)
+    if d is None:
+        return ""
+    return (f"**Offline verdict.** Decoding from k = 256 labelled frames {_WORDS[d.word]} the majority-action agent: "
+            f"difference {d.diff:+.2f} raw, 95% interval [{d.low:+.2f}, {d.high:+.2f}] ({d.test}).")
