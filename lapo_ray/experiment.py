@@ -166,6 +166,7 @@ def majority_action(corpus: str) -> int:
 def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
     from lapo_ray.evaluation.plots import plot_offline_decoding, plot_seed_curves
     from lapo_ray.evaluation.reports import demo_norm, render_experiment_report
+    from lapo_ray.evaluation.stats import curve_mean
     from lapo_ray.train.metrics import read_metrics
 
     out = cfg.out
@@ -173,10 +174,14 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
     rand_raw = results["random"]["train_levels"]["return_mean"]
     norm = lambda raw: demo_norm(raw, rand_raw, demo_raw)  # noqa: E731
 
-    curves = {variant: [[{**r, "return_vs_demo": norm(r["episode_return"])}
-                         for r in read_metrics(run["out"]) if r.get("episode_return") is not None]
-                        for run in runs]
-              for variant, runs in results["finetune"].items()}
+    curves = {}
+    for variant, runs in results["finetune"].items():
+        curves[variant] = []
+        for run in runs:
+            rows = [r for r in read_metrics(run["out"]) if r.get("episode_return") is not None
+                    and r["episode_return"] == r["episode_return"]]
+            run["auc"] = curve_mean([(r["env_steps"], r["episode_return"]) for r in rows])
+            curves[variant].append([{**r, "return_vs_demo": norm(r["episode_return"])} for r in rows])
     plots = {}
     plot_seed_curves(curves, storage.join(out, "plots", "online.png"), key="return_vs_demo",
                      title=f"{cfg.game}: training return, random policy = 0, demonstrator = 1 (mean, 95% band)")

@@ -39,9 +39,10 @@ def test_returns_are_normalised_between_random_and_demonstrator():
     assert math.isnan(demo_norm(3.0, 2.0, 2.0))  # a demonstrator no better than random defines no scale
 
 
-def _run(mean: float, seed: int = 0, std: float = 2.0, episodes: int = 100, acc: float = float("nan")):
+def _run(mean: float, seed: int = 0, std: float = 2.0, episodes: int = 100, acc: float = float("nan"),
+         auc: float | None = None):
     ev = {"return_mean": mean, "return_std": std, "episodes": episodes, "return_norm_mean": mean / 10}
-    return {"seed": seed, "out": f"finetune-s{seed}", "finetune": {"env_steps": 60_000, "decoder_accuracy": acc},
+    return {"seed": seed, "auc": mean - 1.0 if auc is None else auc, "out": f"finetune-s{seed}", "finetune": {"env_steps": 60_000, "decoder_accuracy": acc},
             "evaluation": {"train_levels": ev, "held_out_levels": ev}, "wall_seconds": 600.0,
             "env_steps_per_s": 125.0}
 
@@ -52,20 +53,23 @@ def _results(latent: list[float], scratch: list[float]) -> dict:
 
 
 def test_verdict_uses_welch_t_over_seeds_and_says_ahead_only_beyond_the_95_interval():
-    # Per-seed means 6.0, 6.5, 7.0 vs 4.0, 4.5, 5.0: difference 2.0, each side's SE 0.289, SE of the
+    # Per-seed areas 5.0, 5.5, 6.0 vs 3.0, 3.5, 4.0: difference 2.0, each side's SE 0.289, SE of the
     # difference 0.408, 4 degrees of freedom, t(0.975, 4) = 2.776: interval 2.0 +- 1.13.
     text = verdict(_results([6.0, 6.5, 7.0], [4.0, 4.5, 5.0]))
-    assert "**is ahead of**" in text and "+2.00" in text and "[+0.87, +3.13]" in text
-    assert "Welch t on 3 vs 3 seeds (4.0 degrees of freedom" in text and "60,000 environment steps" in text
+    assert "**is ahead of**" in text and "area under the learning curve (mean training return) +2.00" in text
+    assert "[+0.87, +3.13]" in text and "Over 60,000 environment steps" in text
+    assert "Welch t on 3 vs 3 seeds (4.0 degrees of freedom" in text
+    assert "Secondary, the final evaluation: +2.00 raw" in text
     # A larger mean difference with seeds that disagree is not a win: the interval spans zero.
     assert "**cannot be told apart from**" in verdict(_results([3.0, 9.0, 6.5], [4.0, 4.5, 5.0]))
     assert "**is behind**" in verdict(_results([2.0, 2.5, 3.0], [4.0, 4.5, 5.0]))
 
 
-def test_one_seed_each_falls_back_to_an_episode_interval():
-    # SE of each 100-episode mean: 2.0 * sqrt(100/99) / 10 = 0.201; of the difference 0.284; 1.96 of them 0.557.
+def test_one_seed_each_proves_nothing_online_but_the_final_evaluation_gets_an_episode_interval():
     text = verdict(_results([5.0], [4.0]))
-    assert "**is ahead of**" in text and "[+0.44, +1.56]" in text and "100 vs 100 episodes" in text
+    assert "**cannot be told apart from**" in text and "[-inf, +inf]" in text and "1 vs 1 runs: undefined" in text
+    # SE of each 100-episode mean: 2.0 * sqrt(100/99) / 10 = 0.201; of the difference 0.284; 1.96 of them 0.557.
+    assert "final evaluation: +1.00 raw, 95% interval [+0.44, +1.56]" in text and "100 vs 100 episodes" in text
 
 
 def test_mean_intervals_and_curve_bands_are_student_t():
@@ -130,13 +134,13 @@ def test_report_states_seeds_budget_versions_the_metric_and_both_verdicts():
     assert "seeded 12345" in text and "held-out levels start at 1,000,000" in text
     assert f"Demonstrator: {cfg.demonstrator.ppo.env_steps:,} PPO steps" in text
     assert f"Corpus: {cfg.collect.frames:,} frames" in text and "(ran 2,500 steps" in text
-    assert "chosen before the run:** final return" in text
+    assert "chosen before the run:** area under the learning curve" in text
     # 1500 + 60 + 60 + 125 + 1200 + 7 x 600 + 2 x 30 seconds = 7205 s = 120 min
     assert "Total wall time: **120 min**" in text
     # rl+sl: mean 6.5, t(0.975, 2) x 0.5 / sqrt(3) = 1.24; (6.5 - 2) / 6 = 0.75 of the demonstrator.
-    assert "| rl+sl | 3 | 60,000 | 10.0 min | 125 | 6.50 ± 1.24 | 0.75 | 0.65 |" in text
-    assert "| rl | 1 | 60,000 | 10.0 min | 125 | 5.00 | 0.50 |" in text
-    assert "| rl+sl | 6.00 ± 0.20 | 6.50 ± 0.20 | 7.00 ± 0.20 |" in text
+    assert "| rl+sl | 3 | 60,000 | 10.0 min | 125 | 5.50 ± 1.24 | 6.50 ± 1.24 | 0.75 | 0.65 |" in text
+    assert "| rl | 1 | 60,000 | 10.0 min | 125 | 4.00 | 5.00 | 0.50 |" in text
+    assert "| rl+sl | 5.00; 6.00 ± 0.20 | 5.50; 6.50 ± 0.20 | 6.00; 7.00 ± 0.20 |" in text
     assert "**is ahead of**" in text and "Targets missed" not in text
     # Demonstrator 8.0 vs random 2.0, each SE 0.201: 21.1 standard errors; official norm 0.8.
     assert "21.1 standard errors above random" in text and "**met**" in text
@@ -177,7 +181,7 @@ def test_a_missed_target_is_named_with_its_size_and_measured_causes():
     assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text
     assert "Codes in use are no evidence of action information" in text and "collapsed" not in text
     assert "k = 256 the decoded agent minus the majority-action agent: -0.10" in text
-    assert "RL + SL minus scratch: -0.10 raw" in text and "RL + SL decoder ends at 0.80" in text
+    assert "RL + SL minus scratch, area under the curve: -0.10 raw" in text and "RL + SL decoder ends at 0.80" in text
 
 
 def test_majority_action_counts_each_frame_once(tmp_path):

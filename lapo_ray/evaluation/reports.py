@@ -82,10 +82,14 @@ def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
 
 
 # What the experiment's comparison is judged on, fixed before the run (the issue lets us choose
-# between area under the curve and final return): the final evaluation's mean return on the
-# training levels, per seed, at equal environment steps.
-PRIMARY_METRIC = ("final return: the mean raw return of a separate evaluation on the training levels after "
-                  "the last PPO iteration, one value per seed, compared at equal environment steps")
+# between area under the curve and final return). LAPO's claim is faster learning, and on CoinRun
+# PPO from scratch reaches the demonstrator's level within ~100k steps (docs/results/
+# demonstrator.md), so a final return at a budget long enough to be fair to both says little;
+# the area under the learning curve counts every episode of the run. The final evaluation is
+# reported beside it with its own interval.
+PRIMARY_METRIC = ("area under the learning curve: the mean raw training return (RLlib's 20-episode window, "
+                  "reported every iteration) over the run's environment steps, trapezoids divided by the "
+                  "span, one value per seed, at equal environment steps")
 DEMONSTRATOR_TARGET_SE = 5.0
 DEMONSTRATOR_TARGET_NORM = 0.3
 
@@ -165,29 +169,34 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
               f"![online]({plots['online']})", "",
               "Mean over seeds with the 95% t interval across seeds; each seed's return is the mean of its "
               f"{cfg.eval.episodes}-episode evaluation.", "",
-              "| variant | seeds | env steps | wall time per run | env steps/s | final return (raw) | vs demonstrator | "
-              "official norm. | held-out levels vs demonstrator | final decoder acc. |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | seeds | env steps | wall time per run | env steps/s | area under the curve (raw) | "
+              "final return (raw) | vs demonstrator | official norm. | held-out levels vs demonstrator | "
+              "final decoder acc. |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, runs in online.items():
         raw = [r["evaluation"]["train_levels"]["return_mean"] for r in runs]
         held = [r["evaluation"]["held_out_levels"]["return_mean"] for r in runs]
         off = [r["evaluation"]["train_levels"]["return_norm_mean"] for r in runs]
         m, half = mean_interval(raw)
+        am, ahalf = mean_interval([r["auc"] for r in runs])
         accs = [r["finetune"].get("decoder_accuracy") for r in runs]
         accs = [a for a in accs if a is not None and a == a]
         lines.append(
             f"| {variant} | {len(runs)} | {runs[0]['finetune']['env_steps']:,} | "
             f"{np.mean([r['wall_seconds'] for r in runs]) / 60:.1f} min | "
-            f"{np.mean([r['env_steps_per_s'] for r in runs]):.0f} | {m:.2f}" + (f" ± {half:.2f}" if half == half else "")
+            f"{np.mean([r['env_steps_per_s'] for r in runs]):.0f} | {am:.2f}" + (f" ± {ahalf:.2f}" if ahalf == ahalf else "")
+            + f" | {m:.2f}" + (f" ± {half:.2f}" if half == half else "")
             + f" | {norm(m):.2f} | {np.mean(off):.2f} | {norm(float(np.mean(held))):.2f} | "
             f"{f'{np.mean(accs):.2f}' if accs else ''} |")
-    lines += ["", "Per seed (raw return on the training levels, mean ± standard error of its episodes):", "",
+    lines += ["", "Per seed: area under the curve, and the final evaluation's raw return on the training levels "
+              "(mean ± standard error of its episodes):", "",
               "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|" + "---|" * len(seeds)]
     for variant, runs in online.items():
-        by_seed = {r["seed"]: r["evaluation"]["train_levels"] for r in runs}
+        by_seed = {r["seed"]: r for r in runs}
         lines.append(f"| {variant} | " + " | ".join(
-            f"{by_seed[s]['return_mean']:.2f} ± {_sem(by_seed[s]):.2f}" if s in by_seed else "" for s in seeds) + " |")
+            f"{by_seed[s]['auc']:.2f}; {_train_levels(by_seed[s])['return_mean']:.2f} ± "
+            f"{_sem(_train_levels(by_seed[s])):.2f}" if s in by_seed else "" for s in seeds) + " |")
     lines += ["", verdict(results), ""]
     lines += ["## Offline decoding from k labelled frames", "", f"![offline]({plots['offline']})", "",
               "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return (raw) | "
@@ -281,7 +290,7 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
                       "latents also use nearly every code." if min(usage) > 0.5 and no_action_info else ""))
     comparison = latent_vs_scratch(results)
     if comparison is not None and comparison.word != "ahead":
-        out.append(f"- **Online.** RL + SL minus scratch: {comparison.diff:+.2f} raw, 95% interval "
+        out.append(f"- **Online.** RL + SL minus scratch, area under the curve: {comparison.diff:+.2f} raw, 95% interval "
                    f"[{comparison.low:+.2f}, {comparison.high:+.2f}] ({comparison.test}).")
     decoders = []
     dec = results.get("decode") or {}
@@ -316,8 +325,17 @@ def _walls(results: dict[str, Any]) -> list[float]:
 
 
 def latent_vs_scratch(results: dict[str, Any]) -> Difference | None:
-    """RL + SL minus scratch on the primary metric, with Welch's 95% interval over seeds; with
-    one seed each, over the two evaluations' episodes (said so in the test's name)."""
+    """RL + SL minus scratch on the primary metric (``auc`` of each run), with Welch's 95%
+    interval over seeds (unbounded with one seed a side: a single run per arm proves nothing)."""
+    online = results["finetune"]
+    if not online.get("rl+sl") or not online.get("scratch"):
+        return None
+    return welch_difference([r["auc"] for r in online["rl+sl"]], [r["auc"] for r in online["scratch"]])
+
+
+def final_latent_vs_scratch(results: dict[str, Any]) -> Difference | None:
+    """The secondary comparison: the final evaluations' mean returns, Welch's t over seeds (with
+    one seed each, a normal interval over the two evaluations' episodes)."""
     online = results["finetune"]
     if not online.get("rl+sl") or not online.get("scratch"):
         return None
@@ -353,9 +371,14 @@ def verdict(results: dict[str, Any]) -> str:
     if d is None:
         return "The comparison needs both the rl+sl and the scratch variants."
     steps = results["finetune"]["scratch"][0]["finetune"]["env_steps"]
-    return (f"**Verdict.** At {steps:,} environment steps, PPO from the latent policy (RL + SL) {_WORDS[d.word]} "
-            f"PPO from scratch: final return difference {d.diff:+.2f} raw, 95% interval [{d.low:+.2f}, {d.high:+.2f}] "
-            f"({d.test}).")
+    text = (f"**Verdict.** Over {steps:,} environment steps, PPO from the latent policy (RL + SL) {_WORDS[d.word]} "
+            f"PPO from scratch: area under the learning curve (mean training return) {d.diff:+.2f} raw, 95% interval "
+            f"[{d.low:+.2f}, {d.high:+.2f}] ({d.test}).")
+    f = final_latent_vs_scratch(results)
+    if f is not None:
+        text += (f" Secondary, the final evaluation: {f.diff:+.2f} raw, 95% interval [{f.low:+.2f}, {f.high:+.2f}] "
+                 f"({f.test}), RL + SL {_WORDS[f.word].strip('*')} scratch.")
+    return text
 
 
 def offline_verdict(results: dict[str, Any]) -> str:

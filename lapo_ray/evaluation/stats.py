@@ -102,3 +102,14 @@ def curve_band(curves: Sequence[Sequence[tuple[float, float]]], grid: np.ndarray
         if len(col):
             mean[j], half[j] = mean_interval(col, level)
     return mean, half
+
+
+def curve_mean(points: Sequence[tuple[float, float]]) -> float:
+    """Area under a curve ``[(x, y), ...]`` divided by its x span (trapezoids): the mean height
+    over the run, so runs of equal length compare as areas under their curves."""
+    if not points:
+        return float("nan")
+    xs, ys = (np.asarray(v, dtype=float) for v in zip(*points))
+    if len(xs) == 1 or xs[-1] == xs[0]:
+        return float(ys.mean())
+    return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))

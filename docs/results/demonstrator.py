@@ -1,0 +1,133 @@
+"""Which PPO settings give the experiment's demonstrator the most return per wall-clock minute on
+2 cores, measured on the experiment's game.
+
+    PYTHONPATH=. python docs/results/demonstrator.py --out artifacts/demonstrator
+
+Each config is PPO from scratch (``jobs/finetune.py --scratch true`` with overrides), then a
+100-episode evaluation on the training levels with the experiment's evaluation seed. A config
+whose ``eval.json`` exists is skipped, so the script resumes where it stopped; the table
+(docs/results/demonstrator.md) and the plot of training return against wall-clock minutes are
+rewritten after every config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+GAME = "coinrun"
+
+# name -> (flags, env steps). The steps give each config roughly the same wall-clock budget.
+CONFIGS = {
+    "cpu (3 epochs, 2x16 envs)": ([], 120_000),
+    "1 epoch": (["--ppo.num-epochs", "1"], 240_000),
+    "1 epoch, lr 1e-3": (["--ppo.num-epochs", "1", "--ppo.scratch-lr", "1e-3"], 240_000),
+}
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").replace("--", "-")
+
+
+def run(args, name: str) -> dict:
+    folder = os.path.join(args.out, slug(name))
+    result = os.path.join(folder, "eval.json")
+    if os.path.exists(result):
+        return json.load(open(result))
+    flags, steps = CONFIGS[name]
+    base = [sys.executable, "jobs/finetune.py", "--preset", "cpu", "--scratch", "true", "--env.game", GAME,
+            "--ppo.env-steps", str(steps), "--out", folder, "--seed", str(args.seed), "--wandb.mode", "disabled"]
+    subprocess.run(base + flags, check=True)
+    out = subprocess.run([sys.executable, "jobs/evaluate.py", "--preset", "cpu", "--agent", folder,
+                          "--eval.episodes", str(args.episodes), "--eval.num-envs", "20",
+                          "--eval.seed", str(12345 + args.seed), "--out", folder],
+                         check=True, capture_output=True, text=True).stdout
+    report = json.loads(out[out.index("{"):])
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    summary = {"name": name, "flags": flags, "env_steps": rows[-1]["env_steps"],
+               "minutes": (rows[-1]["time"] - rows[0]["time"] + rows[0]["iteration_seconds"]) / 60,
+               "evaluation": report["train_levels"]}
+    json.dump(summary, open(result, "w"), indent=1)
+    return summary
+
+
+def random_policy(args) -> dict:
+    path = os.path.join(args.out, "random.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    import torch
+
+    from lapo_ray.config.rl import EnvConfig, EvalConfig
+    from lapo_ray.envs import NUM_ACTIONS
+    from lapo_ray.evaluation.rollout import evaluate_policy
+
+    ev = EvalConfig(episodes=args.episodes, num_envs=20, seed=12345 + args.seed)
+    r = evaluate_policy(lambda obs: torch.zeros(len(obs), NUM_ACTIONS), EnvConfig(game=GAME), ev, "random policy")
+    json.dump(r, open(path, "w"), indent=1)
+    return r
+
+
+def sem(e: dict) -> float:
+    n = e["episodes"]
+    return e["return_std"] * math.sqrt(n / (n - 1)) / math.sqrt(n)
+
+
+def write(args, done: list[dict], rand: dict) -> None:
+    from lapo_ray.evaluation.plots import _plt, save_figure
+
+    lines = ["# Demonstrator: PPO settings per wall-clock minute on 2 cores", "",
+             f"Made by `PYTHONPATH=. python docs/results/demonstrator.py --out {args.out}` on {GAME} (easy, "
+             f"unbounded levels), seed {args.seed}; each agent evaluated on {args.episodes} episodes of its "
+             "training levels with sampled actions. The cpu preset's agent (IMPALA 8-16-32, 2 env runners x 16 "
+             "envs x 64 steps, 4 minibatches, lr 5e-4 from scratch).", "",
+             f"Random policy: {rand['return_mean']:.2f} ± {sem(rand):.2f} (official normalisation "
+             f"{rand['return_norm_mean']:.2f}).", "",
+             "| config | env steps | minutes | env steps/s | return ± SE | official norm. | SEs above random |",
+             "|---|---|---|---|---|---|---|"]
+    for r in done:
+        e = r["evaluation"]
+        z = (e["return_mean"] - rand["return_mean"]) / math.hypot(sem(e), sem(rand))
+        lines.append(f"| {r['name']} | {r['env_steps']:,} | {r['minutes']:.1f} | "
+                     f"{r['env_steps'] / (60 * r['minutes']):.0f} | {e['return_mean']:.2f} ± {sem(e):.2f} | "
+                     f"{e['return_norm_mean']:.2f} | {z:.1f} |")
+    lines += ["", "![training return against wall-clock minutes](plots/demonstrator.png)", ""]
+    open(args.table, "w").write("\n".join(lines))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in done:
+        rows = [json.loads(line) for line in open(os.path.join(args.out, slug(r["name"]), "metrics.jsonl"))]
+        t0 = rows[0]["time"] - rows[0]["iteration_seconds"]
+        pts = [((x["time"] - t0) / 60, x["episode_return"]) for x in rows if x.get("episode_return") == x.get("episode_return")
+               and x.get("episode_return") is not None]
+        ax.plot(*zip(*pts), label=r["name"])
+    ax.axhline(rand["return_mean"], color="grey", ls=":", label="random policy")
+    ax.set(xlabel="wall-clock minutes", ylabel="training return (last 20 episodes)", title=f"PPO from scratch on {GAME}")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, os.path.join(os.path.dirname(args.table), "plots", "demonstrator.png"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="artifacts/demonstrator")
+    p.add_argument("--table", default="docs/results/demonstrator.md")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated config names")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rand = random_policy(args)
+    done = []
+    for name in CONFIGS:
+        if args.only and name not in args.only.split(","):
+            continue
+        done.append(run(args, name))
+        write(args, done, rand)
+
+
+if __name__ == "__main__":
+    main()
