@@ -23,7 +23,7 @@ GAME = "coinrun"
 
 # name -> (flags, env steps). The steps give each config roughly the same wall-clock budget.
 CONFIGS = {
-    "cpu (3 epochs, 2x16 envs)": ([], 120_000),
+    "cpu preset: 3 epochs": ([], 120_000),
     "1 epoch": (["--ppo.num-epochs", "1"], 240_000),
     "1 epoch, lr 1e-3": (["--ppo.num-epochs", "1", "--ppo.scratch-lr", "1e-3"], 240_000),
 }
@@ -117,13 +117,13 @@ def main() -> None:
     p.add_argument("--table", default="docs/results/demonstrator.md")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default="", help="comma-separated config names")
+    p.add_argument("--only", default="", help="config names separated by |")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rand = random_policy(args)
     done = []
     for name in CONFIGS:
-        if args.only and name not in args.only.split(","):
+        if args.only and name not in args.only.split("|"):
             continue
         done.append(run(args, name))
         write(args, done, rand)

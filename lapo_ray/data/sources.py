@@ -106,18 +106,20 @@ def _listing(bad: list[tuple[str, str]], most: int = 5) -> str:
     return shown + (f"; and {len(bad) - most} more" if len(bad) > most else "")
 
 
-def _scan_parallel(paths: list[str], check: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``check`` on every file in Ray tasks (or inline when Ray is not running)."""
+def _scan_parallel(paths: list[str], check: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``check(path, index in paths)`` on every file in Ray tasks (or inline when Ray is not
+    running). The index travels with the path: looking it up per file would be quadratic."""
     import ray
 
     if not ray.is_initialized() or len(paths) < 4:
-        return [check(p) for p in paths]
+        return [check(p, i) for i, p in enumerate(paths)]
     remote = ray.remote(num_cpus=1)(_apply).options(name="lapo-scan-file")
-    return ray.get([remote.remote(check, p) for p in paths])
+    fn = ray.put(check)  # the source (with its listing) goes to the object store once, not per task
+    return ray.get([remote.remote(fn, p, i) for i, p in enumerate(paths)])
 
 
-def _apply(fn: Callable[[str], dict[str, Any]], path: str) -> dict[str, Any]:
-    return fn(path)
+def _apply(fn: Callable[[str, int], dict[str, Any]], path: str, index: int) -> dict[str, Any]:
+    return fn(path, index)
 
 
 def _rows_dataset(paths: list[str], read: Callable[[str], list[dict[str, Any]]]):
@@ -254,8 +256,7 @@ class FileSource(Source):
     def read_episodes(self, path: str, file_index: int) -> list[Episode]:
         raise NotImplementedError
 
-    def _check(self, path: str) -> dict[str, Any]:
-        file_index = self.paths.index(path)
+    def _check(self, path: str, file_index: int) -> dict[str, Any]:
         try:
             eps = self.read_episodes(path, file_index)
         except CorpusError as e:
