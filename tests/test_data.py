@@ -42,15 +42,15 @@ def labelled_episode(eid: int, length: int) -> Episode:
     return Episode(eid, f, actions=np.arange(length) + 1000 * eid, rewards=np.ones(length, np.float32))
 
 
-def check_triplets(batches) -> list[tuple[int, int]]:
+def check_triplets(batches, offset: int = 1) -> list[tuple[int, int]]:
     seen = []
     for b in batches:
         frames = np.asarray(b["frames"])
         for e, s, fr, a in zip(np.asarray(b["episode_id"]), np.asarray(b["step"]), frames, np.asarray(b["action"])):
-            # All three frames come from one episode, at t-1, t, t+1.
+            # All three frames come from one episode, at t-d, t, t+d.
             assert fr[:, 0, 0, 2].tolist() == [e] * 3
             t = fr[:, 0, 0, 0].astype(int) + 256 * fr[:, 0, 0, 1].astype(int)
-            assert t.tolist() == [s - 1, s, s + 1]
+            assert t.tolist() == [s - offset, s, s + offset]
             assert a == s + 1000 * e  # the action taken at o[t]
             seen.append((int(e), int(s)))
     return seen
@@ -515,6 +515,33 @@ def test_batcher_local_shuffle_emits_every_triplet_once_and_is_seeded():
     # drop_last keeps only full batches
     sizes = [len(b["step"]) for b in TripletBatcher(SHAPE, 6, 16, drop_last=True).batches(segments())]
     assert set(sizes) == {6} and sum(sizes) == 6 * (len(ordered) // 6)
+
+
+def test_a_frame_offset_cuts_triplets_d_steps_apart_within_each_segment():
+    from lapo_ray.data.triplets import Segment
+
+    lengths = [10, 4, 5, 40]
+    segs = [Segment(labelled_episode(e, n).frames, e, 0, labelled_episode(e, n).actions) for e, n in enumerate(lengths)]
+    seen = check_triplets(TripletBatcher(SHAPE, batch_size=7, offset=2).batches(iter(segs)), offset=2)
+    # t runs from d to n-1-d: n - 2d triplets per segment; a 4-frame segment holds none at d = 2.
+    assert seen == [(e, t) for e, n in enumerate(lengths) for t in range(2, n - 2)]
+    assert len(seen) == 6 + 0 + 1 + 36
+    # A continuation segment (start 100) keeps the episode's step numbers.
+    ep = labelled_episode(9, 130)
+    cont = Segment(ep.frames[100:], 9, 100, ep.actions[100:])
+    assert [s for _, s in check_triplets(TripletBatcher(SHAPE, 64, offset=3).batches(iter([cont])), offset=3)] \
+        == list(range(103, 127))
+    with pytest.raises(ValueError, match="triplet frame offset must be at least 1, got 0"):
+        TripletBatcher(SHAPE, 4, offset=0)
+
+
+def test_model_frame_offset_flag_is_validated():
+    from lapo_ray.config import cpu_pretrain
+
+    cfg = cpu_pretrain()
+    cfg.model.frame_offset = 0
+    with pytest.raises(ValueError, match="--model.frame-offset must be at least 1, got 0"):
+        cfg.validate()
 
 
 from lapo_ray.data.pacing import PacedScheduling  # noqa: E402

@@ -281,6 +281,37 @@ def test_idm_labels_cover_exactly_the_complete_triplets(pretrain_dir):
     assert mask == [False, True, True, True, False, False]
 
 
+def test_idm_labels_with_a_frame_offset_need_both_ends_in_the_chunk(pretrain_dir):
+    import copy
+
+    from lapo_ray.rl.connectors import LabelTripletsWithIDM
+    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+
+    idm = copy.deepcopy(load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1"))))
+    idm.cfg.frame_offset = 2
+    frames = random_obs(9, seed=4).numpy()
+    fresh_done = _episode(frames[1:], lookback=0, terminated=True)  # o1..o8, 7 steps, ended
+    continued = _episode(frames, lookback=1, terminated=False)  # o0 in the lookback, o1..o8, 7 steps
+    shared: dict = {}
+    LabelTripletsWithIDM(idm=idm)(rl_module=None, batch={}, episodes=[fresh_done, continued], shared_data=shared)
+    labels = shared["lapo_idm_labels"]
+
+    def encode(i):  # the IDM's latent of (frames[i-2], frames[i], frames[i+2])
+        return idm.encode(torch.from_numpy(frames[i - 2:i + 3:2][None]))[0][0].numpy()
+
+    latents, valid = labels[id(fresh_done)]
+    # Steps 0-1 lack o[t-2]; steps 5-6 would need the stand-in final frame or beyond.
+    assert valid.tolist() == [False, False, True, True, True, False, False]
+    for t in (2, 3, 4):
+        np.testing.assert_allclose(latents[t], encode(t + 1), atol=1e-5)
+    latents, valid = labels[id(continued)]
+    # One frame of lookback: step 0 still lacks o[t-2]; the chunk goes on, so o[7] (the
+    # observation after its last step) is real and step 5 is complete; step 6 needs o[8].
+    assert valid.tolist() == [False, True, True, True, True, True, False]
+    for t in range(1, 6):
+        np.testing.assert_allclose(latents[t], encode(t + 1), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_finetune_checkpoints_resumes_and_evaluates(ray_local, pretrain_dir, tmp_path):
     from lapo_ray.config.rl import EvaluateConfig

@@ -30,10 +30,12 @@ CONFIGS = {
     "change5": {"stage1.change_weight": 5.0},
     "shift4": {"stage1.augment": "shift", "stage1.shift_pad": 4},
     "novq": {"model.vq.enabled": False},
+    "offset2": {"model.frame_offset": 2},
 }
 PRIORITY = [(g, c) for g in GAMES for c in ("baseline", "labels512w002", "change5")]
 PRIORITY += [("coinrun", "labels512"), ("coinrun", "shift4"), ("coinrun", "novq")]
 PRIORITY += [(g, c) for g in GAMES[1:] for c in ("labels512", "shift4", "novq")]
+PRIORITY += [(g, "offset2") for g in GAMES]
 
 
 def base_config(args, game: str, name: str):

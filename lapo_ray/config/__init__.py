@@ -60,6 +60,7 @@ class PretrainConfig:
             raise ValueError(f"--stages: unknown stage(s) {sorted(unknown)}; use stage1, label, stage2")
         self.collect.validate()
         self.data.validate()
+        self.model.validate()
         self.stage1.validate("stage1")
         self.stage2.validate("stage2")
 

@@ -87,10 +87,20 @@ class ModelConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     frame_size: int = 64  # frames are square, frame_size x frame_size
     channels: int = 3  # colour channels of one frame
+    frame_offset: int = field(
+        default=1,
+        metadata={"help": "d: the IDM reads (o[t-d], o[t], o[t+d]) and the world model predicts o[t+d], so a "
+                  "latent spans the d actions from t (a recipe option, cf. LAPA, Ye et al. 2025, which takes "
+                  "the frame H steps ahead); the probe and decoders label it with a[t]. 1: the paper"},
+    )
 
     @property
     def latent_dim(self) -> int:
         return self.vq.latent_dim
+
+    def validate(self) -> None:
+        if self.frame_offset < 1:
+            raise ValueError(f"--model.frame-offset must be at least 1, got {self.frame_offset}")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

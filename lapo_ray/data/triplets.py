@@ -118,15 +118,19 @@ def select_split(table: pa.Table, split: Split, spec: SplitSpec) -> pa.Table:
 
 
 class TripletBatcher:
-    """Cuts a stream of segments into batches of triplets.
+    """Cuts a stream of segments into batches of triplets (o[t-d], o[t], o[t+d]), d = ``offset``.
 
     With ``buffer_size`` > 0 it holds at least that many candidate triplets and draws each batch
     at random from them (a seeded local shuffle); with 0 it emits triplets in stream order.
-    Each triplet is copied once, straight into its batch.
+    Each triplet is copied once, straight into its batch. Triplets never span segments: segments
+    overlap by two frames, so with d > 1 the 2d - 2 triplets around each boundary are left out.
     """
 
     def __init__(self, frame_shape: tuple[int, ...], batch_size: int, buffer_size: int = 0,
-                 seed: int | None = 0, drop_last: bool = False):
+                 seed: int | None = 0, drop_last: bool = False, offset: int = 1):
+        if offset < 1:
+            raise ValueError(f"triplet frame offset must be at least 1, got {offset}")
+        self.offset = offset
         self.frame_shape, self.batch_size = tuple(frame_shape), batch_size
         self.buffer_size, self.drop_last = buffer_size, drop_last
         self.rng = np.random.default_rng(seed)
@@ -137,14 +141,15 @@ class TripletBatcher:
         self._next_key = 0
 
     def add(self, seg: Segment) -> None:
-        n = len(seg.frames) - 2
+        d = self.offset
+        n = len(seg.frames) - 2 * d
         if n <= 0:
             return
         key = self._next_key
         self._next_key += 1
         self.segments[key], self.remaining[key] = seg, n
         self.pool_seg.extend([key] * n)
-        self.pool_t.extend(range(1, n + 1))
+        self.pool_t.extend(range(d, n + d))
 
     def ready(self) -> bool:
         return len(self.pool_t) >= self.batch_size + self.buffer_size
@@ -169,9 +174,10 @@ class TripletBatcher:
             "step": np.empty(count, np.int64),
             "action": np.full(count, -1, np.int64),
         }
+        d = self.offset
         for j, (key, t) in enumerate(chosen):
             seg = self.segments[key]
-            out["frames"][j] = seg.frames[t - 1 : t + 2]
+            out["frames"][j] = seg.frames[t - d : t + d + 1 : d]
             out["episode_id"][j] = seg.episode_id
             out["step"][j] = seg.start + t
             if seg.actions is not None:
@@ -224,14 +230,14 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
 
 
 def iter_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,
-                 epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """numpy triplet batches from a segment dataset or a Ray Train dataset shard."""
+                 epoch: int = 0, offset: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """numpy triplet batches (frame offset ``offset``) from a segment dataset or a Ray Train shard."""
     shape = tuple(frame_shape)
     tables = ds.iter_batches(batch_size=cfg.segments_per_block, batch_format="pyarrow",
                              prefetch_batches=cfg.prefetch_blocks)
     segments = (seg for t in tables for seg in iter_segments(t, shape))
     batcher = TripletBatcher(shape, batch_size, cfg.local_shuffle_buffer, seed=cfg.shuffle_seed + epoch,
-                             drop_last=drop_last)
+                             drop_last=drop_last, offset=offset)
     return _counted(batcher.batches(segments))
 
 
@@ -242,7 +248,7 @@ def _counted(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.
 
 
 def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_last: bool = False,
-                  epoch: int = 0, device=None) -> Iterator[dict[str, Any]]:
+                  epoch: int = 0, device=None, offset: int = 1) -> Iterator[dict[str, Any]]:
     """Like ``iter_batches``, as torch tensors: zero-copy on the CPU (``device`` None or a CPU).
 
     For a GPU the batches are cut and pinned in a background thread, ``cfg.prefetch_blocks``
@@ -252,7 +258,7 @@ def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_la
     import torch
 
     batches = ({k: torch.from_numpy(v) for k, v in b.items()}
-               for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch))
+               for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch, offset))
     if device is None or torch.device(device).type == "cpu":
         yield from batches
         return

@@ -57,10 +57,11 @@ class PairBuffer:
 class LabelTripletsWithIDM(ConnectorV2):
     """First piece of the learner pipeline: IDM latents of every step of every sampled episode.
 
-    A step t gets a label when o[t-1] and o[t+1] both belong to its episode: o[t-1] may come from
-    the lookback buffer of an episode chunk that continues an earlier one; the last step of an
-    episode that ended has no o[t+1] (the env's final observation is a stand-in, see
-    ``lapo_ray.envs.procgen``), so it stays unlabelled.
+    With the IDM's frame offset d, a step t gets a label when o[t-d] and o[t+d] are both in the
+    sampled chunk: o[t-d] may come from the lookback buffer of a chunk that continues an earlier
+    one; an episode that ended has no real observation after its last step (the env's final
+    observation is a stand-in, see ``lapo_ray.envs.procgen``), so its last d steps stay
+    unlabelled, as do the last d - 1 steps of a chunk that goes on.
     """
 
     def __init__(self, input_observation_space=None, input_action_space=None, *, idm=None,
@@ -73,16 +74,17 @@ class LabelTripletsWithIDM(ConnectorV2):
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         labels = shared_data.setdefault(_SHARED_KEY, {})
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
-            n = len(ep)
-            lookback = min(1, ep.observations.lookback)
+            n, d = len(ep), self.idm.cfg.frame_offset
+            lookback = min(d, ep.observations.lookback)
             obs = np.asarray(ep.get_observations(slice(-lookback, n + 1), neg_index_as_lookback=True))
             t = np.arange(n)
-            valid = (t + lookback >= 1) & ~((t == n - 1) & ep.is_done)
+            # obs[i + lookback] is o[i] for i in [-lookback, n]; o[n] is a stand-in if the episode ended.
+            valid = (t + lookback >= d) & (t + d <= n - int(ep.is_done))
             latents = np.zeros((n, self.idm.cfg.latent_dim), np.float32)
             idx = np.nonzero(valid)[0]
             for s in range(0, len(idx), self.batch_size):
                 rows = idx[s:s + self.batch_size] + lookback
-                triplets = np.stack([obs[rows - 1], obs[rows], obs[rows + 1]], axis=1)
+                triplets = np.stack([obs[rows - d], obs[rows], obs[rows + d]], axis=1)
                 with torch.no_grad():
                     z, _ = self.idm.encode(torch.from_numpy(triplets))
                 latents[idx[s:s + self.batch_size]] = z.float().numpy()

@@ -34,11 +34,13 @@ from lapo_ray.train.checkpoint import load_dynamics
 MODULE_DIR = "module"
 
 
-def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to ``n`` labelled triplets of ``split``, drawn across episodes by a seeded shuffle."""
+def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: int,
+                      offset: int = 1) -> dict[str, np.ndarray]:
+    """Up to ``n`` labelled triplets (frame offset ``offset``, the IDM's) of ``split``, drawn
+    across episodes by a seeded shuffle."""
     pipe = dataclasses.replace(pipe, global_shuffle="files", shuffle_seed=seed, local_shuffle_buffer=4096)
     parts, have = [], 0
-    for b in iter_batches(triplet_dataset(source, split, pipe), source.frame_shape, 512, pipe):
+    for b in iter_batches(triplet_dataset(source, split, pipe), source.frame_shape, 512, pipe, offset=offset):
         keep = b["action"] >= 0
         parts.append({"frames": b["frames"][keep], "action": b["action"][keep]})
         have += int(keep.sum())
@@ -87,11 +89,11 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     dc = cfg.decoder
     t0 = time.time()
-    train = labelled_triplets(source, pipe, "train", dc.k, cfg.seed)
-    val = labelled_triplets(source, pipe, "val", dc.held_out, cfg.seed)
+    idm = load_dynamics(stage1)
+    train = labelled_triplets(source, pipe, "train", dc.k, cfg.seed, idm.cfg.frame_offset)
+    val = labelled_triplets(source, pipe, "val", dc.held_out, cfg.seed, idm.cfg.frame_offset)
     if len(train["action"]) < dc.k:
         print(f"decode: the train split has only {len(train['action'])} labelled triplets (asked for {dc.k})", flush=True)
-    idm = load_dynamics(stage1)
     z_train, z_val = _encode(idm, train["frames"]), _encode(idm, val["frames"])
     a_train, a_val = torch.from_numpy(train["action"]).long(), torch.from_numpy(val["action"]).long()
 

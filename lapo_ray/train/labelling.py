@@ -40,7 +40,8 @@ class IDMLabeller:
         c = self.model.cfg
         shape = (c.frame_size, c.frame_size, c.channels)
         parts = []
-        for batch in TripletBatcher(shape, self.batch_size).batches(iter_segments(table, shape)):
+        batcher = TripletBatcher(shape, self.batch_size, offset=c.frame_offset)
+        for batch in batcher.batches(iter_segments(table, shape)):
             latent, codes = self.model.encode(torch.from_numpy(batch["frames"]))
             parts.append({
                 "episode_id": batch["episode_id"],

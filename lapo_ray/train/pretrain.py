@@ -35,23 +35,24 @@ def _eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
 
 
-def _labelled_val_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec):
-    """Labelled triplets of the validation episodes (never trained on), in source order."""
+def _labelled_val_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int):
+    """Labelled triplets (frame offset ``offset``) of the validation episodes, in source order."""
     ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files, spec)
-    for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe)):
+    for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe), offset=offset):
         keep = b["action"] >= 0
         if keep.any():
             yield {k: b[k][keep] for k in ("frames", "action", "episode_id")}
 
 
-def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec) -> ProbeSet | None:
+def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
+                   offset: int = 1) -> ProbeSet | None:
     """Up to ``n`` labelled validation triplets, frames included (the probe during stage 1)."""
     from lapo_ray.evaluation.probe import probe_halves
 
     if not source.has_actions or n <= 0:
         return None
     parts, have = [], 0
-    for b in _labelled_val_batches(source, pipe, files, spec):
+    for b in _labelled_val_batches(source, pipe, files, spec, offset):
         parts.append(b)
         have += len(b["action"])
         if have >= n:
@@ -66,13 +67,13 @@ def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str
 
 @torch.no_grad()
 def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
-                          encoders: dict[str, Any]) -> dict[str, np.ndarray]:
+                          encoders: dict[str, Any], offset: int = 1) -> dict[str, np.ndarray]:
     """Up to ``n`` labelled validation triplets, streamed through ``encoders`` ({name: frames ->
     {key: tensor}}) so only their outputs are kept: 20k triplets of 64x64 frames are 0.7 GB.
     Returns ``action``, ``episode_id`` and ``<name>/<key>`` arrays."""
     out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
     have = 0
-    for b in _labelled_val_batches(source, pipe, files, spec):
+    for b in _labelled_val_batches(source, pipe, files, spec, offset):
         take = min(len(b["action"]), n - have)
         frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
         out["action"].append(b["action"][:take].astype(np.int64))
@@ -211,7 +212,7 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
         sup = load_supervised_idm(train_ceiling(cfg, source, files, spec, steps_done, run_config or cfg.to_dict()))
         encoders["supervised"] = lambda f: {"latent": sup.features(f), "logits": sup.head(sup.features(f))}
     t0 = time.monotonic()
-    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders)
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset)
     actions, episodes = enc["action"], enc["episode_id"]
     if len(actions) < 32:
         raise ValueError(f"probe: only {len(actions)} labelled validation triplets")
@@ -274,7 +275,7 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     if "stage1" in stages:
         # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
         probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
-                               scan.files, spec)
+                               scan.files, spec, cfg.model.frame_offset)
         ckpt = _stage_done(stage1_uri)
         if ckpt is None:
             t0 = time.monotonic()

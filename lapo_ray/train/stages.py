@@ -58,7 +58,7 @@ class Stage1Task:
 
         c = self.model_cfg
         return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
-                             device=device)
+                             device=device, offset=c.frame_offset)
 
     def loss(self, model, batch):
         r = self.recipe
@@ -153,7 +153,7 @@ class SupervisedIDMTask:
 
         c = self.model_cfg
         return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
-                             device=device)
+                             device=device, offset=c.frame_offset)
 
     def loss(self, model, batch):
         loss, correct, n = labelled_loss(model(batch["frames"]), batch["action"])
