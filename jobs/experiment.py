@@ -1,9 +1,10 @@
 """The whole LAPO experiment on one Procgen game, one command, resumable step by step:
 demonstrator (PPO) -> observation-only corpus -> stages 1 and 2 -> PPO from the latent policy
-(with and without decoder supervision) and from scratch -> offline decoding at several k -> report.
+(with and without decoder supervision) and from scratch over several seeds -> offline decoding at
+several k against the majority-action agent -> report with 95% intervals.
 
-    python jobs/experiment.py                          # cpu preset, about 90 minutes on 2 cores
-    python jobs/experiment.py --game ninja --out artifacts/exp-ninja
+    python jobs/experiment.py                          # cpu preset on CoinRun, at most 120 minutes on 2 cores
+    python jobs/experiment.py --game ninja --seeds 5 --out artifacts/exp-ninja
     python jobs/experiment.py --preset paper --out s3://bucket/lapo-exp   # on a cluster
 """
 
