@@ -17,6 +17,7 @@ from lapo_ray.evaluation.probe import (
     codebook_perplexity,
     episode_split,
     gap_closed,
+    gap_two_se,
     majority_rate,
     probe_accuracy,
     probe_halves,
@@ -68,6 +69,24 @@ def test_probe_on_noise_falls_back_to_the_majority_action():
     assert abs(majority - (0.4 + 0.6 / 15)) < 0.02
     r = probe_accuracy(latents, actions, test, FAST, episode_ids=ids)
     assert abs(r["probe_acc"] - majority) < 0.02, (r["probe_acc"], majority)
+    assert abs(r["probe_info_bits"]) < 0.05  # noise tells nothing about the action
+
+
+def test_probe_information_sees_what_accuracy_cannot_on_a_dominant_action():
+    # 76% of the actions are one action (a trained CoinRun agent's corpus); the latent flags
+    # half of the other actions as "not the usual one" without saying which. No answer but the
+    # majority can win, so accuracy stays at the majority rate, yet the latent is informative.
+    rng = np.random.default_rng(5)
+    ids = _episodes(250, 40)
+    rare = rng.random(len(ids)) > 0.76
+    actions = np.where(rare, rng.integers(4, NUM_ACTIONS, len(ids)), 3)
+    flag = rare & (rng.random(len(ids)) < 0.5)
+    latents = np.stack([flag.astype(np.float32), rng.standard_normal(len(ids)).astype(np.float32)], 1)
+    test = probe_halves(ids)
+    r = probe_accuracy(latents, actions, test, FAST, episode_ids=ids)
+    assert abs(r["probe_acc"] - majority_rate(actions, test)) < 0.02
+    # I(flag; action) = H(flag) - H(flag | action) = h(0.12) - 0.24 h(0.5) = 0.529 - 0.24 = 0.29 bits.
+    assert 0.2 < r["probe_info_bits"] < 0.32, r["probe_info_bits"]
 
 
 def test_early_stopping_reports_the_best_validation_epoch():
@@ -158,6 +177,11 @@ def test_probe_report_carries_every_reference():
     assert (r["nmi_trained"], r["nmi_untrained"]) == (0.3, 0.01)
     assert r["perplexity_trained"] == [12.0, 11.0] and r["probe_best_epoch"] == 3
     assert gap_closed(0.3, 0.2, 0.2) is None
+    # The experiment's CoinRun corpus: floor 0.7573, ceiling 0.7590 on 2,349 test triplets. Two
+    # standard errors of the difference are 2 sqrt(2 x 0.757 x 0.243 / 2349) = 0.025: no gap.
+    assert gap_two_se(0.7573, 2349) == pytest.approx(0.0250, abs=2e-4)
+    assert gap_closed(0.7586, 0.7573, 0.7590, n_test=2349) is None
+    assert gap_closed(0.7586, 0.7573, 0.7590) == pytest.approx(0.76, abs=0.01)  # what it read before
 
 
 def test_plots_go_straight_to_any_storage_uri(tmp_path):

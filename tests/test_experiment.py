@@ -195,3 +195,19 @@ def test_majority_action_counts_each_frame_once(tmp_path):
     write_corpus(str(tmp_path / "c"), eps, game="coinrun", max_segment_frames=4)
     acts = read_actions(str(tmp_path / "c"))
     assert len(acts) == 20 and np.bincount(acts)[3] == 6 and majority_action(str(tmp_path / "c")) == 5
+
+
+def test_a_gap_within_noise_is_not_read_as_a_share_closed():
+    from lapo_ray.evaluation.reports import render_experiment_report
+
+    res = _full_results()
+    # The figures of the first CoinRun run: a dominant action, and a ceiling 0.0017 above the floor.
+    res["pretrain"]["probe"].update(probe_acc=0.7586, floor_untrained_idm=0.7573, ceiling_supervised_idm=0.7590,
+                                    majority_rate=0.7573, gap_closed=0.75, n_test=2349,
+                                    info_bits_trained=0.05, info_bits_untrained=0.0, info_bits_supervised=0.04)
+    text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 8.0),
+                                    {"online": "o.png", "offline": "f.png"})
+    assert "gap closed: undefined: the ceiling is above the floor by 0.0017, within two standard errors (0.0250)" in text
+    assert "gap closed: 0.75" not in text and "## Targets missed" in text
+    assert "not measurable: the ceiling is within two standard errors, 0.025, of the floor" in text
+    assert "trained / floor / ceiling | 0.050 / 0.000 / 0.040 |" in text

@@ -124,8 +124,17 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
                 break
     net.load_state_dict(best_state)
     net.eval()
+    test_acc, test_xent = _evaluate(net, x[te], y[te])
+    # The same test cross-entropy for the best guess without the latent (the fit split's action
+    # frequencies, smoothed): the difference is what the latent tells about the action, in bits.
+    # Unlike accuracy it moves when the latent sharpens the odds of a rare action without
+    # overturning the majority answer.
+    prior = torch.bincount(yfit, minlength=net[-1].out_features).double() + 0.5
+    prior_xent = -torch.log(prior / prior.sum())[y[te]].mean().item()
     return {
-        "probe_acc": _evaluate(net, x[te], y[te])[0],
+        "probe_acc": test_acc,
+        "probe_xent": test_xent,
+        "probe_info_bits": (prior_xent - test_xent) / math.log(2),
         "probe_val_acc": best[0],
         "probe_train_acc": _evaluate(net, xfit, yfit)[0],
         "best_epoch": best_epoch,
@@ -203,11 +212,22 @@ def encode_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], frames: np.nda
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def gap_closed(acc: float, floor: float, ceiling: float) -> float | None:
-    """Share of the floor-to-ceiling gap that ``acc`` closes (None when the ceiling does not
-    rise above the floor, so there is no gap to close)."""
+def gap_two_se(floor: float, n_test: int) -> float:
+    """Two standard errors of the difference of two accuracies near ``floor`` on ``n_test``
+    test triplets: a floor-to-ceiling gap below this is noise, not room to close."""
+    p = min(max(floor, 1e-3), 1 - 1e-3)
+    return 2.0 * math.sqrt(2.0 * p * (1.0 - p) / max(n_test, 1))
+
+
+def gap_closed(acc: float, floor: float, ceiling: float, n_test: int | None = None) -> float | None:
+    """Share of the floor-to-ceiling gap that ``acc`` closes. None when there is no gap to
+    close: the ceiling is not above the floor or, given ``n_test``, not above it by more than
+    two standard errors (on a corpus where one action dominates and the others look alike, a
+    share of a 0.002 gap would read as a result and mean nothing)."""
     gap = ceiling - floor
-    return float((acc - floor) / gap) if gap > 1e-9 else None
+    if gap <= 1e-9 or (n_test is not None and gap <= gap_two_se(floor, n_test)):
+        return None
+    return float((acc - floor) / gap)
 
 
 def probe_report(idm_acc: dict[str, Any], floor_acc: dict[str, Any], ceiling_acc: dict[str, Any] | None,
@@ -223,9 +243,14 @@ def probe_report(idm_acc: dict[str, Any], floor_acc: dict[str, Any], ceiling_acc
         "majority_rate": majority,
         "n_train": idm_acc["n_train"], "n_val": idm_acc["n_val"], "n_test": idm_acc["n_test"],
     }
+    for name, acc in (("trained", idm_acc), ("untrained", floor_acc), ("supervised", ceiling_acc)):
+        if acc is not None and "probe_info_bits" in acc:
+            report[f"info_bits_{name}"] = acc["probe_info_bits"]
     if ceiling_acc is not None:
         report["ceiling_supervised_idm"] = ceiling_acc["probe_acc"]
-        report["gap_closed"] = gap_closed(idm_acc["probe_acc"], floor_acc["probe_acc"], ceiling_acc["probe_acc"])
+        report["gap_two_se"] = gap_two_se(floor_acc["probe_acc"], idm_acc["n_test"])
+        report["gap_closed"] = gap_closed(idm_acc["probe_acc"], floor_acc["probe_acc"], ceiling_acc["probe_acc"],
+                                          idm_acc["n_test"])
     if direct_classifier is not None:
         report["direct_supervised_classifier"] = direct_classifier
     for name, c in (codes or {}).items():
