@@ -26,11 +26,16 @@ def _marker(out: str, name: str) -> str:
     return storage.join(out, "steps", f"{name}.json")
 
 
-def _step(out: str, name: str, fn) -> dict[str, Any]:
+def _step(out: str, name: str, fn, missing: list[str] | None = None) -> dict[str, Any] | None:
+    """Run step ``name`` unless its marker exists. With ``missing`` (a report-only pass) nothing
+    runs: an unfinished step is appended to it and gives None."""
     marker = _marker(out, name)
     if storage.exists(marker):
         print(f"experiment: step {name} already done", flush=True)
         return storage.read_json(marker)
+    if missing is not None:
+        missing.append(name)
+        return None
     print(f"experiment: step {name} ...", flush=True)
     t0 = time.time()
     result = fn()
@@ -74,13 +79,17 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         storage.write_json(first, versions())
     results: dict[str, Any] = {"versions": storage.read_json(first), "report_versions": versions(),
                                "preset": preset}
+    missing: list[str] | None = [] if cfg.report_only else None
+
+    def step(name: str, fn) -> dict[str, Any] | None:
+        return _step(out, name, fn, missing)
 
     def demonstrator() -> dict[str, Any]:
         summary = finetune(c.demonstrator)
         report = evaluate_agent(EvaluateConfig(agent=c.demonstrator.out, eval=ev))
         return {"finetune": summary, "evaluation": report}
 
-    results["demonstrator"] = _step(out, "demonstrator", demonstrator)
+    results["demonstrator"] = step("demonstrator", demonstrator)
 
     def random_policy() -> dict[str, Any]:
         import torch
@@ -91,7 +100,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         env = c.finetune.env
         return {"train_levels": evaluate_policy(uniform, env, ev, "random policy")}
 
-    results["random"] = _step(out, "random", random_policy)
+    results["random"] = step("random", random_policy)
 
     def collect_step() -> dict[str, Any]:
         t0 = time.time()
@@ -101,13 +110,13 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
                 "triplets": manifest.num_triplets, "wall_seconds": seconds,
                 "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy}
 
-    results["collect"] = _step(out, "collect", collect_step)
+    results["collect"] = step("collect", collect_step)
 
     def pretrain_step() -> dict[str, Any]:
         summary = run_pretrain(c.pretrain)
         return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
 
-    results["pretrain"] = _step(out, "pretrain", pretrain_step)
+    results["pretrain"] = step("pretrain", pretrain_step)
 
     def majority_step() -> dict[str, Any]:
         import torch
@@ -121,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
 
         return {"action": action, **evaluate_on_both_level_sets(constant, c.finetune.env, ev, "majority action")}
 
-    results["majority"] = _step(out, "majority", majority_step)
+    results["majority"] = step("majority", majority_step)
 
     online: dict[str, list[dict[str, Any]]] = {}
     for variant, seed in cfg.online_runs():
@@ -137,7 +146,9 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
             return {"seed": ft.seed, "out": ft.out, "finetune": summary, "evaluation": report,
                     "wall_seconds": seconds, "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
 
-        online.setdefault(variant, []).append(_step(out, f"finetune-{variant}-s{seed}", run_variant))
+        run = step(f"finetune-{variant}-s{seed}", run_variant)
+        if run is not None:
+            online.setdefault(variant, []).append(run)
     results["finetune"] = online
 
     offline: dict[str, Any] = {}
@@ -145,9 +156,17 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         dc = DecodeConfig(out=storage.join(out, f"decode-k{k}"), pretrain=c.pretrain.out,
                           decoder=dataclasses.replace(cfg.decoder, k=k), env=c.finetune.env, eval=ev,
                           seed=cfg.seed, decoder_hidden=c.finetune.decoder_hidden)
-        offline[str(k)] = _step(out, f"decode-k{k}", lambda dc=dc: decode_offline(dc))
+        done = step(f"decode-k{k}", lambda dc=dc: decode_offline(dc))
+        if done is not None:
+            offline[str(k)] = done
     results["decode"] = offline
 
+    if missing:
+        basics = [name for name in ("demonstrator", "random", "collect", "pretrain") if name in missing]
+        if basics:
+            raise ValueError(f"{out}: nothing to report yet: step(s) {', '.join(basics)} not finished; run "
+                             "without --report-only to run them")
+        results["missing_steps"] = missing
     write_report(cfg, results)
     return results
 
@@ -187,10 +206,11 @@ def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
                      title=f"{cfg.game}: training return, random policy = 0, demonstrator = 1 (mean, 95% band)")
     plots["online"] = "plots/online.png"
     ks = sorted(int(k) for k in results["decode"])
-    plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],
-                          [results["decode"][str(k)]["decoder_val_accuracy"] for k in ks],
-                          storage.join(out, "plots", "offline.png"), cfg.game)
-    plots["offline"] = "plots/offline.png"
+    if ks:
+        plot_offline_decoding(ks, [norm(results["decode"][str(k)]["train_levels"]["return_mean"]) for k in ks],
+                              [results["decode"][str(k)]["decoder_val_accuracy"] for k in ks],
+                              storage.join(out, "plots", "offline.png"), cfg.game)
+        plots["offline"] = "plots/offline.png"
     pre_plots = storage.join(out, "pretrain", "plots")
     for name in ("latent_map.png", "training_curves.png"):
         src = storage.join(pre_plots, name)

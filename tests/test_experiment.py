@@ -211,3 +211,26 @@ def test_a_gap_within_noise_is_not_read_as_a_share_closed():
     assert "gap closed: 0.75" not in text and "## Targets missed" in text
     assert "not measurable: the ceiling is within two standard errors, 0.025, of the floor" in text
     assert "trained / floor / ceiling | 0.050 / 0.000 / 0.040 |" in text
+
+
+def test_a_report_only_pass_runs_nothing_and_names_what_is_missing(tmp_path):
+    from lapo_ray import storage
+    from lapo_ray.evaluation.reports import render_experiment_report
+    from lapo_ray.experiment import _step
+
+    out = str(tmp_path)
+    storage.write_json(storage.join(out, "steps", "done.json"), {"x": 1})
+    missing: list[str] = []
+    ran = []
+    assert _step(out, "done", lambda: ran.append(1), missing) == {"x": 1}
+    assert _step(out, "todo", lambda: ran.append(1), missing) is None
+    assert ran == [] and missing == ["todo"]
+    # A partial report: one seed of each online variant, no offline decoding yet.
+    res = _full_results()
+    res["finetune"] = {"rl+sl": [_run(6.0)], "scratch": [_run(4.0)]}
+    res["decode"] = {}
+    res["missing_steps"] = ["finetune-rl+sl-s1", "decode-k256"]
+    text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 8.0), {"online": "o.png"})
+    assert "**Partial report.** Steps not run yet: finetune-rl+sl-s1, decode-k256." in text
+    assert "![offline]" not in text and "Offline verdict" not in text
+    assert "**cannot be told apart from**" in text  # one seed a side proves nothing online

@@ -40,6 +40,9 @@ class ExperimentConfig:
                                       metadata={"help": "labelled-frame budgets for offline decoding"})
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report_only: bool = field(
+        default=False, metadata={"help": "write report.md from the steps already finished and run nothing; the "
+                                 "report names the steps still to run"})
 
     def variant_list(self) -> list[str]:
         return [v.strip() for v in self.variants.split(",") if v.strip()]

@@ -152,6 +152,11 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
         f"{c.finetune.envs_per_runner} envs. Offline: k = {', '.join(str(k) for k in cfg.decode_k)}. "
         f"Evaluation: {cfg.eval.episodes} episodes per agent and level set. Total wall time: **{total_min:.0f} min**.",
         "",
+    ]
+    if results.get("missing_steps"):
+        lines += [f"**Partial report.** Steps not run yet: {', '.join(results['missing_steps'])}. Running "
+                  "`python jobs/experiment.py` again with the same flags continues from here.", ""]
+    lines += [
         f"**The comparison, chosen before the run:** {PRIMARY_METRIC}. RL + SL is ahead of scratch only if "
         "the 95% interval of the difference (Welch's t on the per-seed values) lies above zero.",
         "",
@@ -221,7 +226,10 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
             f"{by_seed[s]['auc']:.2f}; {_train_levels(by_seed[s])['return_mean']:.2f} ± "
             f"{_sem(_train_levels(by_seed[s])):.2f}" if s in by_seed else "" for s in seeds) + " |")
     lines += ["", verdict(results), ""]
-    lines += ["## Offline decoding from k labelled frames", "", f"![offline]({plots['offline']})", "",
+    lines += ["## Offline decoding from k labelled frames", ""]
+    if "offline" in plots:
+        lines += [f"![offline]({plots['offline']})", ""]
+    lines += [
               "| k | decoder accuracy (held-out triplets) | agent accuracy (policy on o[t]) | return (raw) | "
               "return vs demonstrator |", "|---|---|---|---|---|"]
     for k in sorted(results["decode"], key=int):
