@@ -85,6 +85,10 @@ def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
                   f"{fmt(p.get('nmi_trained'))} | {fmt(p.get('nmi_untrained'))} |",
                   f"| codebook perplexity (codes in use; says nothing about the action) | "
                   f"{fmt(p.get('perplexity_trained'))} | {fmt(p.get('perplexity_untrained'))} |"]
+    if p.get("remeasured_at_commit"):
+        lines += ["", f"These probe figures were re-measured after the run at commit `{p['remeasured_at_commit'][:12]}` "
+                  "(`docs/results/reprobe.py`: the same checkpoints and triplets, with the information in bits and "
+                  "the gap's noise test added); the figures first reported are in `pretrain/probe-v1.json`."]
     lines += ["", f"Probe: {p.get('n_train', '?')} train / {p.get('n_val', '?')} validation / "
               f"{p.get('n_test', '?')} test triplets (split by episode), best validation epoch "
               f"{p.get('probe_best_epoch', '?')}, after {p.get('stage1_steps', '?')} stage-1 steps."]
