@@ -308,9 +308,10 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
         if gap != gap and probe.get("ceiling_supervised_idm") is not None:
             text += (f" Even an IDM trained on the true actions predicts them no better than the majority rate of "
                      f"{fmt(probe.get('majority_rate'))}: on this corpus one action dominates and the others are "
-                     "mostly not visible in the frames (in CoinRun, 'up' does nothing in mid-air, and six of the "
-                     "fifteen actions do nothing at all), so accuracy cannot rank latents here. The information "
-                     "the latent carries about the action (bits, below) and the code-action NMI still can.")
+                     "mostly not visible in the frames (in CoinRun 'up' changes nothing in mid-air, and several of "
+                     "the fifteen actions have the same effect), so accuracy cannot rank latents here. The "
+                     "information the latent carries about the action (bits, in the probe table) and the "
+                     "code-action NMI still can.")
         if no_action_info:
             text += (f" The actions are visible in the frames (the same probe on an IDM trained on the true actions reaches "
                      f"{fmt(probe.get('ceiling_supervised_idm'))}), but in {probe.get('stage1_steps', '?')} steps of stage 1 "
