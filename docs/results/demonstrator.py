@@ -95,13 +95,9 @@ def random_policy(args) -> dict:
     return r
 
 
-def sem(e: dict) -> float:
-    n = e["episodes"]
-    return e["return_std"] * math.sqrt(n / (n - 1)) / math.sqrt(n)
-
-
 def write(args, done: list[dict], rand: dict) -> None:
     from lapo_ray.evaluation.plots import _plt, save_figure
+    from lapo_ray.evaluation.stats import sem
 
     lines = ["# Demonstrator: PPO settings per wall-clock minute on 2 cores", "",
              f"Made by `PYTHONPATH=. python docs/results/demonstrator.py --out {args.out}` on {GAME} (easy, "

@@ -176,8 +176,8 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
     lines += [
         f"PPO from scratch for {demo['finetune']['env_steps']:,} environment steps "
         f"({demo['wall_seconds'] / 60:.1f} min). On its training levels: raw return "
-        f"{demo_eval['return_mean']:.2f} ± {_sem(demo_eval):.2f} (official normalisation "
-        f"{demo_eval['return_norm_mean']:.2f}); random policy {rand_eval['return_mean']:.2f} ± {_sem(rand_eval):.2f} "
+        f"{demo_eval['return_mean']:.2f} ± {sem(demo_eval):.2f} (official normalisation "
+        f"{demo_eval['return_norm_mean']:.2f}); random policy {rand_eval['return_mean']:.2f} ± {sem(rand_eval):.2f} "
         f"({rand_eval['return_norm_mean']:.2f}): {z:.1f} standard errors above random. Target: at least "
         f"{DEMONSTRATOR_TARGET_SE:g} standard errors and {DEMONSTRATOR_TARGET_NORM} official: "
         + ("**met**." if demo_ok else "**missed**."),
@@ -228,7 +228,7 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
         by_seed = {r["seed"]: r for r in runs}
         lines.append(f"| {variant} | " + " | ".join(
             f"{by_seed[s]['auc']:.2f}; {_train_levels(by_seed[s])['return_mean']:.2f} ± "
-            f"{_sem(_train_levels(by_seed[s])):.2f}" if s in by_seed else "" for s in seeds) + " |")
+            f"{sem(_train_levels(by_seed[s])):.2f}" if s in by_seed else "" for s in seeds) + " |")
     lines += ["", verdict(results), ""]
     lines += ["## Offline decoding from k labelled frames", ""]
     if "offline" in plots:
@@ -240,17 +240,18 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
         r = results["decode"][k]
         tr = r["train_levels"]
         lines.append(f"| {k} | {r['decoder_val_accuracy']:.3f} | {r['agent_val_accuracy']:.3f} | "
-                     f"{tr['return_mean']:.2f} ± {_sem(tr):.2f} | {norm(tr['return_mean']):.2f} |")
+                     f"{tr['return_mean']:.2f} ± {sem(tr):.2f} | {norm(tr['return_mean']):.2f} |")
     maj = results.get("majority")
     if maj:
         lines += ["", f"Majority-action agent (always action {maj['action']}, the corpus's most frequent): "
-                  f"{_train_levels(maj)['return_mean']:.2f} ± {_sem(_train_levels(maj)):.2f} raw, "
+                  f"{_train_levels(maj)['return_mean']:.2f} ± {sem(_train_levels(maj)):.2f} raw, "
                   f"{norm(_train_levels(maj)['return_mean']):.2f} of the demonstrator."]
     off = offline_verdict(results)
     if off:
         lines += ["", off]
     lines.append("")
-    if not (demo_ok and _online_win(results) and _offline_win(results) and _probe_ok(probe)):
+    if not (demo_ok and _ahead(latent_vs_scratch(results)) and _ahead(offline_difference(results))
+            and _probe_ok(probe)):
         lines += ["## Targets missed, and the measured causes", ""] + diagnosis(results) + [""]
     lines += ["## Wall-clock time and throughput", "", "| step | wall time | throughput |", "|---|---|---|"]
     lines.append(f"| demonstrator (PPO) | {demo['wall_seconds'] / 60:.1f} min | "
@@ -274,7 +275,7 @@ def _train_levels(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _z(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return (a["return_mean"] - b["return_mean"]) / max(float(np.hypot(_sem(a), _sem(b))), 1e-9)
+    return (a["return_mean"] - b["return_mean"]) / max(float(np.hypot(sem(a), sem(b))), 1e-9)
 
 
 def _probe_ok(probe: dict[str, Any]) -> bool:
@@ -293,7 +294,7 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
            f"{demo.get('return_norm_mean', float('nan')):.2f}, target {DEMONSTRATOR_TARGET_NORM})."
            + (f" It is barely better than random, so the corpus holds little purposeful play to imitate, and on "
               f"the random = 0 / demonstrator = 1 scale one standard error of a {demo['episodes']}-episode mean "
-              f"is about {_sem(demo) / max(abs(margin), 1e-9):.2f}." if z < 4 else "")]
+              f"is about {sem(demo) / max(abs(margin), 1e-9):.2f}." if z < 4 else "")]
     probe = results["pretrain"].get("probe") or {}
     gap, two_se = resolved_gap_closed(probe) if probe else (None, float("nan"))
     gap = float("nan") if gap is None else gap  # None: no measurable gap between floor and ceiling
@@ -356,10 +357,6 @@ def diagnosis(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _sem(evaluation: dict[str, Any]) -> float:
-    return sem(evaluation)
-
-
 def _walls(results: dict[str, Any]) -> list[float]:
     steps = [results.get(k, {}) for k in ("demonstrator", "random", "collect", "majority", "pretrain")]
     steps += [r for runs in results.get("finetune", {}).values() for r in runs]
@@ -389,11 +386,6 @@ def final_latent_vs_scratch(results: dict[str, Any]) -> Difference | None:
     return welch_difference([e["return_mean"] for e in a], [e["return_mean"] for e in b])
 
 
-def _online_win(results: dict[str, Any]) -> bool:
-    d = latent_vs_scratch(results)
-    return d is not None and d.word == "ahead"
-
-
 def offline_difference(results: dict[str, Any], k: str = "256") -> Difference | None:
     dec, maj = results.get("decode") or {}, results.get("majority")
     if k not in dec or not maj:
@@ -401,8 +393,7 @@ def offline_difference(results: dict[str, Any], k: str = "256") -> Difference | 
     return episode_difference(dec[k]["train_levels"], _train_levels(maj))
 
 
-def _offline_win(results: dict[str, Any]) -> bool:
-    d = offline_difference(results)
+def _ahead(d: Difference | None) -> bool:
     return d is not None and d.word == "ahead"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,6 @@ class Difference:
         if self.high < 0:
             return "behind"
         return "level"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "word": self.word}
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
