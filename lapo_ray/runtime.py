@@ -79,6 +79,21 @@ def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None
         )
 
 
+def check_spread(what: str, workers: int, cpus_each: float, gpus_each: float, fix: str) -> None:
+    """Fail before a stage starts when a placement of one worker per node cannot be met: Ray
+    would wait for the nodes without a word. Autoscaling clusters are left out, as above."""
+    import ray
+
+    if os.environ.get("LAPO_AUTOSCALING") == "1":
+        return
+    fits = [n for n in ray.nodes() if n.get("Alive")
+            and n["Resources"].get("CPU", 0.0) + 1e-9 >= cpus_each and n["Resources"].get("GPU", 0.0) + 1e-9 >= gpus_each]
+    if len(fits) < workers:
+        raise ValueError(f"{what}: STRICT_SPREAD places each of the {workers} workers on a node of its own, but "
+                         f"{len(fits)} node(s) of the cluster can hold a worker of {cpus_each:g} CPUs"
+                         + (f" and {gpus_each:g} GPUs" if gpus_each else "") + f"; {fix}")
+
+
 def run_job(body: Callable[[], object]) -> int:
     """Run a job's body. Bad input (a missing folder or file, a value that makes no sense) ends it
     with one line naming the input and exit status 2 instead of a traceback; LAPO_DEBUG=1 shows

@@ -156,6 +156,11 @@ def run_stage(config: dict[str, Any]) -> None:
         resumed_from = step
         if rank == 0:
             print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
+        if sink is not None:
+            dropped = sink.rewind(step)
+            if dropped:
+                print(f"[{task.name}] dropped {dropped} metrics row(s) past step {step}: those steps run again",
+                      flush=True)
     ddp_model = _data_parallel(model, world)
     train_model = compile_model(ddp_model, cfg.compile_mode) if cfg.compile else ddp_model
     train_step = StageStep(task, model, optimizer, cfg, device, train_model=train_model)
@@ -216,6 +221,11 @@ def run_stage(config: dict[str, Any]) -> None:
             "world_size": world, "resumed_from_step": resumed_from, "done": stop,
             "stop_reason": ("steps" if step >= cfg.steps else "time_budget") if stop else "",
         })
+        # Logged before the report that may carry a checkpoint: a group that dies between the two
+        # leaves a row past its last checkpoint, which the restart rewinds; the other order could
+        # leave a checkpoint without its row, a hole in the metrics.
+        if sink is not None:
+            sink.log(out)
         is_ckpt = stop or step % cfg.checkpoint_every == 0
         if is_ckpt and rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -234,8 +244,6 @@ def run_stage(config: dict[str, Any]) -> None:
                   + f" | {steps_per_s:.2f} steps/s, {out['samples_per_s']:.0f} samples/s, "
                   f"data wait {100 * out['data_wait_frac']:.0f}% | ETA {eta / 60:.1f} min",
                   flush=True)
-            if sink is not None:
-                sink.log(out)
         window = _Window(start=time.perf_counter())
     if sink is not None:
         sink.finish()

@@ -22,10 +22,13 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lapo_ray.runtime import check_cpu_budget
+    from lapo_ray.runtime import check_cpu_budget, check_spread
 
     check_cpu_budget(task.name, cfg.num_workers, cfg.cpus_per_worker,
                      f"lower --{task.name}.num-workers or --{task.name}.cpus-per-worker, or add CPUs")
+    if cfg.placement_strategy == "STRICT_SPREAD":
+        check_spread(task.name, cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0,
+                     f"lower --{task.name}.num-workers, add nodes, or use --{task.name}.placement-strategy SPREAD")
     fs, path = storage.resolve(out_uri)
     trainer = TorchTrainer(
         run_stage,
@@ -34,6 +37,7 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=task.name,
@@ -44,6 +48,6 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Validation batches are the same on every rank; only the training set is split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], enable_shard_locality=cfg.shard_locality),
     )
     return trainer.fit()
