@@ -29,7 +29,7 @@ def job_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in JOB_ENV.items() if k not in taken}
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
     """Join the cluster the job was submitted to, or start a local one.
 
     Under ``ray job submit`` RAY_ADDRESS points at the cluster. A local instance keeps the
@@ -46,7 +46,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env)
     from ray.data import DataContext
 
     # Plain log lines instead of terminal progress bars: they read well in `ray job logs`.

@@ -211,8 +211,9 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     # worker's iterator, and so does the callback.
     pace_scheduling(ds.context, cfg.paced_scheduling)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
-    # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
-    # across workers still hands blocks to whichever worker asks first).
+    # a seeded shuffle give the same sequence on every run. Under Ray Train (train.trainer passes
+    # these options on) the split then gives each worker the same blocks on every run, unless
+    # shard locality routes blocks by the node they were read on.
     ds.context.execution_options.preserve_order = True
     if split != "all":
         spec = spec or SplitSpec(cfg.val_fraction, cfg.split_seed)

@@ -47,7 +47,12 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        # Validation batches are the same on every rank; only the training set is split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], enable_shard_locality=cfg.shard_locality),
+        # Validation batches are the same on every rank; only the training set is split. Ray Train
+        # would run both with the driver's default execution options, dropping the datasets' own
+        # (``triplet_dataset`` keeps blocks in the plan's order); with them, and without shard
+        # locality, the split hands every worker the same blocks on every run.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], enable_shard_locality=cfg.shard_locality,
+            execution_options={"train": train_ds.context.execution_options, "val": val_ds.context.execution_options}),
     )
     return trainer.fit()
