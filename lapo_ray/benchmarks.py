@@ -340,16 +340,26 @@ class ProcessMemory:
             if st is None:
                 continue
             p = self.procs.setdefault(pid, {"pid": pid, "names": set(), "peak_rss": 0, "peak_anon": 0,
-                                            "peak_shmem": 0})
+                                            "peak_shmem": 0, "samples": []})
             name = _proc_name(pid)
             if name != "ray::IDLE":
                 p["names"].add(name)
             p["peak_rss"] = max(p["peak_rss"], st["VmHWM"])
             p["peak_anon"] = max(p["peak_anon"], st.get("RssAnon", 0))
             p["peak_shmem"] = max(p["peak_shmem"], st.get("RssShmem", 0))
+            p["samples"].append((time.time(), st["VmRSS"], st.get("RssAnon", 0)))
 
     def __enter__(self) -> "ProcessMemory":
         import threading
+
+        # Peaks from here on: the kernel's high-water mark of the processes already running
+        # (this driver included) restarts at their current size.
+        for pid in _proc_tree(self.root):
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
 
         self._stop = threading.Event()
 
@@ -368,9 +378,33 @@ class ProcessMemory:
         self.sample()
 
     def table(self) -> list[dict]:
-        """One row per process, largest peak first: pid, name(s), peak RSS, private and shared."""
+        """One row per process, largest peak first: pid, name(s), peak RSS, private and shared,
+        and the samples (time, RSS, private) it was seen with."""
         rows = [{**p, "names": sorted(p["names"]) or ["ray::IDLE"]} for p in self.procs.values()]
         return sorted(rows, key=lambda r: -r["peak_rss"])
+
+
+def role(names: list[str]) -> str:
+    """A short name for a process from the titles it had (a Ray worker takes one per task)."""
+    for key in ("RayTrainWorker", "ReadFiles", "SplitCoordinator", "TrainController", "DatasetManager",
+                "SpillWorker", "RestoreWorker", "MapWorker", "raylet", "gcs_server", "DashboardAgent",
+                "dashboard.py", "RuntimeEnvAgent", "log_monitor"):
+        if any(key in n for n in names):
+            return key
+    hit = next((n for n in names if n.startswith("ray::")), None)
+    return hit.split(".")[0].removeprefix("ray::") if hit else names[0]
+
+
+def format_processes(procs: list[dict], most: int = 12) -> str:
+    """Lines of the processes with the largest peaks, in MiB."""
+    lines = [f"{'process':<22} {'pid':>7} {'peak RSS':>9} {'private':>8} {'store pages':>11}"]
+    for p in procs[:most]:
+        lines.append(f"{role(p['names']):<22} {p['pid']:>7} {p['peak_rss'] / 2**20:>9.0f} "
+                     f"{p['peak_anon'] / 2**20:>8.0f} {p['peak_shmem'] / 2**20:>11.0f}")
+    if len(procs) > most:
+        rest = procs[most:]
+        lines.append(f"... {len(rest)} more, each at most {max(p['peak_rss'] for p in rest) / 2**20:.0f} MiB")
+    return "\n".join(lines)
 
 
 def object_store_stats() -> dict[str, int]:
@@ -391,7 +425,7 @@ class StreamTask:
     """A stage task whose model is one parameter: the stage loop, Ray Train's ingest and the
     triplet cutting run as in stage 1, at the speed of the data rather than of the model (the
     cpu-preset model trains ~100-200 triplets/s on this machine, a 300 MB epoch in minutes).
-    Its loss reads every byte of every batch."""
+    Its loss reads a strided sample of every batch."""
 
     name = "stream"
 
@@ -411,7 +445,8 @@ class StreamTask:
     def loss(self, model, batch):
         import torch
 
-        mean = batch["frames"].to(torch.float32).mean().reshape(1, 1) / 255.0
+        # A strided view: the batch was cut and copied whole; the step need not convert it all.
+        mean = batch["frames"][:, :, ::8, ::8].to(torch.float32).mean().reshape(1, 1) / 255.0
         loss = (model(mean) - 0.5).pow(2).mean()
         return loss, {"loss": loss, "frame_mean": mean.reshape(())}
 
@@ -423,7 +458,8 @@ class StreamTask:
 
 
 def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, model: str = "none",
-                 workers: int = 1, frames: int | None = None) -> dict[str, Any]:
+                 workers: int = 1, frames: int | None = None, block_mb: float = 0.0,
+                 local_shuffle_buffer: int = 2048, prefetch_blocks: int | None = None) -> dict[str, Any]:
     """One full epoch of triplets of a corpus at least ``store_factor`` times the object store
     through the stage loop on Ray Train, under ``ProcessMemory``. The Ray instance must already
     run (capped with ``init_ray(object_store_memory=...)``); a noise corpus of that size is
@@ -458,7 +494,9 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
         raise ValueError(f"{corpus}: {decoded / 2**20:.0f} MiB of frames is less than {store_factor:g} x the "
                          f"object store ({store / 2**20:.0f} MiB); give another --corpus or remove this one")
     pipe = PRETRAIN_PRESETS["cpu"]().data
-    pipe = dataclasses.replace(pipe, val_fraction=0.0, global_shuffle="files", local_shuffle_buffer=2048)
+    pipe = dataclasses.replace(pipe, val_fraction=0.0, global_shuffle="files",
+                               local_shuffle_buffer=local_shuffle_buffer, block_mb=block_mb,
+                               prefetch_blocks=pipe.prefetch_blocks if prefetch_blocks is None else prefetch_blocks)
     # drop_last: each worker's epoch is floor(its triplets / its batch) steps; one worker takes
     # the whole epoch less fewer than one batch.
     steps = m.num_triplets // batch_size if workers == 1 else (m.num_triplets // batch_size) - workers
@@ -469,7 +507,7 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
     store_before = object_store_stats()
     with tempfile.TemporaryDirectory() as out, ProcessMemory() as mem:
         sink = MetricsSink(out, task.name, WandbConfig(mode="disabled"), {})
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         result = fit_stage(task, stage, pipe, triplet_dataset(src, "train", pipe),
                            triplet_dataset(src, "val", dataclasses.replace(pipe, global_shuffle="none")),
                            out, {}, sink)
@@ -480,6 +518,16 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
     store_after = object_store_stats()
     last = rows[-1]
     procs = mem.table()
+    # Halves of the epoch by the reports' times: memory that grows with the triplets streamed
+    # (a process holding the corpus) peaks higher in the second half than in the first.
+    t0, t2 = rows[0]["time"], rows[-1]["time"]
+    t1 = (t0 + t2) / 2
+    for p in procs:
+        first = [a for t, _, a in p["samples"] if t0 <= t < t1]
+        second = [a for t, _, a in p["samples"] if t1 <= t <= t2]
+        p["anon_first_half"] = max(first, default=0)
+        p["anon_second_half"] = max(second, default=0)
+        del p["samples"]
     steady = [r["samples_per_s"] for r in rows[1:]] or [rows[-1]["samples_per_s"]]
     return {
         "object_store_bytes": store, "corpus_frames": m.num_frames, "corpus_triplets": m.num_triplets,
@@ -487,8 +535,10 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
         "whole_corpus_in_memory_bytes": decoded,
         "corpus_over_store": decoded / store,
         "model": model, "workers": workers, "batch_size": batch_size, "steps": last["step"],
+        "prefetch_blocks": pipe.prefetch_blocks, "local_shuffle_buffer": pipe.local_shuffle_buffer,
         "epoch_at_end": last["epoch"], "triplets_streamed": last["step"] * batch_size,
         "wall_seconds": wall, "triplets_per_s_wall": last["step"] * batch_size / wall,
+        "first_report_after_s": rows[0]["time"] - started, "report_steps": [r["step"] for r in rows],
         "triplets_per_s_steady_median": sorted(steady)[len(steady) // 2],
         "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
         "spilled_bytes": store_after["spilled_bytes"] - store_before["spilled_bytes"],
@@ -499,3 +549,42 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
         "peak_rss_sum": sum(p["peak_rss"] for p in procs),
         "peak_anon_sum": sum(p["peak_anon"] for p in procs),
     }
+
+
+def bench_label(corpus: str, actors: tuple[int, ...] = (1, 2, 4), frames: int = 16_384,
+                batch_size: int = 256) -> dict[str, Any]:
+    """Latent labelling throughput with 1, 2 and 4 actors sharing the machine's CPUs (fractional
+    CPUs each: N actors of ``(cpus - 1) / N``, one CPU left for Ray Data, as the stage's CPU check
+    asks). The IDM is the cpu preset's, untrained: its speed does not depend on its weights, nor
+    on the frames, so a missing ``corpus`` is written as noise, in files of 1024 frames (one
+    labelling task per file)."""
+    import tempfile
+
+    import ray
+    import torch
+
+    from lapo_ray.config import PRETRAIN_PRESETS, LabelConfig
+    from lapo_ray.data.sources import CorpusSource
+    from lapo_ray.models import LatentDynamics
+    from lapo_ray.train.checkpoint import save_checkpoint
+    from lapo_ray.train.labelling import label_corpus
+
+    write_noise_corpus(corpus, frames, shard_frames=1024)
+    src = CorpusSource(corpus)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    cfg = PRETRAIN_PRESETS["cpu"]()
+    out: dict[str, Any] = {"corpus_frames": src.manifest.num_frames, "corpus_triplets": src.manifest.num_triplets,
+                           "files": len(src.scan_files()), "cpus": cpus}
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        ckpt = storage.join(d, "ckpt")
+        save_checkpoint(ckpt, LatentDynamics(cfg.model), None, {"step": 0}, cfg.to_dict())
+        for n in actors:
+            each = max(cpus - 1.0, 0.25) / n
+            t0 = time.perf_counter()
+            m = label_corpus(src, ckpt, storage.join(d, f"run-{n}"),
+                             LabelConfig(num_actors=n, cpus_per_actor=each, batch_size=batch_size))
+            wall = time.perf_counter() - t0
+            out[f"actors_{n}"] = {"cpus_per_actor": each, "rows": m["rows"], "wall_seconds": wall,
+                                  "rows_per_s": m["rows"] / wall}
+    return out
