@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     st.add_argument("--workers", type=int, default=1)
     st.add_argument("--block-mb", type=float, default=0.0, help="Ray Data target block size (0: Ray's default)")
     st.add_argument("--local-shuffle-buffer", type=int, default=2048)
+    st.add_argument("--consumer", choices=["train", "task"], default="train",
+                    help="train: the stage loop on Ray Train; task: one Ray task reading the same split, "
+                    "without Ray Train's start-up")
     st.add_argument("--prefetch-blocks", type=int, default=None,
                     help="blocks of segments each worker fetches ahead (default: the cpu preset's)")
     lb = sub.add_parser("label", help="latent labelling rows/s with 1, 2 and 4 actors (fractional CPUs)")
@@ -91,19 +94,21 @@ def main(argv=None) -> int:
 
         r = bench_stream(args.corpus, args.store_factor, args.batch_size, args.model, args.workers,
                          block_mb=args.block_mb, local_shuffle_buffer=args.local_shuffle_buffer,
-                         prefetch_blocks=args.prefetch_blocks)
+                         prefetch_blocks=args.prefetch_blocks, consumer=args.consumer)
         procs = r.pop("processes")
         print(json.dumps(r, indent=2))
         mib = 2**20
         print(f"\ncorpus {r['corpus_frames']:,} frames: {r['corpus_decoded_bytes'] / mib:,.0f} MiB of frames "
               f"({r['corpus_disk_bytes'] / mib:,.0f} MiB on disk) = {r['corpus_over_store']:.1f} x the object store "
               f"({r['object_store_bytes'] / mib:,.0f} MiB)")
-        print(f"one epoch through stage 1 ({r['model']} model, {r['workers']} worker(s), batch {r['batch_size']}): "
+        print(f"one epoch through {'stage 1' if r['consumer'] == 'train' else 'a Ray task'} ({r['model']} model, "
+              f"{r['workers']} worker(s), batch {r['batch_size']}): "
               f"{r['triplets_streamed']:,} triplets, {r['triplets_per_s_steady_median']:,.0f} triplets/s (median "
               f"report window), {r['triplets_per_s_wall']:,.0f}/s over the whole run with Ray Train's start; "
               f"data wait {100 * r['data_wait_frac']:.0f}%")
         print(f"object store: {r['spilled_bytes'] / mib:,.0f} MiB spilled to disk, "
-              f"{r['restored_bytes'] / mib:,.0f} MiB restored, {r['fallback_bytes'] / mib:,.0f} MiB past the cap")
+              f"{r['restored_bytes'] / mib:,.0f} MiB restored; at most {r['peak_store_used_bytes'] / mib:,.0f} MiB in use "
+              f"and {r['peak_fallback_bytes'] / mib:,.0f} MiB past the cap (sampled each second)")
         print(f"peak RSS: largest process {r['peak_rss_max'] / mib:,.0f} MiB; all {len(procs)} processes together "
               f"{r['peak_rss_sum'] / mib:,.0f} MiB (object-store pages counted once per process that touched them), "
               f"private {r['peak_anon_sum'] / mib:,.0f} MiB")

@@ -457,17 +457,36 @@ class StreamTask:
         return {}
 
 
+def _consume_epoch(split, frame_shape, batch_size: int, pipe: PipelineConfig, every: int) -> list[tuple[float, int]]:
+    """A Ray task reading one epoch of a Ray Data split as a Train worker would (triplets cut from
+    segments, shuffled, as torch batches): (time, triplets so far) every ``every`` batches."""
+    from lapo_ray.data.triplets import torch_batches
+
+    marks, n = [(time.time(), 0)], 0
+    for i, b in enumerate(torch_batches(split, frame_shape, batch_size, pipe, drop_last=True)):
+        b["frames"][:, :, ::8, ::8].float().mean()
+        n += len(b["step"])
+        if (i + 1) % every == 0:
+            marks.append((time.time(), n))
+    marks.append((time.time(), n))
+    return marks
+
+
 def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, model: str = "none",
                  workers: int = 1, frames: int | None = None, block_mb: float = 0.0,
-                 local_shuffle_buffer: int = 2048, prefetch_blocks: int | None = None) -> dict[str, Any]:
+                 local_shuffle_buffer: int = 2048, prefetch_blocks: int | None = None,
+                 consumer: str = "train") -> dict[str, Any]:
     """One full epoch of triplets of a corpus at least ``store_factor`` times the object store
     through the stage loop on Ray Train, under ``ProcessMemory``. The Ray instance must already
     run (capped with ``init_ray(object_store_memory=...)``); a noise corpus of that size is
     written to ``corpus`` if none is there. ``model``: "none" (``StreamTask``) or "cpu" (the
-    cpu-preset stage-1 model)."""
+    cpu-preset stage-1 model). ``consumer="task"``: instead of Ray Train, one Ray task reads the
+    epoch from a ``streaming_split`` as a Train worker does (Ray Data's same split coordinator),
+    without Ray Train's minute of start-up; ``model`` and ``workers`` are then unused."""
     import dataclasses
     import math
     import tempfile
+    import threading
 
     import ray
 
@@ -505,16 +524,45 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
                         val_batches=0, precision="fp32", max_failures=0, torch_threads=1)
     task = StreamTask(src.frame_shape) if model == "none" else Stage1Task(PRETRAIN_PRESETS["cpu"]().model)
     store_before = object_store_stats()
-    with tempfile.TemporaryDirectory() as out, ProcessMemory() as mem:
-        sink = MetricsSink(out, task.name, WandbConfig(mode="disabled"), {})
-        t0, started = time.perf_counter(), time.time()
-        result = fit_stage(task, stage, pipe, triplet_dataset(src, "train", pipe),
-                           triplet_dataset(src, "val", dataclasses.replace(pipe, global_shuffle="none")),
-                           out, {}, sink)
-        wall = time.perf_counter() - t0
-        rows = read_metrics(out, task.name)
-    if result.error:
-        raise RuntimeError(f"streaming benchmark: the run failed: {result.error}")
+    # The store's gauges, sampled while the epoch runs: bytes in use, and bytes Ray had to place
+    # past the cap in its fallback file mapping (spilling could not keep up).
+    peaks = {"used_bytes": 0, "fallback_bytes": 0}
+    stop = threading.Event()
+
+    def watch_store():
+        while not stop.wait(1.0):
+            try:
+                now = object_store_stats()
+            except Exception:  # noqa: BLE001  (a gauge missed is no reason to fail the run)
+                continue
+            peaks["used_bytes"] = max(peaks["used_bytes"], now["used_bytes_now"])
+            peaks["fallback_bytes"] = max(peaks["fallback_bytes"], now["fallback_bytes"])
+
+    watcher = threading.Thread(target=watch_store, name="store-gauges", daemon=True)
+    watcher.start()
+    if consumer == "task":
+        split = triplet_dataset(src, "train", pipe).streaming_split(1, equal=True)[0]
+        with ProcessMemory() as mem:
+            t0, started = time.perf_counter(), time.time()
+            marks = ray.get(ray.remote(num_cpus=0.5)(_consume_epoch).remote(
+                split, src.frame_shape, batch_size, pipe, max(1, steps // 8)))
+            wall = time.perf_counter() - t0
+        rows = [{"time": t, "step": n // batch_size, "epoch": 0, "data_wait_frac": float("nan"),
+                 "samples_per_s": (n - n0) / max(t - t0_, 1e-9)}
+                for (t0_, n0), (t, n) in zip(marks[:-1], marks[1:]) if n > n0]
+    else:
+        with tempfile.TemporaryDirectory() as out, ProcessMemory() as mem:
+            sink = MetricsSink(out, task.name, WandbConfig(mode="disabled"), {})
+            t0, started = time.perf_counter(), time.time()
+            result = fit_stage(task, stage, pipe, triplet_dataset(src, "train", pipe),
+                               triplet_dataset(src, "val", dataclasses.replace(pipe, global_shuffle="none")),
+                               out, {}, sink)
+            wall = time.perf_counter() - t0
+            rows = read_metrics(out, task.name)
+        if result.error:
+            raise RuntimeError(f"streaming benchmark: the run failed: {result.error}")
+    stop.set()
+    watcher.join()
     store_after = object_store_stats()
     last = rows[-1]
     procs = mem.table()
@@ -534,7 +582,8 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
         "corpus_disk_bytes": disk, "corpus_decoded_bytes": decoded,
         "whole_corpus_in_memory_bytes": decoded,
         "corpus_over_store": decoded / store,
-        "model": model, "workers": workers, "batch_size": batch_size, "steps": last["step"],
+        "consumer": consumer, "model": model if consumer == "train" else "none",
+        "workers": workers if consumer == "train" else 1, "batch_size": batch_size, "steps": last["step"],
         "prefetch_blocks": pipe.prefetch_blocks, "local_shuffle_buffer": pipe.local_shuffle_buffer,
         "epoch_at_end": last["epoch"], "triplets_streamed": last["step"] * batch_size,
         "wall_seconds": wall, "triplets_per_s_wall": last["step"] * batch_size / wall,
@@ -543,7 +592,8 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
         "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
         "spilled_bytes": store_after["spilled_bytes"] - store_before["spilled_bytes"],
         "restored_bytes": store_after["restored_bytes"] - store_before["restored_bytes"],
-        "fallback_bytes": store_after["fallback_bytes"],
+        "peak_store_used_bytes": peaks["used_bytes"], "peak_fallback_bytes": peaks["fallback_bytes"],
+        "fallback_bytes_after": store_after["fallback_bytes"],
         "processes": procs,
         "peak_rss_max": max(p["peak_rss"] for p in procs),
         "peak_rss_sum": sum(p["peak_rss"] for p in procs),
