@@ -222,3 +222,21 @@ def test_probe_references_train_the_ceiling_in_the_stage_loop(corpus, tmp_path, 
         assert key in report, key
     assert enc["supervised/latent"].shape == (len(actions), cfg.model.latent_dim)
     assert len(report["perplexity_trained"]) == cfg.model.vq.num_codebooks
+
+
+def test_a_run_made_before_an_option_existed_continues_and_another_config_is_refused(tmp_path):
+    """config.json written before --stage1.placement-strategy, --stage1.shard-locality and
+    --data.block-mb existed: their defaults keep the old behaviour, so it is no change; a real
+    change is still named."""
+    from lapo_ray import storage
+    from lapo_ray.train.pretrain import check_artifact_folder
+
+    cfg = tiny_config(str(tmp_path / "run"))
+    old = cfg.to_dict()
+    for section, key in (("stage1", "placement_strategy"), ("stage1", "shard_locality"), ("data", "block_mb")):
+        del old[section][key]
+    storage.write_json(str(tmp_path / "run" / "config.json"), old)
+    check_artifact_folder(cfg)
+    changed = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, lr=0.5))
+    with pytest.raises(ValueError, match=r"holds a run with another config \(stage1.lr: 0.001 -> 0.5\)"):
+        check_artifact_folder(changed)
