@@ -4,7 +4,7 @@
 The head has no CPUs: what Ray pins to the driver's node (Ray Train's controller, Ray Data's
 split coordinator, both 0-CPU actors) lives there, and every worker, read task and labelling
 actor runs on the worker nodes. What this cannot show: traffic between hosts over a real
-network (here every node is on 127.0.0.1's machine and shares its disk), and GPUs (NCCL).
+network (here every node is on one machine and shares its loopback and disk), and GPUs (NCCL).
 """
 
 from __future__ import annotations
