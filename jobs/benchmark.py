@@ -4,6 +4,8 @@
     python jobs/benchmark.py stage1    # Ray Train stage 1 (1 and 2 workers) vs a plain PyTorch loop
     python jobs/benchmark.py stage1 --raw --device cuda   # the step alone (no Ray): samples/s, MFU
     python jobs/benchmark.py envrunners  # RLlib env steps/s with 1 and 2 env runners vs the raw env
+    python jobs/benchmark.py stream    # a corpus 3x the object store through stage 1: memory, spill, triplets/s
+    python jobs/benchmark.py label     # latent labelling rows/s with 1, 2 and 4 actors
 """
 
 import argparse
@@ -46,6 +48,28 @@ def main(argv=None) -> int:
     e.add_argument("--epochs", type=int, default=None, help="PPO epochs per iteration (default: the cpu preset's)")
     e.add_argument("--cpus", type=int, default=None,
                    help="split this many CPUs evenly over the runners (default: the cpu preset's 0.5 each)")
+    st = sub.add_parser("stream", help="one epoch of a corpus larger than the object store through stage 1: "
+                                       "peak memory of every process, spilled bytes, triplets/s")
+    st.add_argument("--corpus", default="data/stream-corpus",
+                    help="written as noise (incompressible frames) at --store-factor x the store if missing")
+    st.add_argument("--object-store-mb", type=int, default=100, help="object store of the local Ray instance")
+    st.add_argument("--store-factor", type=float, default=3.0, help="corpus size over the object store's")
+    st.add_argument("--batch-size", type=int, default=256)
+    st.add_argument("--model", choices=["none", "cpu"], default="none",
+                    help="none: a one-parameter stand-in (the data path at full speed); cpu: the cpu-preset stage-1 "
+                    "model (~100-200 triplets/s here, an epoch takes minutes)")
+    st.add_argument("--workers", type=int, default=1)
+    st.add_argument("--block-mb", type=float, default=0.0, help="Ray Data target block size (0: Ray's default)")
+    st.add_argument("--local-shuffle-buffer", type=int, default=2048)
+    st.add_argument("--consumer", choices=["train", "task"], default="train",
+                    help="train: the stage loop on Ray Train; task: one Ray task reading the same split, "
+                    "without Ray Train's start-up")
+    st.add_argument("--prefetch-blocks", type=int, default=None,
+                    help="blocks of segments each worker fetches ahead (default: the cpu preset's)")
+    lb = sub.add_parser("label", help="latent labelling rows/s with 1, 2 and 4 actors (fractional CPUs)")
+    lb.add_argument("--corpus", default="data/label-corpus", help="written as noise if missing")
+    lb.add_argument("--frames", type=int, default=16_384)
+    lb.add_argument("--actors", default="1,2,4", help="comma list")
     args = parser.parse_args(argv)
     if args.what == "stage1" and args.raw:
         # Before anything of Ray is imported: this mode runs where PyTorch is all there is.
@@ -64,7 +88,45 @@ def main(argv=None) -> int:
         return 0
     from lapo_ray.runtime import init_ray
 
-    init_ray(args.num_cpus)
+    init_ray(args.num_cpus, object_store_memory=args.object_store_mb * 2**20 if args.what == "stream" else None)
+    if args.what == "stream":
+        from lapo_ray.benchmarks import bench_stream, format_processes
+
+        r = bench_stream(args.corpus, args.store_factor, args.batch_size, args.model, args.workers,
+                         block_mb=args.block_mb, local_shuffle_buffer=args.local_shuffle_buffer,
+                         prefetch_blocks=args.prefetch_blocks, consumer=args.consumer)
+        procs = r.pop("processes")
+        print(json.dumps(r, indent=2))
+        mib = 2**20
+        print(f"\ncorpus {r['corpus_frames']:,} frames: {r['corpus_decoded_bytes'] / mib:,.0f} MiB of frames "
+              f"({r['corpus_disk_bytes'] / mib:,.0f} MiB on disk) = {r['corpus_over_store']:.1f} x the object store "
+              f"({r['object_store_bytes'] / mib:,.0f} MiB)")
+        print(f"one epoch through {'stage 1' if r['consumer'] == 'train' else 'a Ray task'} ({r['model']} model, "
+              f"{r['workers']} worker(s), batch {r['batch_size']}): "
+              f"{r['triplets_streamed']:,} triplets, {r['triplets_per_s_steady_median']:,.0f} triplets/s (median "
+              f"report window), {r['triplets_per_s_wall']:,.0f}/s over the whole run with Ray Train's start; "
+              f"data wait {100 * r['data_wait_frac']:.0f}%")
+        print(f"object store: {r['spilled_bytes'] / mib:,.0f} MiB spilled to disk, "
+              f"{r['restored_bytes'] / mib:,.0f} MiB restored; at most {r['peak_store_used_bytes'] / mib:,.0f} MiB in use "
+              f"and {r['peak_fallback_bytes'] / mib:,.0f} MiB past the cap (sampled each second)")
+        print(f"peak RSS: largest process {r['peak_rss_max'] / mib:,.0f} MiB; all {len(procs)} processes together "
+              f"{r['peak_rss_sum'] / mib:,.0f} MiB (object-store pages counted once per process that touched them), "
+              f"private {r['peak_anon_sum'] / mib:,.0f} MiB")
+        print(f"loaded whole (the official code's way): {r['whole_corpus_in_memory_bytes'] / mib:,.0f} MiB of "
+              "frames in one process, before any batch")
+        print(format_processes(procs, most=len(procs)))
+        return 0
+    if args.what == "label":
+        from lapo_ray.benchmarks import bench_label
+
+        r = bench_label(args.corpus, tuple(int(a) for a in args.actors.split(",")), args.frames)
+        print(json.dumps(r, indent=2))
+        print(f"\nlabelling {r['corpus_triplets']:,} steps in {r['files']} files on {r['cpus']:g} CPUs")
+        for key, x in r.items():
+            if key.startswith("actors_"):
+                print(f"{key.removeprefix('actors_')} actor(s) x {x['cpus_per_actor']:.2g} CPU: "
+                      f"{x['rows_per_s']:,.0f} steps/s ({x['wall_seconds']:.1f} s with the actors' start)")
+        return 0
     if args.what == "data":
         from lapo_ray.benchmarks import bench_data
 

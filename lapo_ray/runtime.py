@@ -29,7 +29,7 @@ def job_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in JOB_ENV.items() if k not in taken}
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
     """Join the cluster the job was submitted to, or start a local one.
 
     Under ``ray job submit`` RAY_ADDRESS points at the cluster. A local instance keeps the
@@ -46,7 +46,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env)
     from ray.data import DataContext
 
     # Plain log lines instead of terminal progress bars: they read well in `ray job logs`.
@@ -77,6 +78,21 @@ def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None
             f"{what}: {actors} x {cpus_each:g} CPUs plus {READ_CPUS:g} for Ray Data's reads is "
             f"{need + READ_CPUS:g} CPUs, but the cluster has {total:g}; {fix}"
         )
+
+
+def check_spread(what: str, workers: int, cpus_each: float, gpus_each: float, fix: str) -> None:
+    """Fail before a stage starts when a placement of one worker per node cannot be met: Ray
+    would wait for the nodes without a word. Autoscaling clusters are left out, as above."""
+    import ray
+
+    if os.environ.get("LAPO_AUTOSCALING") == "1":
+        return
+    fits = [n for n in ray.nodes() if n.get("Alive")
+            and n["Resources"].get("CPU", 0.0) + 1e-9 >= cpus_each and n["Resources"].get("GPU", 0.0) + 1e-9 >= gpus_each]
+    if len(fits) < workers:
+        raise ValueError(f"{what}: STRICT_SPREAD places each of the {workers} workers on a node of its own, but "
+                         f"{len(fits)} node(s) of the cluster can hold a worker of {cpus_each:g} CPUs"
+                         + (f" and {gpus_each:g} GPUs" if gpus_each else "") + f"; {fix}")
 
 
 def run_job(body: Callable[[], object]) -> int:

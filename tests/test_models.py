@@ -371,6 +371,31 @@ def test_dead_codes_are_revived_by_splitting_and_counts_are_preserved():
     assert "num_updates" not in revived.state_dict()  # checkpoints keep the official layout
 
 
+def test_dead_code_splits_continue_identically_from_a_checkpoint():
+    """A VQ restored from its state_dict after 3 updates (while codes of the official init still
+    die) makes the very splits the uninterrupted one makes: the split noise comes from the
+    checkpointed counts, not from the (unsaved) update counter, which a resumed run restarts at
+    zero (with that seed the codebooks differed)."""
+    cfg = VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
+                   dead_code_threshold=0.1)
+    inputs = [torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(i)) * 0.5 for i in range(200)]
+    torch.manual_seed(0)
+    whole = VQEmbeddingEMA(cfg).train()
+    for x in inputs:
+        whole(x)
+    torch.manual_seed(0)
+    first = VQEmbeddingEMA(cfg).train()
+    for x in inputs[:3]:
+        first(x)
+    resumed = VQEmbeddingEMA(cfg).train()
+    resumed.load_state_dict(first.state_dict())
+    assert int(resumed.num_updates) == 0
+    for x in inputs[3:]:
+        resumed(x)
+    for key in ("embeddings", "ema_cluster_size", "ema_w"):
+        torch.testing.assert_close(getattr(resumed, key), getattr(whole, key), rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------
 # the world model listens to its latent
 

@@ -68,6 +68,11 @@ class PipelineConfig:
     paced_scheduling: bool = field(
         default=True, metadata={"help": "pause Ray Data's scheduling loop while it spins (lapo_ray.data.pacing)"}
     )
+    block_mb: float = field(
+        default=0.0,
+        metadata={"help": "Ray Data's target block size in MiB (what the object store holds and moves); "
+                  "0: Ray's default, 128"},
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:

@@ -41,6 +41,17 @@ class StageConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
         default="default", metadata={"help": "torch.compile mode; reduce-overhead adds CUDA graphs on GPUs"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = field(
+        default="PACK",
+        metadata={"help": "where Ray places the workers: PACK fills a node first; STRICT_SPREAD puts every "
+                  "worker on a node of its own (the run waits until that many nodes can hold one)"},
+    )
+    shard_locality: bool = field(
+        default=True,
+        metadata={"help": "hand each worker the blocks read on its own node first (less traffic between "
+                  "nodes); false: blocks go out in the dataset's order, so a seeded run repeats exactly on "
+                  "any layout of nodes"},
+    )
     seed: int = 0
     # Stage-1 recipe options from the follow-up literature (docs/recipes.md). All off by default
     # and in the paper preset; stage 2 ignores them. Measured on three games in

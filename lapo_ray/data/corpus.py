@@ -126,11 +126,19 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)
 
 
+# Decoded bytes of frames per Parquet row group at most. A reader decodes a row group whole: a
+# labelling actor and the plain reader hold one at a time. 64 segments per group (the earlier
+# layout) made a whole 8192-frame shard of 64x64 frames one group of 100 MB. (Ray Data packs row
+# groups into read tasks of up to 128 MiB either way.)
+ROW_GROUP_BYTES = 16 * 2**20
+
+
 def write_shard(uri: str, rows: list[dict[str, Any]], compression: str = "zstd") -> None:
     """Write segment rows to one Parquet shard, atomically (write, then rename)."""
     buf = io.BytesIO()
-    # One row group per ~64 segments keeps Ray Data's read tasks small enough to stream.
-    pq.write_table(rows_to_table(rows), buf, compression=compression, row_group_size=64)
+    largest = max((len(r["frames"]) for r in rows), default=1)
+    pq.write_table(rows_to_table(rows), buf, compression=compression,
+                   row_group_size=max(1, ROW_GROUP_BYTES // max(1, largest)))
     storage.write_bytes(uri, buf.getvalue())
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +75,11 @@ class Source:
 
     def segments(self, files: list[str] | None = None):
         """A Ray Dataset of segment rows for ``files`` in the given order (default: all files)."""
+        raise NotImplementedError
+
+    def file_segments(self, path: str) -> Iterator[pa.Table]:
+        """The segment rows of one file as Arrow tables, read in this process without Ray (a
+        labelling actor reads its file itself and writes one output shard for it)."""
         raise NotImplementedError
 
 
@@ -192,6 +197,16 @@ class CorpusSource(Source):
         paths = [storage.resolve(f)[1] for f in files]
         return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
 
+    def file_segments(self, path: str) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        fs, p = storage.resolve(path)
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f)
+            # One row group at a time: a shard can be larger than a labeller should hold.
+            for rg in range(pf.num_row_groups):
+                yield pf.read_row_group(rg)
+
 
 # --------------------------------------------------------------------------- LAPO npz layout
 
@@ -281,6 +296,11 @@ class FileSource(Source):
                     for row in episode_to_rows(ep, self.max_segment_frames)]
 
         return _rows_dataset(files or self.paths, read)
+
+    def file_segments(self, path: str) -> Iterator[pa.Table]:
+        index = self.paths.index(path)
+        for ep in self.read_episodes(path, index):
+            yield rows_to_table(episode_to_rows(ep, self.max_segment_frames))
 
 
 class LapoNpzSource(FileSource):

@@ -217,13 +217,19 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     # worker's iterator, and so does the callback.
     pace_scheduling(ds.context, cfg.paced_scheduling)
     # Streaming execution hands out blocks in completion order; keeping the plan's order makes
-    # a seeded shuffle give the same sequence on every run (for one consumer; Ray Train's split
-    # across workers still hands blocks to whichever worker asks first).
+    # a seeded shuffle give the same sequence on every run. Under Ray Train (train.trainer passes
+    # these options on) the split then gives each worker the same blocks on every run, unless
+    # shard locality routes blocks by the node they were read on.
     ds.context.execution_options.preserve_order = True
+    if cfg.block_mb > 0:
+        ds.context.target_max_block_size = int(cfg.block_mb * 2**20)
     if split != "all":
         spec = spec or SplitSpec(cfg.val_fraction, cfg.split_seed)
+        # The CPU request of the read tasks (Ray Data's 1): Ray Data then fuses the filter into
+        # them. As a task of its own (at 0.5 CPU) every block went through the object store
+        # twice, read and filtered: with a 100 MB store that spilled twice the corpus to disk.
         ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": spec},
-                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.expand_num_cpus)
+                            batch_format="pyarrow", zero_copy_batch=True, num_cpus=1)
     if cfg.global_shuffle == "segments":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
     return ds

@@ -10,6 +10,8 @@ would apply to the concatenated global batch, and the codebooks never drift apar
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -40,8 +42,8 @@ class VQEmbeddingEMA(nn.Module):
         self.register_buffer("embeddings", embeddings)
         self.register_buffer("ema_cluster_size", torch.zeros(n, m))
         self.register_buffer("ema_w", embeddings.clone())
-        # Seeds the split noise: identical on every rank because every rank makes the same updates.
-        # Not persistent, so checkpoints keep the official buffer layout.
+        # Counts EMA updates. Not persistent, so checkpoints keep the official buffer layout (and
+        # so the split noise is seeded from the counts, which checkpoints hold).
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -132,14 +134,17 @@ class VQEmbeddingEMA(nn.Module):
         """Move each dead code next to the most used code of its codebook and split that code's
         count between the two, so both start with real inputs; totals are preserved.
 
-        Deterministic given the buffers (noise from a generator seeded by the update count), so
-        data-parallel ranks, which hold identical buffers, make identical splits.
+        Deterministic given the checkpointed buffers (noise from a generator seeded by a hash of
+        the EMA counts), so data-parallel ranks, which hold identical buffers, make identical
+        splits, and a run resumed from a checkpoint makes the splits the uninterrupted run made
+        (seeded by the update count, which checkpoints leave out, it drew other noise).
         """
         sizes, m = self.ema_cluster_size, self.cfg.num_embs
         dead = sizes < self.cfg.dead_code_threshold * sizes.sum(-1, keepdim=True) / m
         if not dead.any():
             return
-        gen = torch.Generator().manual_seed(int(self.num_updates))
+        digest = hashlib.blake2b(sizes.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
         for c, j in dead.nonzero().tolist():
             parent = int(sizes[c].argmax())
             alive = ~dead[c]

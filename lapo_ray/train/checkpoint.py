@@ -2,7 +2,8 @@
 
     model.pt       state_dict of the unwrapped model (parameters and buffers, EMA codebook included)
     optimizer.pt   optimiser state
-    state.json     {"step", "train_seconds", "stage"}
+    state.json     {"step", "epoch", "epoch_step" (batches of that epoch trained), "train_seconds",
+                    "stage", "done"}
     config.json    the resolved PretrainConfig (``lapo_ray.config.config_from_dict`` reads it)
 """
 

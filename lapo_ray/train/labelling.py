@@ -1,15 +1,21 @@
 """Latent labelling: the trained IDM's latent action for every step of the corpus.
 
-Batch inference through Ray Data ``map_batches`` on an actor pool (each actor loads the IDM once).
-The output is Parquet under ``<artifacts>/latents/``: per step t, ``episode_id``, ``step``,
-``obs`` (o[t], uint8 H x W x C), ``latent`` (the continuous, pre-quantisation latent action that
-stage 2 imitates), ``codes`` (the VQ code indices) and ``action`` (true action or -1, evaluation
-only). Storing o[t] beside its label makes stage 2 a plain streaming read with no join.
+Batch inference on a Ray Data actor pool (each actor loads the IDM once): one task per input
+file, which the actor reads itself and labels into one output shard of the same name under
+``<artifacts>/latents/``, written atomically (a hidden temporary file, renamed when complete).
+Per step t the shard holds ``episode_id``, ``step``, ``obs`` (o[t], uint8 H x W x C),
+``latent`` (the continuous, pre-quantisation latent action that stage 2 imitates), ``codes``
+(the VQ code indices) and ``action`` (true action or -1, evaluation only). Storing o[t] beside
+its label makes stage 2 a plain streaming read with no join.
+
+A run that is stopped keeps its finished shards: run again with the same checkpoint and files
+(``labelling.json`` records them), it labels only the files whose shard is missing.
 ``latents/manifest.json`` is written last; readers refuse a folder without it.
 """
 
 from __future__ import annotations
 
+import posixpath
 import time
 from typing import Any
 
@@ -21,53 +27,107 @@ import torch
 from lapo_ray import storage, telemetry
 from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
-from lapo_ray.data.triplets import TripletBatcher, iter_segments, triplet_dataset
+from lapo_ray.data.triplets import TripletBatcher, iter_segments
 from lapo_ray.runtime import check_cpu_budget
 from lapo_ray.train.checkpoint import load_dynamics
 
 LATENTS_DIR = "latents"
+RUN_FILE = "labelling.json"
+COLUMNS = ["episode_id", "step", "obs", "latent", "codes", "action"]
+
+
+def shard_name(file_uri: str) -> str:
+    """The output shard of one input file: its name, as Parquet (a corpus shard keeps its own)."""
+    name = posixpath.basename(file_uri.split("?", 1)[0])
+    return name if name.endswith(".parquet") else f"{name}.parquet"
 
 
 class IDMLabeller:
-    """Ray Data actor: episode segments in, the latent action of every triplet centre out."""
+    """Ray Data actor: paths of input files in; for each, its labelled shard written, its row count out."""
 
-    def __init__(self, checkpoint_uri: str, batch_size: int = 256):
+    def __init__(self, checkpoint_uri: str, source: Source, dest_uri: str, batch_size: int = 256):
         self.model = load_dynamics(checkpoint_uri)
-        self.batch_size = batch_size
+        self.source, self.dest, self.batch_size = source, dest_uri, batch_size
+        c = self.model.cfg
+        self.shape = (c.frame_size, c.frame_size, c.channels)
         torch.set_num_threads(1)
 
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        c = self.model.cfg
-        shape = (c.frame_size, c.frame_size, c.channels)
-        parts = []
-        batcher = TripletBatcher(shape, self.batch_size, offset=c.frame_offset)
-        for batch in batcher.batches(iter_segments(table, shape)):
-            latent, codes = self.model.encode(torch.from_numpy(batch["frames"]))
-            parts.append({
-                "episode_id": batch["episode_id"],
-                "step": batch["step"],
-                "obs": batch["frames"][:, 1],
-                "latent": latent.float().numpy(),
-                "codes": codes.reshape(len(latent), -1).numpy(),
-                "action": batch["action"],
-            })
-            telemetry.count("labelled_frames", len(latent))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self._empty(shape)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths, rows, seconds = [], [], []
+        for path in batch["path"]:
+            t0 = time.monotonic()
+            rows.append(self.label_file(str(path)))
+            paths.append(str(path))
+            seconds.append(time.monotonic() - t0)
+        return {"path": np.array(paths), "rows": np.array(rows, np.int64), "seconds": np.array(seconds)}
 
-    def _empty(self, shape) -> pa.Table:
-        # A zero-row block must still carry the tensor column types (see triplets.py).
+    def label_file(self, path: str) -> int:
+        """Label every triplet centre of ``path`` into its shard; a row group at a time, so the
+        actor never holds more than one of the input's row groups."""
+        n, writer = 0, None
+        with storage.atomic_output(storage.join(self.dest, shard_name(path))) as out:
+            for table in self.source.file_segments(path):
+                batcher = TripletBatcher(self.shape, self.batch_size, offset=self.model.cfg.frame_offset)
+                for b in batcher.batches(iter_segments(table, self.shape)):
+                    block = self.label(b)
+                    writer = writer or pq.ParquetWriter(out, block.schema)
+                    writer.write_table(block)
+                    n += block.num_rows
+            if writer is None:  # no triplet in the file: an empty shard still says it was done
+                empty = self._empty()
+                writer = pq.ParquetWriter(out, empty.schema)
+                writer.write_table(empty)
+            writer.close()
+        return n
+
+    @torch.no_grad()
+    def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from ray.data.block import BlockAccessor
 
+        latent, codes = self.model.encode(torch.from_numpy(batch["frames"]))
+        telemetry.count("labelled_frames", len(latent))
+        # Ray Data's own block layout (tensor columns with their shapes), so stage 2's
+        # read_parquet gets arrays back.
+        return BlockAccessor.batch_to_block({
+            "episode_id": batch["episode_id"],
+            "step": batch["step"],
+            "obs": np.ascontiguousarray(batch["frames"][:, 1]),
+            "latent": latent.float().numpy(),
+            "codes": codes.reshape(len(latent), -1).numpy(),
+            "action": batch["action"],
+        })
+
+    def _empty(self) -> pa.Table:
+        c = self.model.cfg
         one = {"episode_id": np.zeros(1, np.int64), "step": np.zeros(1, np.int64),
-               "obs": np.zeros((1, *shape), np.uint8), "latent": np.zeros((1, self.model.cfg.latent_dim), np.float32),
-               "codes": np.zeros((1, self.model.cfg.vq.num_codebooks * self.model.cfg.vq.num_discrete_latents), np.int64),
+               "obs": np.zeros((1, *self.shape), np.uint8), "latent": np.zeros((1, c.latent_dim), np.float32),
+               "codes": np.zeros((1, c.vq.num_codebooks * c.vq.num_discrete_latents), np.int64),
                "action": np.zeros(1, np.int64)}
+        from ray.data.block import BlockAccessor
+
         return BlockAccessor.batch_to_block(one).slice(0, 0)
 
 
+def _finished_shards(dest: str) -> dict[str, str]:
+    """name -> path of the complete shards in ``dest``; leftovers of an interrupted writer (hidden
+    temporary files) are deleted."""
+    fs, _ = storage.resolve(dest)
+    done = {}
+    for path in storage.list_files(dest):
+        name = posixpath.basename(path)
+        if name.startswith(".") and ".tmp-" in name:
+            fs.delete_file(path)
+        elif name.endswith(".parquet"):
+            done[name] = path
+    return done
+
+
 def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelConfig,
-                 pipe: PipelineConfig) -> dict[str, Any]:
-    """Write the latent action of every triplet centre of ``source`` to ``<out_uri>/latents``."""
+                 pipe: PipelineConfig | None = None, files: list[str] | None = None) -> dict[str, Any]:
+    """Write the latent action of every triplet centre of ``source`` (or of its ``files``) to
+    ``<out_uri>/latents``, one shard per file; shards finished by an earlier run with the same
+    checkpoint and files are kept. ``pipe`` is accepted for the callers' symmetry and unused:
+    each actor reads its files in order."""
     import ray.data
 
     dest = storage.join(out_uri, LATENTS_DIR)
@@ -77,28 +137,51 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     check_cpu_budget("labelling", cfg.num_actors, cfg.cpus_per_actor,
                      "lower --label.num-actors or --label.cpus-per-actor (fractions work), or add CPUs")
     started = time.monotonic()
-    # A partial folder from an interrupted run is replaced whole: labelling is deterministic.
+    files = list(files or source.scan_files())
+    names = [shard_name(f) for f in files]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
+                         "rename them so each file name is unique")
+    run = {"checkpoint": checkpoint_uri, "source": source.name, "shards": names}
+    run_uri = storage.join(dest, RUN_FILE)
     fs, path = storage.resolve(dest)
-    if storage.exists(dest):
+    if storage.exists(dest) and not (storage.exists(run_uri) and storage.read_json(run_uri) == run):
+        # Labels of another checkpoint or another set of files must not mix with these.
+        print(f"labelling: {dest} holds labels of another run; starting over", flush=True)
         fs.delete_dir(path)
-    ordered = PipelineConfig(global_shuffle="none", local_shuffle_buffer=0,
-                             segments_per_block=pipe.segments_per_block, expand_num_cpus=pipe.expand_num_cpus)
-    ds = triplet_dataset(source, "all", ordered).map_batches(
-        IDMLabeller,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "batch_size": cfg.batch_size},
-        batch_size=pipe.segments_per_block,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor,
-    )
-    ds.write_parquet(path, filesystem=fs)
+    storage.makedirs(dest)
+    storage.write_json(run_uri, run)
+    done = _finished_shards(dest)
+    todo = [f for f, n in zip(files, names) if n not in done]
+    kept = len(files) - len(todo)
+    if kept:
+        print(f"labelling: {kept} of {len(files)} shards already finished in {dest}; labelling the other "
+              f"{len(todo)}", flush=True)
+    if todo:
+        ds = ray.data.from_items([{"path": f} for f in todo]).map_batches(
+            IDMLabeller,
+            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "source": source, "dest_uri": dest,
+                                   "batch_size": cfg.batch_size},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(todo)))),
+            num_cpus=cfg.cpus_per_actor,
+        )
+        for i, r in enumerate(ds.iter_rows()):
+            print(f"labelling: shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
+                  f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s", flush=True)
+    done = _finished_shards(dest)
+    missing = [n for n in names if n not in done]
+    if missing:
+        raise RuntimeError(f"labelling: {len(missing)} shard(s) missing in {dest} after the run: {', '.join(missing[:5])}")
     rows = 0
-    for f in storage.list_files(dest, suffix=".parquet"):
-        with fs.open_input_file(f) as fh:
+    for n in names:
+        with fs.open_input_file(done[n]) as fh:
             rows += pq.ParquetFile(fh).metadata.num_rows
-    manifest = {"checkpoint": checkpoint_uri, "source": source.name, "rows": rows,
-                "seconds": round(time.monotonic() - started, 1),
-                "columns": ["episode_id", "step", "obs", "latent", "codes", "action"]}
+    manifest = {"checkpoint": checkpoint_uri, "source": source.name, "rows": rows, "shards": len(names),
+                "shards_kept_from_earlier_run": kept, "seconds": round(time.monotonic() - started, 1),
+                "columns": COLUMNS}
     storage.write_json(manifest_uri, manifest)
     return manifest
 

@@ -81,11 +81,18 @@ def _all_reduce_min(value: float, world: int) -> float:
 
 
 def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConfig, start_epoch: int,
-                     world: int, device: torch.device | None = None) -> Iterator[tuple[int, dict]]:
-    """Endless (epoch, batch) pairs. Ranks may hold a few batches more or fewer per epoch (the
-    split is equal in segments, not triplets), and a rank that ran dry while the others still
-    waited in DDP's all-reduce would hang the group: so every step the ranks agree (all-reduce
-    MIN) that each has a batch, and all start the next epoch together otherwise."""
+                     world: int, device: torch.device | None = None,
+                     skip: int = 0) -> Iterator[tuple[int, int, dict]]:
+    """Endless (epoch, batches so far in that epoch, batch) triples. Ranks may hold a few batches
+    more or fewer per epoch (the split is equal in segments, not triplets), and a rank that ran
+    dry while the others still waited in DDP's all-reduce would hang the group: so every step the
+    ranks agree (all-reduce MIN) that each has a batch, and all start the next epoch together
+    otherwise.
+
+    ``skip``: batches of the first epoch that a restarted run had already trained on before its
+    checkpoint; they are cut and dropped, so the run goes on where it stopped instead of seeing
+    them twice. That is exact where the split is (shard locality off: blocks go out in the
+    dataset's order) and keeps the epoch's length otherwise."""
     epoch = start_epoch
     while True:
         n = 0
@@ -95,7 +102,9 @@ def _batches_forever(task: StageTask, shard, batch_size: int, pipe: PipelineConf
             if _all_reduce_min(float(batch is not None), world) == 0.0:
                 break
             n += 1
-            yield epoch, batch
+            if epoch == start_epoch and n <= skip:
+                continue
+            yield epoch, n, batch
         if n == 0:
             raise RuntimeError(
                 f"the training split yields no full batch of {batch_size} per worker; "
@@ -147,15 +156,21 @@ def run_stage(config: dict[str, Any]) -> None:
     # On the device before the optimiser exists, so a resumed optimiser state lands there too.
     model = to_channels_last(task.build()).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    step, epoch, train_seconds, resumed_from = 0, 0, 0.0, -1
+    step, epoch, epoch_step, train_seconds, resumed_from = 0, 0, 0, 0.0, -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer)
         step, epoch, train_seconds = state["step"], state.get("epoch", 0), state.get("train_seconds", 0.0)
+        epoch_step = state.get("epoch_step", 0)  # absent in checkpoints of earlier versions
         resumed_from = step
         if rank == 0:
             print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
+        if sink is not None:
+            dropped = sink.rewind(step)
+            if dropped:
+                print(f"[{task.name}] dropped {dropped} metrics row(s) past step {step}: those steps run again",
+                      flush=True)
     ddp_model = _data_parallel(model, world)
     train_model = compile_model(ddp_model, cfg.compile_mode) if cfg.compile else ddp_model
     train_step = StageStep(task, model, optimizer, cfg, device, train_model=train_model)
@@ -169,7 +184,8 @@ def run_stage(config: dict[str, Any]) -> None:
             val_batches.append(b)
             if i + 1 >= cfg.val_batches:
                 break
-    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world, device)
+    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world, device,
+                               skip=epoch_step)
     autocast = train_step.bf16
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 
@@ -177,7 +193,7 @@ def run_stage(config: dict[str, Any]) -> None:
     stop = step >= cfg.steps
     while not stop:
         t0 = time.perf_counter()
-        epoch, batch = next(batches)
+        epoch, epoch_step, batch = next(batches)
         t1 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         train_step(batch, step)
@@ -216,11 +232,17 @@ def run_stage(config: dict[str, Any]) -> None:
             "world_size": world, "resumed_from_step": resumed_from, "done": stop,
             "stop_reason": ("steps" if step >= cfg.steps else "time_budget") if stop else "",
         })
+        # Logged before the report that may carry a checkpoint: a group that dies between the two
+        # leaves a row past its last checkpoint, which the restart rewinds; the other order could
+        # leave a checkpoint without its row, a hole in the metrics.
+        if sink is not None:
+            sink.log(out)
         is_ckpt = stop or step % cfg.checkpoint_every == 0
         if is_ckpt and rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, model, optimizer,
-                                {"step": step, "epoch": epoch, "train_seconds": train_seconds, "stage": task.name,
+                                {"step": step, "epoch": epoch, "epoch_step": epoch_step,
+                                 "train_seconds": train_seconds, "stage": task.name,
                                  "done": stop},
                                 config["run_config"])
                 ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -234,8 +256,6 @@ def run_stage(config: dict[str, Any]) -> None:
                   + f" | {steps_per_s:.2f} steps/s, {out['samples_per_s']:.0f} samples/s, "
                   f"data wait {100 * out['data_wait_frac']:.0f}% | ETA {eta / 60:.1f} min",
                   flush=True)
-            if sink is not None:
-                sink.log(out)
         window = _Window(start=time.perf_counter())
     if sink is not None:
         sink.finish()

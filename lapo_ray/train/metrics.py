@@ -58,6 +58,25 @@ class MetricsSink:
         if run is not None:
             run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=int(metrics.get("step", 0)))
 
+    def rewind(self, step: int) -> int:
+        """Drop this stage's rows past ``step`` (the checkpoint a restarted run resumes from), so
+        the steps it trains again are logged once: a worker group that died after a report but
+        before the next checkpoint had already logged them. Returns how many rows went."""
+        if not storage.exists(self.path):
+            return 0
+        lines = storage.read_bytes(self.path).decode().splitlines()
+        keep = []
+        for line in lines:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("stage") != self.stage or int(row.get("step", 0)) <= step:
+                keep.append(line)
+        dropped = sum(1 for line in lines if line.strip()) - len(keep)
+        if dropped:
+            storage.write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+        return dropped
+
     def finish(self) -> None:
         if self._run is not None:
             self._run.finish()

@@ -124,7 +124,7 @@ def check_frame_shape(source: Source, cfg: PretrainConfig) -> None:
 def check_artifact_folder(cfg: PretrainConfig) -> None:
     """Refuse to continue a run in ``cfg.out`` under another config unless asked: a typo in
     --out would otherwise mix two experiments into one folder."""
-    from lapo_ray.config import config_changes
+    from lapo_ray.config import config_changes, config_from_dict
 
     uri = storage.join(cfg.out, "config.json")
     if cfg.allow_config_change or not storage.exists(uri):
@@ -132,6 +132,12 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
     old, new = storage.read_json(uri), cfg.to_dict()
     if not isinstance(old, dict):
         raise ValueError(f"{uri}: not a lapo_ray config")
+    try:
+        # A field the old config lacks is an option added since, at its default: the default
+        # keeps the behaviour the run was made with, so it is no change.
+        old = config_from_dict(PretrainConfig, old).to_dict()
+    except (ValueError, TypeError):
+        pass  # keys this version does not know: compare as written, and name them below
     old.pop("allow_config_change", None)
     new.pop("allow_config_change")
     changes = config_changes(old, new)
@@ -303,7 +309,7 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
         ckpt = latest_checkpoint(stage1_uri)
         if ckpt is None:
             raise FileNotFoundError(f"{stage1_uri}: no stage-1 checkpoint to label with (run stage1 first)")
-        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, cfg.data)
+        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, cfg.data, files=scan.files)
 
     if "stage2" in stages:
         stage2_uri = storage.join(out, "stage2")

@@ -22,10 +22,13 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lapo_ray.runtime import check_cpu_budget
+    from lapo_ray.runtime import check_cpu_budget, check_spread
 
     check_cpu_budget(task.name, cfg.num_workers, cfg.cpus_per_worker,
                      f"lower --{task.name}.num-workers or --{task.name}.cpus-per-worker, or add CPUs")
+    if cfg.placement_strategy == "STRICT_SPREAD":
+        check_spread(task.name, cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0,
+                     f"lower --{task.name}.num-workers, add nodes, or use --{task.name}.placement-strategy SPREAD")
     fs, path = storage.resolve(out_uri)
     trainer = TorchTrainer(
         run_stage,
@@ -34,6 +37,7 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=task.name,
@@ -43,7 +47,12 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        # Validation batches are the same on every rank; only the training set is split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Validation batches are the same on every rank; only the training set is split. Ray Train
+        # would run both with the driver's default execution options, dropping the datasets' own
+        # (``triplet_dataset`` keeps blocks in the plan's order); with them, and without shard
+        # locality, the split hands every worker the same blocks on every run.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], enable_shard_locality=cfg.shard_locality,
+            execution_options={"train": train_ds.context.execution_options, "val": val_ds.context.execution_options}),
     )
     return trainer.fit()
