@@ -345,15 +345,19 @@ def test_stage1_training_reduces_world_model_loss():
     assert losses[-1] < 0.8 * copy_last_frame, (losses[-1], copy_last_frame)
 
 
-def test_dead_codes_are_revived_by_splitting_and_counts_are_preserved():
+# On CUDA the split noise is drawn on the CPU and moved (a CPU draw times a CUDA spread once
+# crashed the first dead-code split of every GPU run).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_dead_codes_are_revived_by_splitting_and_counts_are_preserved(device: str):
     def run(threshold: float):
         torch.manual_seed(0)
         cfg = VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
                        dead_code_threshold=threshold)
-        vq = VQEmbeddingEMA(cfg).train()
+        vq = VQEmbeddingEMA(cfg).train().to(device)
         gen = torch.Generator().manual_seed(1)
         for _ in range(300):
-            _, _, _, stats = vq(torch.randn(64, cfg.latent_dim, generator=gen) * 0.5)
+            _, _, _, stats = vq((torch.randn(64, cfg.latent_dim, generator=gen) * 0.5).to(device))
         return vq, stats
 
     collapsed, off = run(0.0)
@@ -394,6 +398,7 @@ def test_dead_code_splits_continue_identically_from_a_checkpoint():
         resumed(x)
     for key in ("embeddings", "ema_cluster_size", "ema_w"):
         torch.testing.assert_close(getattr(resumed, key), getattr(whole, key), rtol=0, atol=0, msg=key)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ class VQEmbeddingEMA(nn.Module):
             parent = int(sizes[c].argmax())
             alive = ~dead[c]
             spread = self.embeddings[c, alive].std(0).mean() if alive.sum() > 1 else self.embeddings[c, parent].abs().mean()
-            delta = (torch.randn(self.cfg.emb_dim, generator=gen) * 0.1 * (spread + 1e-6)).to(sizes.device)
+            # Drawn on the CPU generator, then moved: the same noise on every device.
+            delta = torch.randn(self.cfg.emb_dim, generator=gen).to(sizes.device) * 0.1 * (spread + 1e-6)
             half = sizes[c, parent] / 2
             centre = self.embeddings[c, parent].clone()
             for code, sign in ((parent, -1.0), (j, 1.0)):
