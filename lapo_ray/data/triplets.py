@@ -25,7 +25,6 @@ import pyarrow as pa
 from lapo_ray import telemetry
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.data.corpus import decode_frames
-from lapo_ray.data.pacing import pace_scheduling
 from lapo_ray.data.sources import Source
 
 Split = Literal["train", "val", "all"]
@@ -213,6 +212,10 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     if cfg.global_shuffle in ("files", "segments"):
         files = [files[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(files))]
     ds = source.segments(files)
+    # Imported here: the batcher, splits and segment decoding above run without Ray (the probe
+    # on a machine with PyTorch and pyarrow alone).
+    from lapo_ray.data.pacing import pace_scheduling
+
     # The context travels with the dataset to Ray Train's SplitCoordinator and to every
     # worker's iterator, and so does the callback.
     pace_scheduling(ds.context, cfg.paced_scheduling)
