@@ -658,3 +658,36 @@ def test_pacing_reads_the_real_executor_and_leaves_a_waiting_loop_alone(corpus, 
     assert len(seen) >= 5 and all(visible for visible, _ in seen), \
         "Ray Data's executor no longer exposes the progress counters PacedScheduling reads"
     assert all(pause == 0.0 for _, pause in seen)
+
+
+def test_epsilon_noise_replaces_the_stated_share_of_actions_and_keeps_the_base_stream():
+    from lapo_ray.config.data import CollectConfig
+    from lapo_ray.data.policies import EpsilonPolicy, RandomPolicy
+
+    class Always8:
+        resets = 0
+
+        def __call__(self, obs):
+            return np.full(len(obs), 8, np.int64)
+
+        def reset(self, mask):
+            self.resets += int(mask.sum())
+
+    obs = np.zeros((20_000, 1, 1, 3), np.uint8)
+    base = Always8()
+    a = EpsilonPolicy(base, 0.3, num_envs=len(obs), seed=0)(obs)
+    # 30% redrawn uniformly over 15 actions, 1/15 of which land on 8 again: 28% differ.
+    assert abs(np.mean(a != 8) - 0.3 * 14 / 15) < 0.01
+    assert np.bincount(a[a != 8], minlength=15)[[0, 7, 9, 14]].min() > 250
+    assert np.all(EpsilonPolicy(base, 0.0, len(obs))(obs) == 8)
+    EpsilonPolicy(base, 0.3, 4).reset(np.array([True, False, True, True]))
+    assert base.resets == 3
+    # The noise has its own generator: the base policy draws exactly what it draws without it.
+    plain, noisy = RandomPolicy(64, seed=5), EpsilonPolicy(RandomPolicy(64, seed=5), 0.5, 64, seed=5)
+    small = obs[:64]
+    plain(small), noisy(small)
+    assert np.array_equal(plain(small), noisy.base(small))  # the second draws agree
+    with pytest.raises(ValueError, match=r"collection epsilon must be in \[0, 1\], got 1.5"):
+        EpsilonPolicy(base, 1.5, 4)
+    with pytest.raises(ValueError, match=r"--epsilon must be in \[0, 1\], got -0.1"):
+        CollectConfig(epsilon=-0.1).validate()

@@ -31,6 +31,11 @@ class CollectConfig:
         metadata={"help": "'random', 'sticky:P' (repeat the last action with probability P), "
                   "'agent:PATH' (a trained agent folder) or a module:callable path"},
     )
+    epsilon: float = field(
+        default=0.0,
+        metadata={"help": "probability, per step and env, of replacing the policy's action by a uniform "
+                  "random one (behaviour noise: shows a converged expert's unchosen actions)"},
+    )
     distribution_mode: Literal["easy", "hard"] = "easy"
     num_levels: int = 0
     start_level: int = 0
@@ -44,6 +49,8 @@ class CollectConfig:
         for name in ("frames", "num_workers", "envs_per_worker", "shard_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"--epsilon must be in [0, 1], got {self.epsilon}")
         if self.max_segment_frames < 3:
             raise ValueError(f"--max-segment-frames must be >= 3, got {self.max_segment_frames}")
 

@@ -40,7 +40,7 @@ COLLECT_CONFIG = "collect_config.json"
 # Settings that change what is collected; the rest (out, worker CPUs) may differ on resume.
 _IDENTITY_FIELDS = (
     "game", "frames", "num_workers", "envs_per_worker", "policy", "distribution_mode",
-    "num_levels", "start_level", "seed", "shard_frames", "max_segment_frames",
+    "num_levels", "start_level", "seed", "shard_frames", "max_segment_frames", "epsilon",
 )
 _EPISODE_BITS = 40  # episode id = worker index << 40 | episode counter of that worker
 
@@ -79,7 +79,7 @@ class Collector:
 
     def __init__(self, cfg: CollectConfig, index: int, budget: int, next_shard: int, next_episode: int,
                  policy_factories=None):
-        from lapo_ray.data.policies import make_policy
+        from lapo_ray.data.policies import EpsilonPolicy, make_policy
         from lapo_ray.envs import ProcgenVectorEnv
 
         self.cfg, self.index, self.budget = cfg, index, budget
@@ -91,6 +91,8 @@ class Collector:
             num_levels=cfg.num_levels, start_level=cfg.start_level, seed=seed,
         )
         self.policy = make_policy(cfg.policy, cfg.envs_per_worker, seed=seed, factories=policy_factories)
+        if cfg.epsilon > 0:
+            self.policy = EpsilonPolicy(self.policy, cfg.epsilon, cfg.envs_per_worker, seed=seed)
         self.next_shard, self.next_episode = next_shard, next_episode
         self.obs, _ = self.env.reset(seed=seed)
         self.resetting = np.zeros(cfg.envs_per_worker, bool)
@@ -191,7 +193,9 @@ def _check_resume(cfg: CollectConfig) -> bool:
         return False
     old = storage.read_json(record_uri)
     new = config_to_dict(cfg)
-    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _IDENTITY_FIELDS if old.get(k) != new[k]]
+    # A record written before a setting existed holds that setting's default.
+    old = {k: old.get(k, getattr(CollectConfig(), k)) for k in _IDENTITY_FIELDS}
+    diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in _IDENTITY_FIELDS if old[k] != new[k]]
     if diff:
         raise CorpusError(
             f"{cfg.out}: holds an unfinished collection made with other settings ({'; '.join(diff)}); "
@@ -249,7 +253,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     for a in actors:
         ray.kill(a)
     made_by = {
-        "tool": "lapo_ray.data.collect", "policy": cfg.policy, "seed": cfg.seed,
+        "tool": "lapo_ray.data.collect", "policy": cfg.policy, "epsilon": cfg.epsilon, "seed": cfg.seed,
         "num_workers": cfg.num_workers, "envs_per_worker": cfg.envs_per_worker,
         "distribution_mode": cfg.distribution_mode, "num_levels": cfg.num_levels,
         "start_level": cfg.start_level, "seconds": round(time.monotonic() - started, 1),

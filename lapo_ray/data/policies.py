@@ -61,6 +61,34 @@ class StickyRandomPolicy(RandomPolicy):
         return self.last.copy()
 
 
+class EpsilonPolicy:
+    """Another policy with behaviour noise: each sub-environment's action is replaced, with
+    probability ``epsilon`` per step, by a uniform random one.
+
+    The usual way offline-RL corpora get coverage (D4RL's noisy experts, epsilon-greedy
+    collection): an expert that has converged on one action for most states (CoinRun's
+    demonstrator plays RIGHT+UP 77% of the time) shows the other actions' effects only through
+    this noise, and an action that never appears cannot be told from the others by any IDM.
+    """
+
+    def __init__(self, base: Policy, epsilon: float, num_envs: int, seed: int = 0,
+                 num_actions: int = NUM_ACTIONS):
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"collection epsilon must be in [0, 1], got {epsilon}")
+        self.base, self.epsilon, self.num_actions = base, epsilon, num_actions
+        # Its own stream: the base policy's sampling stays what it would be without the noise.
+        self.rng = np.random.default_rng([seed, 0xE95])
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        actions = np.asarray(self.base(obs), np.int64)
+        noisy = self.rng.random(len(actions)) < self.epsilon
+        return np.where(noisy, self.rng.integers(0, self.num_actions, size=len(actions)), actions)
+
+    def reset(self, mask: np.ndarray) -> None:
+        if hasattr(self.base, "reset"):
+            self.base.reset(mask)
+
+
 def make_policy(spec: str, num_envs: int, seed: int = 0,
                 factories: Mapping[str, PolicyFactory] | None = None) -> Policy:
     """Build a policy from its command-line spec.
