@@ -123,16 +123,13 @@ def cpu_pretrain() -> PretrainConfig:
         # both CPUs of a 2-CPU node starve the read tasks and the job hangs.
         label=LabelConfig(num_actors=2, cpus_per_actor=0.5),
         data=PipelineConfig(val_fraction=0.1),
-        # The stage-1 recipe options (docs/recipes.md) stay off here: the three-game table
-        # (docs/results/recipes.md: 150 steps at batch 64, one seed per row) does not support any.
-        # Probe accuracy, baseline vs option: coinrun 0.146 vs labels K=512 0.084 at weight 1 and
-        # 0.108 at 0.02 (both below the 0.118 floor), change weight 5 0.138; ninja 0.068 vs
-        # labels (0.02) 0.075 and change 0.065 (all below its 0.087 floor at this budget); jumper
-        # 0.070 vs labels (0.02) 0.069 and change 0.083 (floor 0.063, ceiling 0.081: a gap of
-        # 0.018, within one run's noise). Change weighting won on jumper only and lost on the
-        # other two; labels lost on coinrun and cut the codes' NMI on all three. Shift
-        # augmentation (0.165, gap 0.69 vs 0.40) and the continuous latent (0.164, gap 0.66) led
-        # on coinrun but ran on coinrun only, once each: candidates, not yet defaults.
+        # The stage-1 recipe options (docs/recipes.md) stay off here: in the three-game table
+        # (docs/results/recipes.md: 150 steps at batch 64, one seed per row, all 21 runs) none is
+        # ahead on all three games. Gap closed, baseline vs best option: coinrun -0.09 vs no VQ
+        # 0.67 (no VQ was below the baseline on jumper, 0.27 vs 0.33); jumper 0.33 vs labels
+        # 0.49 (labels cut the codes' NMI to 0.000 on every game); ninja unmeasurable (ceiling
+        # within noise of the floor). Two runs of the same coinrun rows a day apart differed by
+        # up to 0.5 (baseline 0.40 vs -0.09), so no single row justifies a default.
     )
 
 
