@@ -6,8 +6,9 @@
 The experiment's probe asks what stage 1 learned in a fixed CPU budget. This script asks the
 question behind it: how much action information a corpus lets any IDM find, and how fast. Per
 corpus, on one device and without Ray (a GPU machine with PyTorch, pyarrow and gymnasium is
-enough; lapo_ray.envs imports gymnasium, so carry its wheel there), it trains the supervised IDM (the probe's ceiling) and the LAPO stage-1 model (the ``--preset``'s
-IDM + VQ + world model) on the same triplets, and at each of ``--evals`` steps reads both with the
+enough; lapo_ray.envs imports gymnasium, so carry its wheel there), it trains the supervised
+IDM (the probe's ceiling) and the LAPO stage-1 model (the ``--preset``'s IDM + VQ + world model)
+on the same triplets, and at each of ``--evals`` steps reads both with the
 project's probe (``evaluation.probe.probe_accuracy``) on held-out episodes. Step 0 of the LAPO
 model is the untrained floor. A corpus whose ceiling stays at the majority rate however long it
 trains cannot show a probe gap, whatever stage 1 does. Both models train at the preset's stage-1
