@@ -214,6 +214,11 @@ def test_lapo_npz_layout_reads_back_frames(tmp_path, ray_local):
             assert a == data[file_idx]["ta"][g]
             n += 1
     assert n == scan.triplets
+    # The labeller's one-file reader: the same episode ids, from the file's place in the listing
+    # whatever order the files are read in.
+    for i, path in reversed(list(enumerate(src.scan_files()))):
+        ids = {e for t in src.file_segments(path) for e in t.column("episode_id").to_pylist()}
+        assert ids == {(i << 24) | ep for ep in (0, 2, 3)}, path
 
 
 def test_npz_without_obs_names_the_file(tmp_path):

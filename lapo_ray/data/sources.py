@@ -13,6 +13,7 @@ files are left out, counted and listed in the ``ScanReport`` instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -286,10 +287,14 @@ class FileSource(Source):
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         return _finish_scan(_scan_parallel(self.paths, self._check), on_bad, self.kind)
 
+    @functools.cached_property
+    def file_index(self) -> dict[str, int]:
+        """Each file's index in the full, sorted listing. Episode ids come from it, so they do not
+        change with the order or subset of files read."""
+        return {p: i for i, p in enumerate(self.paths)}
+
     def segments(self, files: list[str] | None = None):
-        # Episode ids come from the file's index in the full, sorted listing, so they do not
-        # change with the order or subset of files read.
-        index = {p: i for i, p in enumerate(self.paths)}
+        index = self.file_index
 
         def read(path: str) -> list[dict[str, Any]]:
             return [row for ep in self.read_episodes(path, index[path])
@@ -298,8 +303,7 @@ class FileSource(Source):
         return _rows_dataset(files or self.paths, read)
 
     def file_segments(self, path: str) -> Iterator[pa.Table]:
-        index = self.paths.index(path)
-        for ep in self.read_episodes(path, index):
+        for ep in self.read_episodes(path, self.file_index[path]):
             yield rows_to_table(episode_to_rows(ep, self.max_segment_frames))
 
 

@@ -321,8 +321,6 @@ def iter_plain_batches(
     files: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Single-process reader over a corpus (Parquet shards), no Ray: the reference loader."""
-    import pyarrow.parquet as pq
-
     from lapo_ray import storage
     from lapo_ray.data.sources import CorpusSource
 
@@ -333,10 +331,7 @@ def iter_plain_batches(
 
     def segments() -> Iterator[Segment]:
         for uri in files:
-            fs, path = storage.resolve(uri)
-            with fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
-                for rg in range(pf.num_row_groups):
-                    yield from iter_segments(select_split(pf.read_row_group(rg), split, split_spec), shape)
+            for table in source.file_segments(uri):  # a row group at a time
+                yield from iter_segments(select_split(table, split, split_spec), shape)
 
     return TripletBatcher(shape, batch_size).batches(segments())
