@@ -21,35 +21,36 @@ the run got to the last step; a finished corpus is skipped on a rerun) and ``<ou
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from lapo_ray import storage
 from lapo_ray.config import PRETRAIN_PRESETS, ProbeConfig
-from lapo_ray.data.triplets import TripletBatcher, iter_segments
+from lapo_ray.data.sources import CorpusSource
+from lapo_ray.data.triplets import iter_plain_batches
 from lapo_ray.evaluation.ceiling import SupervisedIDM
 from lapo_ray.evaluation.probe import encode_in_batches, episode_split, majority_rate, probe_accuracy
 from lapo_ray.models import LatentDynamics
 from lapo_ray.train.recipes import random_shift
 
 
-def load_triplets(corpus: str, frame_shape=(64, 64, 3), max_frames: int | None = None) -> dict[str, np.ndarray]:
-    """Every labelled triplet of the corpus's shards (all of them, or the first ``max_frames``)."""
-    files = sorted(glob.glob(os.path.join(corpus, "shards", "*.parquet")))
+def load_triplets(corpus: str, max_frames: int | None = None) -> dict[str, np.ndarray]:
+    """Every labelled triplet of the corpus's shards that are on disk (all of them, or the first
+    ones up to ``max_frames`` frames; a copy may hold only some of its manifest's shards)."""
+    src = CorpusSource(corpus)
+    files, frames = [], 0
+    for shard in src.manifest.shards:
+        uri = storage.join(src.uri, shard.path)
+        if storage.exists(uri) and not (max_frames and frames >= max_frames):
+            files.append(uri)
+            frames += shard.frames
     if not files:
-        raise FileNotFoundError(f"{corpus}: no shards/*.parquet (is it a lapo_ray corpus?)")
-    batcher, parts, frames = TripletBatcher(frame_shape, 4096), [], 0
-    for f in files:
-        table = pq.read_table(f)
-        frames += int(np.sum(table.column("num_frames").to_numpy()))
-        parts += list(batcher.batches(iter_segments(table, frame_shape)))
-        if max_frames and frames >= max_frames:
-            break
+        raise FileNotFoundError(f"{corpus}: none of its manifest's shards is on disk")
+    parts = list(iter_plain_batches(src, "all", 4096, files=files))
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("frames", "action", "episode_id")}
     keep = out["action"] >= 0
     return {k: v[keep] for k, v in out.items()}
