@@ -178,7 +178,7 @@ def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus,
     from lapo_ray.train.labelling import label_corpus
 
     with pytest.raises(ValueError, match=r"labelling: 2 x 1 CPUs plus 1 .* lower --label.num-actors"):
-        label_corpus(CorpusSource(corpus), "unused", str(tmp_path / "run"), LabelConfig(num_actors=2), cfg.data)
+        label_corpus(CorpusSource(corpus), "unused", str(tmp_path / "run"), LabelConfig(num_actors=2))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -123,11 +124,10 @@ def _finished_shards(dest: str) -> dict[str, str]:
 
 
 def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelConfig,
-                 pipe: PipelineConfig | None = None, files: list[str] | None = None) -> dict[str, Any]:
+                 files: list[str] | None = None) -> dict[str, Any]:
     """Write the latent action of every triplet centre of ``source`` (or of its ``files``) to
     ``<out_uri>/latents``, one shard per file; shards finished by an earlier run with the same
-    checkpoint and files are kept. ``pipe`` is accepted for the callers' symmetry and unused:
-    each actor reads its files in order."""
+    checkpoint and files are kept. Each actor reads its files itself, in order."""
     import ray.data
 
     dest = storage.join(out_uri, LATENTS_DIR)
@@ -139,7 +139,7 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     started = time.monotonic()
     files = list(files or source.scan_files())
     names = [shard_name(f) for f in files]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    clashes = sorted(n for n, k in Counter(names).items() if k > 1)
     if clashes:
         raise ValueError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
                          "rename them so each file name is unique")

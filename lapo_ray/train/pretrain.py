@@ -309,7 +309,7 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
         ckpt = latest_checkpoint(stage1_uri)
         if ckpt is None:
             raise FileNotFoundError(f"{stage1_uri}: no stage-1 checkpoint to label with (run stage1 first)")
-        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, cfg.data, files=scan.files)
+        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, files=scan.files)
 
     if "stage2" in stages:
         stage2_uri = storage.join(out, "stage2")
