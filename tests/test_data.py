@@ -696,3 +696,33 @@ def test_epsilon_noise_replaces_the_stated_share_of_actions_and_keeps_the_base_s
         EpsilonPolicy(base, 1.5, 4)
     with pytest.raises(ValueError, match=r"--epsilon must be in \[0, 1\], got -0.1"):
         CollectConfig(epsilon=-0.1).validate()
+
+
+def test_held_noise_comes_in_excursions_of_the_stated_share_and_length_and_ends_with_the_episode():
+    from lapo_ray.config.data import CollectConfig
+    from lapo_ray.data.policies import EpsilonPolicy
+
+    class Always8:
+        def __call__(self, obs):
+            return np.full(len(obs), 8, np.int64)
+
+    n, steps = 4000, 60
+    obs = np.zeros((n, 1, 1, 3), np.uint8)
+    pol = EpsilonPolicy(Always8(), 0.25, num_envs=n, seed=1, hold=0.75)
+    acts = np.stack([pol(obs) for _ in range(steps)])[20:]  # past the start: the share settles in ~10 steps
+    held = pol.held >= 0  # envs inside an excursion played its action
+    assert 0.4 < held.mean() < 0.6 and np.all(acts[-1][held] == pol.held[held])
+    # Share of noisy steps: 0.25 / (0.25 + 1 - 0.75) = 0.5; a noise draw lands on 8 1/15 of the time.
+    assert abs(np.mean(acts != 8) - 0.5 * 14 / 15) < 0.01
+    # Held: a noise action other than 8 is played again next step with probability 0.75 (the
+    # excursion goes on); per-step noise (hold 0) would repeat it 1/15 * 0.25 of the time.
+    odd = acts[:-1] != 8
+    assert abs(np.mean(acts[1:][odd] == acts[:-1][odd]) - 0.75) < 0.01
+    # An ended episode ends its excursion: the next step is noisy only if a new one starts (0.25).
+    pol.reset(np.ones(n, bool))
+    assert np.all(pol.held == -1)
+    assert abs(np.mean(pol(obs) != 8) - 0.25 * 14 / 15) < 0.02
+    with pytest.raises(ValueError, match=r"collection noise hold must be in \[0, 1\), got 1.0"):
+        EpsilonPolicy(Always8(), 0.1, 4, hold=1.0)
+    with pytest.raises(ValueError, match=r"--noise-hold must be in \[0, 1\), got -0.5"):
+        CollectConfig(noise_hold=-0.5).validate()

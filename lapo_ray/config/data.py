@@ -36,6 +36,11 @@ class CollectConfig:
         metadata={"help": "probability, per step and env, of replacing the policy's action by a uniform "
                   "random one (behaviour noise: shows a converged expert's unchosen actions)"},
     )
+    noise_hold: float = field(
+        default=0.0,
+        metadata={"help": "probability that a noise action is held one more step: excursions of mean length "
+                  "1/(1-P), epsilon/(epsilon+1-P) of the steps noisy; 0: independent per-step noise"},
+    )
     distribution_mode: Literal["easy", "hard"] = "easy"
     num_levels: int = 0
     start_level: int = 0
@@ -51,6 +56,8 @@ class CollectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"--epsilon must be in [0, 1], got {self.epsilon}")
+        if not 0.0 <= self.noise_hold < 1.0:
+            raise ValueError(f"--noise-hold must be in [0, 1), got {self.noise_hold}")
         if self.max_segment_frames < 3:
             raise ValueError(f"--max-segment-frames must be >= 3, got {self.max_segment_frames}")
 

@@ -41,6 +41,7 @@ COLLECT_CONFIG = "collect_config.json"
 _IDENTITY_FIELDS = (
     "game", "frames", "num_workers", "envs_per_worker", "policy", "distribution_mode",
     "num_levels", "start_level", "seed", "shard_frames", "max_segment_frames", "epsilon",
+    "noise_hold",
 )
 _EPISODE_BITS = 40  # episode id = worker index << 40 | episode counter of that worker
 
@@ -92,7 +93,8 @@ class Collector:
         )
         self.policy = make_policy(cfg.policy, cfg.envs_per_worker, seed=seed, factories=policy_factories)
         if cfg.epsilon > 0:
-            self.policy = EpsilonPolicy(self.policy, cfg.epsilon, cfg.envs_per_worker, seed=seed)
+            self.policy = EpsilonPolicy(self.policy, cfg.epsilon, cfg.envs_per_worker, seed=seed,
+                                        hold=cfg.noise_hold)
         self.next_shard, self.next_episode = next_shard, next_episode
         self.obs, _ = self.env.reset(seed=seed)
         self.resetting = np.zeros(cfg.envs_per_worker, bool)
@@ -253,7 +255,8 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     for a in actors:
         ray.kill(a)
     made_by = {
-        "tool": "lapo_ray.data.collect", "policy": cfg.policy, "epsilon": cfg.epsilon, "seed": cfg.seed,
+        "tool": "lapo_ray.data.collect", "policy": cfg.policy, "epsilon": cfg.epsilon,
+        "noise_hold": cfg.noise_hold, "seed": cfg.seed,
         "num_workers": cfg.num_workers, "envs_per_worker": cfg.envs_per_worker,
         "distribution_mode": cfg.distribution_mode, "num_levels": cfg.num_levels,
         "start_level": cfg.start_level, "seconds": round(time.monotonic() - started, 1),
