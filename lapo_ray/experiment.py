@@ -108,7 +108,8 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         seconds = time.time() - t0
         return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
                 "triplets": manifest.num_triplets, "wall_seconds": seconds,
-                "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy}
+                "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy,
+                "mean_episode_return": manifest.made_by.get("mean_episode_return")}
 
     results["collect"] = step("collect", collect_step)
 

@@ -134,6 +134,10 @@ def test_report_states_seeds_budget_versions_the_metric_and_both_verdicts():
     assert "seeded 12345" in text and "held-out levels start at 1,000,000" in text
     assert f"Demonstrator: {cfg.demonstrator.ppo.env_steps:,} PPO steps" in text
     assert f"Corpus: {cfg.collect.frames:,} frames" in text and "(ran 2,500 steps" in text
+    # The cpu preset's noise (0.25, held 0.75): 0.25 / (0.25 + 0.25) of the steps, 4-step excursions.
+    assert ("collected from the demonstrator on 2 actors at 400 frames/s, with behaviour noise: with probability "
+            "0.25 per step a uniform random action is held for 1 / (1 - 0.75) = 4 steps on average instead of "
+            "the demonstrator's, 50% of the steps in all. Its actions") in text
     assert "chosen before the run:** area under the learning curve" in text
     # 1500 + 60 + 60 + 125 + 1200 + 7 x 600 + 2 x 30 seconds = 7205 s = 120 min
     assert "Total wall time: **120 min**" in text
