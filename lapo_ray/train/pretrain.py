@@ -161,6 +161,23 @@ def stage1_task(cfg: PretrainConfig, scan, spec: SplitSpec, probe: ProbeSet | No
     return Stage1Task(cfg.model, cfg.probe, probe, recipe=cfg.stage1, label_fraction=frac)
 
 
+def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, probe: ProbeSet | None,
+                 run_config: dict[str, Any]) -> str:
+    """Fit stage 1 in ``<cfg.out>/stage1`` to ``cfg.stage1``'s budget and return its last
+    checkpoint. Training resumes from the latest checkpoint there, a finished one included: a
+    run whose step or time budget has since been raised trains on from where it stopped, on the
+    same schedule a run given that budget from the start would have followed."""
+    result = fit_stage(
+        stage1_task(cfg, scan, spec, probe), cfg.stage1, cfg.data,
+        triplet_dataset(source, "train", cfg.data, scan.files, spec),
+        triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
+        cfg.out, run_config, MetricsSink(cfg.out, "stage1", cfg.wandb, run_config),
+    )
+    if result.error:
+        raise RuntimeError(f"stage 1 failed: {result.error}")
+    return latest_checkpoint(storage.join(cfg.out, "stage1"))
+
+
 def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
     return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
 
@@ -285,16 +302,8 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
         ckpt = _stage_done(stage1_uri)
         if ckpt is None:
             t0 = time.monotonic()
-            result = fit_stage(
-                stage1_task(cfg, scan, spec, probe), cfg.stage1, cfg.data,
-                triplet_dataset(source, "train", cfg.data, scan.files, spec),
-                triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
-                out, run_config, MetricsSink(out, "stage1", cfg.wandb, run_config),
-            )
+            ckpt = train_stage1(cfg, source, scan, spec, probe, run_config)
             summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
-            ckpt = latest_checkpoint(stage1_uri)
-            if result.error:
-                raise RuntimeError(f"stage 1 failed: {result.error}")
         state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
         summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
         wants_probe = source.has_actions and cfg.probe.triplets > 0
