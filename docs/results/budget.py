@@ -27,6 +27,16 @@ FIGURES = ("probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "gap_cl
            "info_bits_untrained", "info_bits_supervised", "nmi_trained", "nmi_untrained")
 
 
+# What the committed table shows; the script reprints it with every table it writes.
+READING = """**Reading.** Training stage 1 three times longer does not give its latent more information
+about the action: 0.147, 0.145 and 0.135 bits at 1,203, 2,695 and 4,120 steps, while the IDM
+trained on the true actions for the same steps gains (0.64 to 0.68 bits), and the share of the
+accuracy gap stays at 0.1-0.2. The world model's validation loss still falls over the same steps
+(0.0039, 0.0029, 0.0026; each run's metrics.jsonl), so the latent has stopped taking up the action well before the
+model stops learning: on this corpus and at this model size the shortfall is not the CPU budget.
+One run per budget, each continuing the one before, so the rows share their first steps."""
+
+
 def _row(minutes: float, probe: dict) -> dict:
     return {"minutes": minutes, "steps": probe["stage1_steps"], **{k: probe.get(k) for k in FIGURES}}
 
@@ -96,13 +106,14 @@ def write_table(rows: list[dict], exp: str, out: str, table: str = "docs/results
             f"{fmt(r['ceiling_supervised_idm'])} | {fmt(r['gap_closed'], '.2f')} | {fmt(r['info_bits_trained'])} / "
             f"{fmt(r['info_bits_untrained'])} / {fmt(r['info_bits_supervised'])} | {fmt(r['nmi_trained'])} / "
             f"{fmt(r['nmi_untrained'])} |")
-    lines += ["", "![gap closed and information against stage-1 steps](budget.png)", ""]
+    lines += ["", "![gap closed and information against stage-1 steps](budget.png)", "", READING, ""]
     with open(table, "w") as f:
         f.write("\n".join(lines))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [r["steps"] for r in rows]
     ax[0].plot(steps, [r["gap_closed"] if r["gap_closed"] is not None else float("nan") for r in rows], "o-")
     ax[0].axhline(0.5, ls="--", c="gray", label="target 0.5")
+    ax[0].set_ylim(min(0.0, *[r["gap_closed"] or 0.0 for r in rows]), 1.0)
     ax[0].set(xlabel="stage-1 steps", ylabel="share of the floor-to-ceiling gap", title="probe accuracy")
     ax[0].legend()
     for key, label in (("info_bits_trained", "trained IDM"), ("info_bits_supervised", "ceiling (supervised)"),
