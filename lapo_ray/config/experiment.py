@@ -106,7 +106,7 @@ def cpu_experiment() -> ExperimentConfig:
     pretrain.stage2.report_every, pretrain.stage2.checkpoint_every = 250, 500
     # The probe needs 20k labelled triplets it can hold out from stage 1 and from the ceiling's
     # supervised IDM: the validation split is a quarter of an 85k-frame corpus. Stage 1 runs on
-    # a time budget, so the larger corpus costs collection time (~80 s) only.
+    # a time budget, so the larger corpus costs collection time (36 s) only.
     pretrain.data = dataclasses.replace(pretrain.data, val_fraction=0.25)
     # The demonstrator alone shows no action: it plays RIGHT+UP 76% of the time and an IDM trained
     # on the true actions on its corpus never beat that rate (docs/results/identifiability.md).
