@@ -712,8 +712,11 @@ def test_held_noise_comes_in_excursions_of_the_stated_share_and_length_and_ends_
     acts = np.stack([pol(obs) for _ in range(steps)])[20:]  # past the start: the share settles in ~10 steps
     held = pol.held >= 0  # envs inside an excursion played its action
     assert 0.4 < held.mean() < 0.6 and np.all(acts[-1][held] == pol.held[held])
-    # Share of noisy steps: 0.25 / (0.25 + 1 - 0.75) = 0.5; a noise draw lands on 8 1/15 of the time.
-    assert abs(np.mean(acts != 8) - 0.5 * 14 / 15) < 0.01
+    # Share of noisy steps: 0.25 / (0.25 + 1 - 0.75) = 0.5, as the config states it for reports; a
+    # noise draw lands on 8 1/15 of the time.
+    share = CollectConfig(epsilon=0.25, noise_hold=0.75).noise_share
+    assert share == 0.5 and CollectConfig(epsilon=0.25).noise_share == 0.25
+    assert abs(np.mean(acts != 8) - share * 14 / 15) < 0.01
     # Held: a noise action other than 8 is played again next step with probability 0.75 (the
     # excursion goes on); per-step noise (hold 0) would repeat it 1/15 * 0.25 of the time.
     odd = acts[:-1] != 8

@@ -49,6 +49,12 @@ class CollectConfig:
     max_segment_frames: int = 256
     worker_num_cpus: float = 1.0
 
+    @property
+    def noise_share(self) -> float:
+        """The long-run share of steps whose action is noise: a step starts an excursion with
+        probability ``epsilon``, an excursion goes on with probability ``noise_hold``."""
+        return self.epsilon / (self.epsilon + 1 - self.noise_hold) if self.noise_hold > 0 else self.epsilon
+
     def validate(self) -> None:
         check_game(self.game)
         for name in ("frames", "num_workers", "envs_per_worker", "shard_frames"):

@@ -72,7 +72,8 @@ class EpsilonPolicy:
 
     With ``hold`` > 0 the noise comes in excursions: a random action, once drawn, is held for
     another step with probability ``hold`` (mean length 1 / (1 - hold)) before the base policy
-    takes over again, so ``epsilon / (epsilon + 1 - hold)`` of the steps are noise. In CoinRun
+    takes over again, so ``epsilon / (epsilon + 1 - hold)`` of the steps are noise
+    (``CollectConfig.noise_share``). In CoinRun
     the action sets an acceleration: one odd step moves the agent by about a pixel, a held one
     moves it and the camera visibly (docs/results/identifiability.md measured per-step noise at
     0.3 bits for a supervised IDM; ``--policy sticky:0.75`` play reaches 0.6).

@@ -189,11 +189,10 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
     noise = ""
     if cfg.collect.epsilon > 0:
         eps, hold = cfg.collect.epsilon, cfg.collect.noise_hold
-        share = eps / (eps + 1 - hold) if hold > 0 else eps
         noise = (f", with behaviour noise: with probability {eps:g} per step a uniform random action "
                  + (f"is held for 1 / (1 - {hold:g}) = {1 / (1 - hold):.0f} steps on average instead of the "
                     "demonstrator's" if hold > 0 else "replaces the demonstrator's")
-                 + f", {share:.0%} of the steps in all")
+                 + f", {cfg.collect.noise_share:.0%} of the steps in all")
         if col.get("mean_episode_return") is not None:
             noise += f" (the collection's mean episode return: {col['mean_episode_return']:.2f})"
     lines += [
