@@ -3,20 +3,15 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from lapo_ray.config import StageConfig
 from lapo_ray.config.models import model_preset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.models.idm import IDM
-from lapo_ray.train.recipes import (
-    change_weights,
-    labelled_mask,
-    random_shift,
-    triplet_hash,
-    triplet_hash_np,
-)
-from lapo_ray.train.stages import Stage1Task
+from lapo_ray.train.recipes import change_weights, random_shift, triplet_hash_np
+from lapo_ray.train.stages import LabelSet, Stage1Task
 
 
 def _batch(b=16, seed=0):
@@ -29,42 +24,68 @@ def _batch(b=16, seed=0):
     }
 
 
-def test_hash_is_fixed_and_matches_numpy():
+def test_hash_is_fixed_and_sized():
     ep, st = np.array([0, 1, 2, 123456789, 2**40]), np.array([1, 1, 7, 300, 5])
-    h = triplet_hash(torch.as_tensor(ep), torch.as_tensor(st)).numpy()
-    np.testing.assert_array_equal(h, triplet_hash_np(ep, st))
-    assert ((h >= 0) & (h < 1)).all()
+    h = triplet_hash_np(ep, st)
+    np.testing.assert_array_equal(h, triplet_hash_np(ep.copy(), st.copy()))
+    assert ((h >= 0) & (h < 1)).all() and len(np.unique(h)) == 5
     # About the asked share of a large set is labelled.
     eps, steps = np.repeat(np.arange(2000), 50), np.tile(np.arange(1, 51), 2000)
     assert abs((triplet_hash_np(eps, steps) < 0.01).mean() - 0.01) < 0.002
 
 
-def test_label_head_gets_gradient_only_from_labelled_rows():
+def _label_set(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (n, 3, 64, 64, 3), dtype=torch.uint8, generator=g).numpy()
+    return LabelSet(frames, np.arange(n, dtype=np.int64) % 15)
+
+
+def test_label_loss_is_the_cross_entropy_of_a_drawn_labelled_batch():
     cfg = model_preset("cpu")
-    recipe = dataclasses.replace(StageConfig(), action_labels=8, action_label_weight=1.0)
-    b = _batch()
-    b["action"][3] = -1
-    mask = labelled_mask(b, 0.5)
-    assert 0 < int(mask.sum()) < 16 and not bool(mask[3])
+    recipe = dataclasses.replace(StageConfig(), action_labels=8, action_label_weight=0.5, action_label_batch=4)
+    labels = _label_set()
     torch.manual_seed(0)
-    task = Stage1Task(cfg, recipe=recipe, label_fraction=0.5)
-    model = task.build()
+    task = Stage1Task(cfg, recipe=recipe, label_set=labels)
+    model = task.build().eval()  # no codebook update, so the world-model loss can be recomputed
+    b = _batch()
+    torch.manual_seed(7)
     loss, metrics = task.loss(model, b)
-    assert float(metrics["labelled_rows"]) == float(mask.sum())
-    # The head's gradient equals the one from a loss over the labelled rows alone.
+    # The same draw, by hand: 4 of the labelled triplets, the head on the quantised latent.
+    torch.manual_seed(7)
+    idx = torch.randint(6, (4,))
+    frames, actions = torch.from_numpy(labels.frames)[idx], torch.from_numpy(labels.actions)[idx]
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model.action_logits(frames), actions)
+        wm = model(b["frames"])["loss"]
+    torch.testing.assert_close(metrics["label_loss"].detach(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), wm + 0.5 * ce, rtol=1e-5, atol=1e-6)
+    # The labels reach the IDM (the head reads its latent) and the head itself.
     model.zero_grad()
     loss.backward()
-    got = model.action_head.weight.grad.clone()
-    model.zero_grad()
-    out = model(b["frames"])
-    ce = torch.nn.functional.cross_entropy(out["action_logits"][mask], b["action"][mask])
-    ce.backward()
-    torch.testing.assert_close(got, model.action_head.weight.grad, rtol=1e-4, atol=1e-6)
-    # With no labelled row, the head gets exactly zero gradient.
-    model.zero_grad()
-    task0 = Stage1Task(cfg, recipe=recipe, label_fraction=0.0)
-    task0.loss(model, b)[0].backward()
-    assert float(model.action_head.weight.grad.abs().sum()) == 0.0
+    assert float(model.action_head.weight.grad.abs().sum()) > 0
+    assert float(model.idm.head.weight.grad.abs().sum()) > 0
+
+
+def test_label_head_leaves_the_codebook_alone():
+    cfg = model_preset("cpu")
+    model = LatentDynamics(cfg, action_head=True).train()
+    before = model.idm.vq.embeddings.clone(), model.idm.vq.num_updates.clone()
+    model.action_logits(torch.from_numpy(_label_set().frames))
+    assert torch.equal(model.idm.vq.embeddings, before[0]) and torch.equal(model.idm.vq.num_updates, before[1])
+
+
+def test_labels_without_a_labelled_set_or_batch_are_refused():
+    cfg = model_preset("cpu")
+    recipe = dataclasses.replace(StageConfig(), action_labels=8)
+    task = Stage1Task(cfg, recipe=recipe)
+    with pytest.raises(ValueError, match="no labelled triplets"):
+        task.loss(task.build(), _batch())
+    with pytest.raises(ValueError, match="action_label_batch must be positive"):
+        dataclasses.replace(recipe, action_label_batch=0).validate("stage1")
+    with pytest.raises(ValueError, match="3 triplets and 2 actions"):
+        LabelSet(np.zeros((3, 3, 64, 64, 3), np.uint8), np.zeros(2, np.int64))
+    with pytest.raises(RuntimeError, match="without an action head"):
+        LatentDynamics(cfg).action_logits(torch.from_numpy(_label_set().frames))
 
 
 def test_change_weight_mean_one_and_larger_where_frames_change():

@@ -65,6 +65,9 @@ class StageConfig:
     )
     action_label_weight: float = field(
         default=1.0, metadata={"help": "stage 1: weight of the label head's cross-entropy in the loss"})
+    action_label_batch: int = field(
+        default=32, metadata={"help": "stage 1: labelled triplets drawn (with replacement) from the labelled set "
+                              "at each step, besides the unlabelled batch"})
     change_weight: float = field(
         default=0.0,
         metadata={"help": "stage 1: per-pixel reconstruction weight 1 + alpha * |o[t+1] - o[t]|, renormalised to "
@@ -83,6 +86,9 @@ class StageConfig:
             raise ValueError(f"{name}: steps, batch_size and num_workers must be positive")
         if self.action_labels < 0 or self.change_weight < 0 or self.shift_pad < 0:
             raise ValueError(f"{name}: action_labels, change_weight and shift_pad must not be negative")
+        if self.action_labels > 0 and self.action_label_batch <= 0:
+            raise ValueError(f"{name}: action_label_batch must be positive with action_labels, "
+                             f"got {self.action_label_batch}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"{name}: batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"

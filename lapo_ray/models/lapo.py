@@ -28,8 +28,10 @@ class LatentDynamics(nn.Module):
         c, s = cfg.channels, cfg.frame_size
         self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * c, frame_size=s)
         self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels, norm=cfg.wm.norm)
-        # Only with --stage1.action-labels: a linear map from the continuous (pre-quantisation)
-        # latent to the 15 actions, as in LAOM, so the few labels shape the latent itself.
+        # Only with --stage1.action-labels: a linear map from the latent the world model sees to
+        # the 15 actions, as in LAOM, so the few labels shape that latent itself. It reads the
+        # quantised latent (straight-through): a head on the pre-quantisation latent pulled the
+        # action into directions the codes did not follow (code-action NMI 0.000, recipes.md).
         self.action_head = nn.Linear(cfg.latent_dim, NUM_ACTIONS) if action_head else None
         # Conv weights in channels-last too, matching the input: measured on 2 AVX2 cores,
         # 5-10% faster steps than a channels-last input alone, 15-30% faster than plain NCHW.
@@ -48,9 +50,15 @@ class LatentDynamics(nn.Module):
         target = x[:, 2].contiguous(memory_format=torch.channels_last)
         wm_loss = F.mse_loss(pred.float(), target)
         out.update(pred=pred, wm_loss=wm_loss, loss=wm_loss + out["vq_loss"])
-        if self.action_head is not None:
-            out["action_logits"] = self.action_head(out["latent"].float())
         return out
+
+    def action_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """The label head on uint8 triplets (B, 3, H, W, C) -> (B, 15) logits, with gradients into
+        the IDM. The codebook is left alone: its EMA follows the unlabelled stream only."""
+        if self.action_head is None:
+            raise RuntimeError("this LatentDynamics was built without an action head (--stage1.action-labels 0)")
+        out = self.idm(stack_frames(frames_to_input(frames)), update_codebook=False)
+        return self.action_head(out["latent_q"].float())
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

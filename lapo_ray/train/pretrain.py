@@ -26,7 +26,7 @@ from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import MetricsSink, read_metrics
-from lapo_ray.train.stages import ProbeSet, Stage1Task, Stage2Task, SupervisedIDMTask
+from lapo_ray.train.stages import LabelSet, ProbeSet, Stage1Task, Stage2Task, SupervisedIDMTask
 from lapo_ray.train.trainer import fit_stage
 
 
@@ -147,18 +147,43 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
                          "--allow-config-change true to continue that run with this config")
 
 
-def stage1_task(cfg: PretrainConfig, scan, spec: SplitSpec, probe: ProbeSet | None) -> Stage1Task:
+def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, fraction: float,
+                   offset: int = 1) -> LabelSet:
+    """The training triplets that ``recipes.triplet_hash_np`` marks labelled (about ``fraction`` of
+    them), read once in source order."""
+    from lapo_ray.train.recipes import triplet_hash_np
+
+    if not source.has_actions:
+        raise ValueError(f"--stage1.action-labels: the corpus {source.name} has no actions to label with")
+    t0 = time.monotonic()
+    ds = triplet_dataset(source, "train", _eval_pipeline(pipe), files, spec)
+    frames, actions = [], []
+    for b in iter_batches(ds, source.frame_shape, 1024, _eval_pipeline(pipe), offset=offset):
+        keep = (triplet_hash_np(b["episode_id"], b["step"]) < fraction) & (b["action"] >= 0)
+        if keep.any():
+            frames.append(b["frames"][keep])
+            actions.append(b["action"][keep].astype(np.int64))
+    if not actions:
+        raise ValueError(f"--stage1.action-labels: no labelled training triplet in {source.name} "
+                         f"(hash fraction {fraction:.3g})")
+    labels = LabelSet(np.concatenate(frames), np.concatenate(actions))
+    print(f"stage 1: {len(labels.actions)} labelled training triplets read in {time.monotonic() - t0:.0f}s",
+          flush=True)
+    return labels
+
+
+def stage1_task(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, probe: ProbeSet | None) -> Stage1Task:
     """Stage 1's task with its recipe options; the labelled share is sized from the training
     split's triplet count (episodes are about equally long, so the episode share stands in)."""
     from lapo_ray.train.recipes import label_fraction
 
-    n_eps = max(1, len(scan.episode_ids))
-    train_share = 1.0 - (len(spec.val_episodes or ()) / n_eps)
-    frac = label_fraction(cfg.stage1.action_labels, int(scan.triplets * train_share))
+    labels = None
     if cfg.stage1.action_labels > 0:
-        print(f"stage 1: action labels on about {cfg.stage1.action_labels} training triplets "
-              f"(hash fraction {frac:.4g} of ~{int(scan.triplets * train_share)})", flush=True)
-    return Stage1Task(cfg.model, cfg.probe, probe, recipe=cfg.stage1, label_fraction=frac)
+        n_eps = max(1, len(scan.episode_ids))
+        train_share = 1.0 - (len(spec.val_episodes or ()) / n_eps)
+        frac = label_fraction(cfg.stage1.action_labels, int(scan.triplets * train_share))
+        labels = load_label_set(source, cfg.data, scan.files, spec, frac, cfg.model.frame_offset)
+    return Stage1Task(cfg.model, cfg.probe, probe, recipe=cfg.stage1, label_set=labels)
 
 
 def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, probe: ProbeSet | None,
@@ -168,7 +193,7 @@ def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, pro
     run whose step or time budget has since been raised trains on from where it stopped, on the
     same schedule a run given that budget from the start would have followed."""
     result = fit_stage(
-        stage1_task(cfg, scan, spec, probe), cfg.stage1, cfg.data,
+        stage1_task(cfg, source, scan, spec, probe), cfg.stage1, cfg.data,
         triplet_dataset(source, "train", cfg.data, scan.files, spec),
         triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
         cfg.out, run_config, MetricsSink(cfg.out, "stage1", cfg.wandb, run_config),

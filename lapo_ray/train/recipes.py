@@ -1,7 +1,8 @@
 """Stage-1 recipe options from the follow-up literature (see docs/recipes.md).
 
-Every function here runs on the batch's own device with tensor ops only: no value is read back
-to the host, so the training step stays free of syncs (see ``train/step.py``).
+The functions on tensors run on the batch's own device with tensor ops only: no value is read
+back to the host, so the training step stays free of syncs (see ``train/step.py``). The labelled
+subset is chosen once, on the host, by ``triplet_hash_np``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Hash arithmetic stays below 2**62, so int64 never overflows and numpy and torch agree exactly.
+# Hash arithmetic stays below 2**62, so int64 never overflows.
 _P = 2_147_483_647  # 2**31 - 1
 
 
@@ -23,23 +24,14 @@ def _mix(ep, step):
     return x * 16_807 % _P
 
 
-def triplet_hash(episode_id: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """A number in [0, 1) fixed by (episode, step): every rank, epoch and run agrees on it."""
-    return _mix(episode_id.long(), step.long()).double() / _P
-
-
 def triplet_hash_np(episode_id: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) fixed by (episode, step): every rank, epoch and run agrees on it."""
     return _mix(np.asarray(episode_id, np.int64), np.asarray(step, np.int64)).astype(np.float64) / _P
 
 
 def label_fraction(k: int, train_triplets: int) -> float:
     """Share of the training triplets whose hash marks them labelled, for about ``k`` of them."""
     return 0.0 if k <= 0 or train_triplets <= 0 else min(1.0, k / train_triplets)
-
-
-def labelled_mask(batch: dict[str, torch.Tensor], fraction: float) -> torch.Tensor:
-    """Rows of ``batch`` in the fixed labelled subset; a row without an action (-1) never counts."""
-    return (triplet_hash(batch["episode_id"], batch["step"]) < fraction) & (batch["action"] >= 0)
 
 
 def change_weights(x: torch.Tensor, alpha: float) -> torch.Tensor:

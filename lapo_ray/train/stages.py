@@ -12,7 +12,7 @@ from lapo_ray.config import ModelConfig, ProbeConfig, StageConfig
 from lapo_ray.evaluation.ceiling import SupervisedIDM, labelled_loss
 from lapo_ray.models import LatentDynamics, LatentPolicy
 from lapo_ray.models.impala import frames_to_input
-from lapo_ray.train.recipes import change_weights, labelled_mask, random_shift
+from lapo_ray.train.recipes import change_weights, random_shift
 
 # The input pipelines (Ray Data, pyarrow) are imported inside ``batches`` only: the models and
 # the training step then run on a machine with PyTorch alone.
@@ -33,6 +33,38 @@ class ProbeSet:
 
 
 @dataclass
+class LabelSet:
+    """The labelled training triplets of --stage1.action-labels, held in memory (256 triplets of
+    64x64 frames are 9 MB), so every step can draw a labelled mini-batch of its own, as LAOM
+    does. Which triplets are labelled is fixed by ``recipes.triplet_hash_np``."""
+
+    frames: np.ndarray  # uint8 (N, 3, H, W, C)
+    actions: np.ndarray  # int64 (N,)
+
+    def __post_init__(self):
+        if len(self.frames) != len(self.actions) or len(self.actions) == 0:
+            raise ValueError(f"LabelSet: {len(self.frames)} triplets and {len(self.actions)} actions; "
+                             "need the same positive number")
+        self._on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` triplets drawn with replacement (torch's global generator, which the training loop
+        seeds per rank), copied to ``device`` once and kept there."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (torch.from_numpy(self.frames).to(device), torch.from_numpy(self.actions).to(device))
+        frames, actions = self._on[key]
+        idx = torch.randint(len(actions), (n,), device=device)
+        return frames[idx], actions[idx]
+
+    def __getstate__(self):  # the device copies stay behind when the task travels to a worker
+        return {"frames": self.frames, "actions": self.actions}
+
+    def __setstate__(self, state):
+        self.frames, self.actions, self._on = state["frames"], state["actions"], {}
+
+
+@dataclass
 class Stage1Task:
     """IDM + world model: reconstruct o[t+1] through the VQ latent action."""
 
@@ -43,9 +75,8 @@ class Stage1Task:
     # The recipe options (StageConfig.action_labels, change_weight, augment; docs/recipes.md).
     # None: the plain LAPO objective.
     recipe: StageConfig | None = None
-    # Share of the training triplets in the labelled subset (recipes.label_fraction), set by the
-    # caller, who knows how many training triplets the corpus has.
-    label_fraction: float = 0.0
+    # The labelled training triplets (--stage1.action-labels), loaded by the caller.
+    label_set: LabelSet | None = None
 
     def build(self) -> torch.nn.Module:
         return LatentDynamics(self.model_cfg, action_head=self._labels())
@@ -75,13 +106,15 @@ class Stage1Task:
             loss = weighted + out["vq_loss"]
             metrics["wm_loss_weighted"] = weighted
         if self._labels():
-            mask = labelled_mask(batch, self.label_fraction)
-            ce = F.cross_entropy(out["action_logits"], batch["action"].clamp(min=0), reduction="none")
-            n = mask.sum()
-            label_loss = (ce * mask).sum() / n.clamp(min=1)
+            if self.label_set is None:
+                raise ValueError("stage 1: --stage1.action-labels is set but the task has no labelled triplets")
+            lf, la = self.label_set.draw(r.action_label_batch, frames.device)
+            if r.augment == "shift":
+                lf = random_shift(lf, r.shift_pad)
+            logits = _unwrap(model).action_logits(lf)
+            label_loss = F.cross_entropy(logits, la)
             loss = loss + r.action_label_weight * label_loss
-            hit = (out["action_logits"].argmax(-1) == batch["action"]) & mask
-            metrics.update(label_loss=label_loss, label_acc=hit.sum() / n.clamp(min=1), labelled_rows=n.float())
+            metrics.update(label_loss=label_loss, label_acc=(logits.argmax(-1) == la).float().mean())
         metrics["loss"] = loss
         for i in range(self.model_cfg.vq.num_codebooks):
             metrics[f"vq_perplexity_cb{i}"] = out["perplexity"][i]
