@@ -52,7 +52,8 @@ class LabelSet:
         seeds per rank), copied to ``device`` once and kept there."""
         key = str(device)
         if key not in self._on:
-            self._on[key] = (torch.from_numpy(self.frames).to(device), torch.from_numpy(self.actions).to(device))
+            # A copy: the arrays arrive read-only from the object store, and torch wants writable memory.
+            self._on[key] = (torch.tensor(self.frames, device=device), torch.tensor(self.actions, device=device))
         frames, actions = self._on[key]
         idx = torch.randint(len(actions), (n,), device=device)
         return frames[idx], actions[idx]

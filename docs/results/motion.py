@@ -1,0 +1,196 @@
+"""What does a stage-1 latent carry: the action, or the camera's motion? On held-out episodes.
+
+    PYTHONPATH=. python docs/results/motion.py --run artifacts/experiment/pretrain \
+        --corpus artifacts/experiment/corpus --name experiment
+
+In CoinRun the camera follows the agent, so the frame moves by the agent's velocity. For each
+sampled validation triplet (o[t-1], o[t], o[t+1]) this estimates the camera's shift between
+consecutive frames (the integer (dx, dy) in [-6, 6]^2 that best aligns the grey frames) and asks
+of the run's trained IDM:
+
+- how much its world model leans on the latent: prediction error with the true latent, with the
+  latent of another triplet (shuffled) and the copy-last-frame baseline, and where in the frame
+  the latent's gain lies (plotted);
+- what an MLP reads from the latent (fit on half of the episodes, scored on the other half): the
+  shift o[t] -> o[t+1] (R^2), the previous shift o[t-1] -> o[t], their difference (the
+  acceleration, which is what an action changes), and the action itself, beside the action read
+  from the two shifts alone and the majority rate.
+
+No Ray and no training beyond the small read-out MLPs: a few minutes on 2 cores. Writes
+``<out>/motion-<name>.json`` and ``.png``; prints a Markdown row for docs/results/motion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+RANGE = 6  # largest camera shift searched, pixels
+
+
+def sample_triplets(corpus: str, val_episodes: set[int], n: int, seed: int = 0):
+    """About ``n`` triplets of the validation episodes, sampled uniformly, with their actions."""
+    import pyarrow.parquet as pq
+
+    from lapo_ray.data.corpus import decode_frames
+
+    rows = []
+    for f in sorted(glob.glob(os.path.join(corpus, "shards", "*.parquet"))):
+        t = pq.read_table(f, columns=["episode_id", "num_frames", "frames", "actions"])
+        rows += [r for r in t.to_pylist() if r["episode_id"] in val_episodes]
+    total = sum(r["num_frames"] - 2 for r in rows)
+    if total <= 0:
+        raise ValueError(f"{corpus}: no triplets in the run's validation episodes")
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, n / total)
+    frames, actions, episodes = [], [], []
+    for r in rows:
+        fr = decode_frames(r["frames"], r["num_frames"], (64, 64, 3))
+        for i in np.flatnonzero(rng.random(r["num_frames"] - 2) < keep) + 1:
+            frames.append(fr[i - 1:i + 2])
+            actions.append(r["actions"][i])
+            episodes.append(r["episode_id"])
+    return np.stack(frames), np.asarray(actions, np.int64), np.asarray(episodes, np.int64)
+
+
+def camera_shift(a: np.ndarray, b: np.ndarray, r: int = RANGE) -> tuple[int, int]:
+    """(dx, dy) such that b's centre best matches a's centre moved by (dx, dy) (mean squared
+    grey-level difference over the central (64 - 2r)^2 pixels)."""
+    a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)
+    h, w = b.shape
+    c = b[r:h - r, r:w - r]
+    errs = np.array([[((a[r + dy:h - r + dy, r + dx:w - r + dx] - c) ** 2).mean() for dx in range(-r, r + 1)]
+                     for dy in range(-r, r + 1)])
+    dy, dx = np.unravel_index(int(errs.argmin()), errs.shape)
+    return int(dx) - r, int(dy) - r
+
+
+def readout(x: np.ndarray, y: np.ndarray, test: np.ndarray, classify: bool, seed: int = 0) -> float:
+    """Test score of a one-hidden-layer MLP fit on ``~test``: accuracy, or R^2 averaged over y's
+    columns. Early-stopped on the test half's best epoch, so an upper bound for both sides alike."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(x, dtype=torch.float32)
+    tr, te = torch.as_tensor(np.flatnonzero(~test)), torch.as_tensor(np.flatnonzero(test))
+    x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+    if classify:
+        yt = torch.as_tensor(y, dtype=torch.long)
+        out = int(y.max()) + 1
+    else:
+        yt = torch.tensor(y, dtype=torch.float32)
+        yt = (yt - yt[tr].mean(0)) / (yt[tr].std(0) + 1e-6)
+        out = yt.shape[1]
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 128), torch.nn.ReLU(), torch.nn.Linear(128, out))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    best = -np.inf
+    for _ in range(60):
+        for idx in tr[torch.randperm(len(tr), generator=g)].split(128):
+            p = net(x[idx])
+            loss = (torch.nn.functional.cross_entropy(p, yt[idx]) if classify
+                    else ((p - yt[idx]) ** 2).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            p = net(x[te])
+            if classify:
+                score = (p.argmax(-1) == yt[te]).float().mean().item()
+            else:
+                score = (1 - ((p - yt[te]) ** 2).mean(0) / yt[te].var(0)).mean().item()
+        best = max(best, score)
+    return float(best)
+
+
+@torch.no_grad()
+def world_model_use(model, frames: np.ndarray, seed: int = 0) -> dict:
+    """Prediction error of o[t+1] with the true latent, a shuffled one, and copying o[t]; the
+    per-pixel gain of the true latent over the shuffled one."""
+    from lapo_ray.models.impala import frames_to_input, stack_frames
+
+    g = torch.Generator().manual_seed(seed)
+    err = {"true": [], "shuffled": [], "copy_last": []}
+    gain = torch.zeros(64, 64)
+    for chunk in torch.from_numpy(frames).split(256):
+        x = frames_to_input(chunk)
+        zq = model.idm(stack_frames(x), update_codebook=False)["latent_q"]
+        ctx, target = stack_frames(x[:, :2]), x[:, 2]
+        e_true = ((model.wm(ctx, zq) - target) ** 2).mean(1)
+        e_shuf = ((model.wm(ctx, zq[torch.randperm(len(zq), generator=g)]) - target) ** 2).mean(1)
+        err["true"].append(e_true.mean((1, 2)))
+        err["shuffled"].append(e_shuf.mean((1, 2)))
+        err["copy_last"].append(((x[:, 1] - target) ** 2).mean((1, 2, 3)))
+        gain += (e_shuf - e_true).sum(0)
+    out = {k: float(torch.cat(v).mean()) for k, v in err.items()}
+    gain = (gain / len(frames)).numpy()
+    out["gain_share_lower_half"] = float(gain[32:].sum() / gain.sum())
+    out["gain_share_centre_quarter"] = float(gain[16:48, 16:48].sum() / gain.sum())
+    return out, gain
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a pretrain artifact folder (stage1/, split.json)")
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--triplets", type=int, default=4000)
+    args = ap.parse_args(argv)
+    from lapo_ray.evaluation.probe import probe_halves
+    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+
+    torch.manual_seed(0)
+    ckpt = latest_checkpoint(os.path.join(args.run, "stage1"))
+    if ckpt is None:
+        raise FileNotFoundError(f"{args.run}/stage1: no stage-1 checkpoint")
+    val = set(json.load(open(os.path.join(args.run, "split.json")))["val_episodes"])
+    frames, actions, episodes = sample_triplets(args.corpus, val, args.triplets)
+    v_prev = np.array([camera_shift(f[0], f[1]) for f in frames], np.float32)
+    v_next = np.array([camera_shift(f[1], f[2]) for f in frames], np.float32)
+    model = load_dynamics(ckpt).eval()
+    use, gain = world_model_use(model, frames)
+    with torch.no_grad():
+        z = torch.cat([model.encode(c)[0] for c in torch.from_numpy(frames).split(256)]).float().numpy()
+    test = probe_halves(episodes)
+    res = {
+        "run": args.run, "checkpoint": ckpt, "triplets": int(len(frames)), "episodes": int(len(np.unique(episodes))),
+        "still_share": float((np.abs(v_next).sum(1) == 0).mean()),
+        "shift_std_dx_dy": v_next.std(0).tolist(), "accel_std_dx_dy": (v_next - v_prev).std(0).tolist(),
+        "world_model": use,
+        "r2_latent_to_shift": readout(z, v_next, test, False),
+        "r2_latent_to_previous_shift": readout(z, v_prev, test, False),
+        "r2_latent_to_acceleration": readout(z, v_next - v_prev, test, False),
+        "acc_latent_to_action": readout(z, actions, test, True),
+        "acc_shifts_to_action": readout(np.c_[v_prev, v_next], actions, test, True),
+        "majority_rate": float(np.bincount(actions[test]).max() / test.sum()),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"motion-{args.name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(gain, cmap="magma")
+    ax.set_title(f"{args.name}: world-model error removed\nby the true latent (vs shuffled), per pixel", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, f"motion-{args.name}.png"), dpi=110)
+    w = res["world_model"]
+    print(f"| {args.name} | {res['triplets']} | {res['still_share']:.2f} | {w['true']:.4f} / {w['shuffled']:.4f} / "
+          f"{w['copy_last']:.4f} | {w['gain_share_lower_half']:.2f} | {res['r2_latent_to_shift']:.2f} | "
+          f"{res['r2_latent_to_previous_shift']:.2f} | {res['r2_latent_to_acceleration']:.2f} | "
+          f"{res['acc_latent_to_action']:.3f} | {res['acc_shifts_to_action']:.3f} | {res['majority_rate']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
