@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -91,8 +92,10 @@ def run_one(args, game: str, name: str) -> dict | None:
     if probe is None:
         print(f"[recipes] {game} / {name}: no probe", flush=True)
         return None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     row = {"game": game, "config": name, "overrides": CONFIGS[name], "steps": args.steps, "batch": args.batch,
-           "frames": args.frames, "seconds": round(time.monotonic() - t0, 1),
+           "frames": args.frames, "seconds": round(time.monotonic() - t0, 1), "commit": commit,
            "stage1_train_seconds": summary.get("stage1", {}).get("train_seconds"),
            "probe": {k: v for k, v in probe.items() if not k.endswith("_detail")}}
     with open(result + ".tmp", "w") as f:
@@ -138,6 +141,12 @@ def write_table(args) -> None:
                      f"{_f(p.get('nmi_trained'))} | {_f(p.get('nmi_untrained'))} | {_f(p.get('majority_rate'))} | "
                      f"{_f(r.get('stage1_train_seconds'), '.0f')} |")
     lines += ["", "Configs: " + "; ".join(f"`{k}` = {v or 'the cpu preset as is'}" for k, v in CONFIGS.items())]
+    # A row is measured with the code of its commit: a recipe whose code changed is rerun alone.
+    by_commit: dict[str, list[str]] = {}
+    for r in rows:
+        by_commit.setdefault(r.get("commit") or "not recorded (2026-11-26)", []).append(f"{r['game']}/{r['config']}")
+    lines += ["", "Measured at commit: " + "; ".join(f"{c}: {len(v)} rows" + (f" ({', '.join(v)})" if len(v) < 10 else "")
+                                               for c, v in by_commit.items()) + "."]
     if missing:
         lines += ["", f"**Not measured (time box): {', '.join(missing)}.**"]
     with open(args.table, "w") as f:

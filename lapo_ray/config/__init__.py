@@ -129,10 +129,12 @@ def cpu_pretrain() -> PretrainConfig:
         # The stage-1 recipe options (docs/recipes.md) stay off here: in the three-game table
         # (docs/results/recipes.md: 150 steps at batch 64, one seed per row, all 21 runs) none is
         # ahead on all three games. Gap closed, baseline vs best option: coinrun -0.09 vs no VQ
-        # 0.67 (no VQ was below the baseline on jumper, 0.27 vs 0.33); jumper 0.33 vs labels
-        # 0.49 (labels cut the codes' NMI to 0.000 on every game); ninja unmeasurable (ceiling
-        # within noise of the floor). Two runs of the same coinrun rows a day apart differed by
-        # up to 0.5 (baseline 0.40 vs -0.09), so no single row justifies a default.
+        # 0.67 (no VQ was below the baseline on jumper, 0.27 vs 0.33); jumper: no option above
+        # the baseline's 0.33 (shift 0.32; labels, re-measured in LAOM's per-step form, 0.06 and
+        # 0.11); ninja unmeasurable (ceiling within noise of the floor). Two runs of the same
+        # coinrun rows a day apart differed by up to 0.5 (baseline 0.40 vs -0.09), so no single
+        # row justifies a default. On the experiment's corpus none of six options moved the
+        # latent's information (docs/results/report.md, notes).
     )
 
 
