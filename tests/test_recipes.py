@@ -143,3 +143,19 @@ def test_recipes_off_by_default_and_in_paper_preset():
         c = PRETRAIN_PRESETS[name]()
         assert c.stage1.action_labels == 0 and c.stage1.change_weight == 0.0 and c.stage1.augment == "none"
     assert PRETRAIN_PRESETS["paper"]().model.vq.enabled
+
+
+def test_a_label_set_too_large_for_worker_memory_is_refused_before_reading():
+    from types import SimpleNamespace
+
+    from lapo_ray.config import cpu_pretrain
+    from lapo_ray.train.pretrain import stage1_task
+
+    cfg = cpu_pretrain()
+    cfg.stage1.action_labels = 100_000  # 100k triplets of 3 x 64x64x3 bytes: 3.4 GiB
+    # Nothing may be read: a source whose reads fail proves the check comes first.
+    source = SimpleNamespace(frame_shape=(64, 64, 3), has_actions=True, name="corpus:x")
+    message = r"--stage1.action-labels 100000: .* take 3\.4 GiB in every training worker's memory \(at most 2 GiB\)"
+    with pytest.raises(ValueError, match=message):
+        stage1_task(cfg, source, SimpleNamespace(episode_ids=[1, 2], triplets=10**6),
+                    SimpleNamespace(val_episodes=[1]), None)

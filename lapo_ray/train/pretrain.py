@@ -147,6 +147,10 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
                          "--allow-config-change true to continue that run with this config")
 
 
+# Every training worker holds the labelled triplets (LabelSet) in memory, and on GPUs a second copy.
+LABEL_SET_MAX_BYTES = 2 * 2**30
+
+
 def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, fraction: float,
                    offset: int = 1) -> LabelSet:
     """The training triplets that ``recipes.triplet_hash_np`` marks labelled (about ``fraction`` of
@@ -179,6 +183,12 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, prob
 
     labels = None
     if cfg.stage1.action_labels > 0:
+        need = cfg.stage1.action_labels * 3 * int(np.prod(source.frame_shape))
+        if need > LABEL_SET_MAX_BYTES:
+            raise ValueError(
+                f"--stage1.action-labels {cfg.stage1.action_labels}: the labelled triplets would take "
+                f"{need / 2**30:.1f} GiB in every training worker's memory (at most "
+                f"{LABEL_SET_MAX_BYTES / 2**30:.0f} GiB); LAOM's few labels are a few thousand")
         n_eps = max(1, len(scan.episode_ids))
         train_share = 1.0 - (len(spec.val_episodes or ()) / n_eps)
         frac = label_fraction(cfg.stage1.action_labels, int(scan.triplets * train_share))
