@@ -46,23 +46,30 @@ class LabelSet:
             raise ValueError(f"LabelSet: {len(self.frames)} triplets and {len(self.actions)} actions; "
                              "need the same positive number")
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gen: torch.Generator | None = None
 
-    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` triplets drawn with replacement (torch's global generator, which the training loop
-        seeds per rank), copied to ``device`` once and kept there."""
+    def draw(self, n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` triplets drawn with replacement, copied to ``device`` once and kept there. The
+        draws come from a generator of this set's own, seeded by ``seed`` and the data-parallel
+        rank: the training loop seeds torch alike on every rank (same initial weights), which
+        would give every rank the same labelled batch."""
         key = str(device)
         if key not in self._on:
             # A copy: the arrays arrive read-only from the object store, and torch wants writable memory.
             self._on[key] = (torch.tensor(self.frames, device=device), torch.tensor(self.actions, device=device))
+        if self._gen is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
         frames, actions = self._on[key]
-        idx = torch.randint(len(actions), (n,), device=device)
+        # Indices on the host (a host-to-device copy, never a sync), so one generator serves any device.
+        idx = torch.randint(len(actions), (n,), generator=self._gen).to(device, non_blocking=True)
         return frames[idx], actions[idx]
 
-    def __getstate__(self):  # the device copies stay behind when the task travels to a worker
+    def __getstate__(self):  # the device copies and the generator stay behind when the task travels
         return {"frames": self.frames, "actions": self.actions}
 
     def __setstate__(self, state):
-        self.frames, self.actions, self._on = state["frames"], state["actions"], {}
+        self.frames, self.actions, self._on, self._gen = state["frames"], state["actions"], {}, None
 
 
 @dataclass
@@ -109,7 +116,7 @@ class Stage1Task:
         if self._labels():
             if self.label_set is None:
                 raise ValueError("stage 1: --stage1.action-labels is set but the task has no labelled triplets")
-            lf, la = self.label_set.draw(r.action_label_batch, frames.device)
+            lf, la = self.label_set.draw(r.action_label_batch, frames.device, seed=r.seed)
             if r.augment == "shift":
                 lf = random_shift(lf, r.shift_pad)
             logits = _unwrap(model).action_logits(lf)
