@@ -240,3 +240,40 @@ def test_a_run_made_before_an_option_existed_continues_and_another_config_is_ref
     changed = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, lr=0.5))
     with pytest.raises(ValueError, match=r"holds a run with another config \(stage1.lr: 0.001 -> 0.5\)"):
         check_artifact_folder(changed)
+
+
+@pytest.mark.slow
+def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(corpus, tmp_path, ray_local):
+    from lapo_ray.train.pretrain import load_label_set, stage1_task
+    from lapo_ray.train.recipes import label_fraction, triplet_hash_np
+
+    cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=0.5, steps=3, report_every=3,
+                      action_labels=40, action_label_batch=8)
+    src = CorpusSource(corpus)
+    scan = src.scan()
+    spec = SplitSpec.for_episodes(scan.episode_ids, cfg.data.val_fraction, cfg.data.split_seed)
+    task = stage1_task(cfg, src, scan, spec, None)
+    labels = task.label_set
+    # Exactly the training triplets the hash marks, with their own frames and actions.
+    every = {}
+    for b in iter_batches(triplet_dataset(src, "train", cfg.data, scan.files, spec), (64, 64, 3), 256, cfg.data):
+        for e, s, f, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
+            every[(int(e), int(s))] = (f, int(a))
+    frac = label_fraction(40, int(scan.triplets * (1 - len(spec.val_episodes) / len(scan.episode_ids))))
+    keys = np.array(list(every))
+    marked = [tuple(k) for k in keys[triplet_hash_np(keys[:, 0], keys[:, 1]) < frac]]
+    assert 20 < len(labels.actions) == len(marked) < 80
+    assert sorted(labels.actions.tolist()) == sorted(every[k][1] for k in marked)
+    marked_frames = {every[k][0].tobytes() for k in marked}
+    assert all(f.tobytes() in marked_frames for f in labels.frames)
+    # A second read gives the same set in the same order (the split and the hash fix it).
+    again = load_label_set(src, cfg.data, scan.files, spec, frac)
+    assert again.actions.tolist() == labels.actions.tolist() and np.array_equal(again.frames, labels.frames)
+
+    # The set travels to both ranks; each step adds the labelled batch's loss.
+    result = fit_stage(task, cfg.stage1, cfg.data, triplet_dataset(src, "train", cfg.data, scan.files, spec),
+                       triplet_dataset(src, "val", cfg.data, scan.files, spec), cfg.out, cfg.to_dict())
+    assert result.error is None and result.metrics["world_size"] == 2
+    m = result.metrics
+    assert 0.0 < m["train/label_loss"] < 10.0 and 0.0 <= m["train/label_acc"] <= 1.0
+    assert m["train/loss"] > m["train/wm_loss"]
