@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -92,8 +91,9 @@ def run_one(args, game: str, name: str) -> dict | None:
     if probe is None:
         print(f"[recipes] {game} / {name}: no probe", flush=True)
         return None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    from lapo_ray.experiment import versions
+
+    commit = versions()["lapo_ray_commit"][:7]
     row = {"game": game, "config": name, "overrides": CONFIGS[name], "steps": args.steps, "batch": args.batch,
            "frames": args.frames, "seconds": round(time.monotonic() - t0, 1), "commit": commit,
            "stage1_train_seconds": summary.get("stage1", {}).get("train_seconds"),

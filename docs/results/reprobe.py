@@ -11,7 +11,6 @@ into the experiment's pretrain step so ``jobs/experiment.py --report-only true``
 
 import json
 import os
-import subprocess
 import sys
 
 from lapo_ray import storage
@@ -36,9 +35,9 @@ def main(exp: str) -> None:
         summary = run_pretrain(cfg)
     finally:
         storage.write_bytes(config_json, original)  # the run's own config stays the record
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    probe = {**summary["probe"], "remeasured_at_commit": commit}
+    from lapo_ray.experiment import versions
+
+    probe = {**summary["probe"], "remeasured_at_commit": versions()["lapo_ray_commit"]}
     storage.write_json(old, probe)
     step = os.path.join(exp, "steps", "pretrain.json")
     done = json.load(open(step))
