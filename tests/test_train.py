@@ -254,6 +254,7 @@ def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(
     spec = SplitSpec.for_episodes(scan.episode_ids, cfg.data.val_fraction, cfg.data.split_seed)
     task = stage1_task(cfg, src, scan, spec, None)
     labels = task.label_set
+    assert labels.seed == cfg.stage1.seed
     # Exactly the training triplets the hash marks, with their own frames and actions.
     every = {}
     for b in iter_batches(triplet_dataset(src, "train", cfg.data, scan.files, spec), (64, 64, 3), 256, cfg.data):

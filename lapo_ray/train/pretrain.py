@@ -152,9 +152,9 @@ LABEL_SET_MAX_BYTES = 2 * 2**30
 
 
 def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, fraction: float,
-                   offset: int = 1) -> LabelSet:
+                   offset: int = 1, seed: int = 0) -> LabelSet:
     """The training triplets that ``recipes.triplet_hash_np`` marks labelled (about ``fraction`` of
-    them), read once in source order."""
+    them), read once in source order; ``seed`` seeds the set's draws."""
     from lapo_ray.train.recipes import triplet_hash_np
 
     if not source.has_actions:
@@ -170,7 +170,7 @@ def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec:
     if not actions:
         raise ValueError(f"--stage1.action-labels: no labelled training triplet in {source.name} "
                          f"(hash fraction {fraction:.3g})")
-    labels = LabelSet(np.concatenate(frames), np.concatenate(actions))
+    labels = LabelSet(np.concatenate(frames), np.concatenate(actions), seed=seed)
     print(f"stage 1: {len(labels.actions)} labelled training triplets read in {time.monotonic() - t0:.0f}s",
           flush=True)
     return labels
@@ -192,7 +192,7 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, prob
         n_eps = max(1, len(scan.episode_ids))
         train_share = 1.0 - (len(spec.val_episodes or ()) / n_eps)
         frac = label_fraction(cfg.stage1.action_labels, int(scan.triplets * train_share))
-        labels = load_label_set(source, cfg.data, scan.files, spec, frac, cfg.model.frame_offset)
+        labels = load_label_set(source, cfg.data, scan.files, spec, frac, cfg.model.frame_offset, cfg.stage1.seed)
     return Stage1Task(cfg.model, cfg.probe, probe, recipe=cfg.stage1, label_set=labels)
 
 

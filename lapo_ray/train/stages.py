@@ -40,6 +40,7 @@ class LabelSet:
 
     frames: np.ndarray  # uint8 (N, 3, H, W, C)
     actions: np.ndarray  # int64 (N,)
+    seed: int = 0  # the draws' generator: this seed and the data-parallel rank
 
     def __post_init__(self):
         if len(self.frames) != len(self.actions) or len(self.actions) == 0:
@@ -48,7 +49,7 @@ class LabelSet:
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gen: torch.Generator | None = None
 
-    def draw(self, n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` triplets drawn with replacement, copied to ``device`` once and kept there. The
         draws come from a generator of this set's own, seeded by ``seed`` and the data-parallel
         rank: the training loop seeds torch alike on every rank (same initial weights), which
@@ -59,17 +60,18 @@ class LabelSet:
             self._on[key] = (torch.tensor(self.frames, device=device), torch.tensor(self.actions, device=device))
         if self._gen is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self._gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+            self._gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0]))
         frames, actions = self._on[key]
         # Indices on the host (a host-to-device copy, never a sync), so one generator serves any device.
         idx = torch.randint(len(actions), (n,), generator=self._gen).to(device, non_blocking=True)
         return frames[idx], actions[idx]
 
     def __getstate__(self):  # the device copies and the generator stay behind when the task travels
-        return {"frames": self.frames, "actions": self.actions}
+        return {"frames": self.frames, "actions": self.actions, "seed": self.seed}
 
     def __setstate__(self, state):
-        self.frames, self.actions, self._on, self._gen = state["frames"], state["actions"], {}, None
+        self.frames, self.actions, self.seed = state["frames"], state["actions"], state["seed"]
+        self._on, self._gen = {}, None
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Stage1Task:
         if self._labels():
             if self.label_set is None:
                 raise ValueError("stage 1: --stage1.action-labels is set but the task has no labelled triplets")
-            lf, la = self.label_set.draw(r.action_label_batch, frames.device, seed=r.seed)
+            lf, la = self.label_set.draw(r.action_label_batch, frames.device)
             if r.augment == "shift":
                 lf = random_shift(lf, r.shift_pad)
             logits = _unwrap(model).action_logits(lf)
