@@ -35,13 +35,14 @@ def _eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
 
 
-def _labelled_val_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int):
-    """Labelled triplets (frame offset ``offset``) of the validation episodes, in source order."""
-    ds = triplet_dataset(source, "val", _eval_pipeline(pipe), files, spec)
+def _labelled_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int,
+                      split: str = "val"):
+    """Labelled triplets (frame offset ``offset``) of ``split``'s episodes, in source order."""
+    ds = triplet_dataset(source, split, _eval_pipeline(pipe), files, spec)
     for b in iter_batches(ds, source.frame_shape, 512, _eval_pipeline(pipe), offset=offset):
         keep = b["action"] >= 0
         if keep.any():
-            yield {k: b[k][keep] for k in ("frames", "action", "episode_id")}
+            yield {k: b[k][keep] for k in ("frames", "action", "episode_id", "step")}
 
 
 def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
@@ -52,7 +53,7 @@ def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str
     if not source.has_actions or n <= 0:
         return None
     parts, have = [], 0
-    for b in _labelled_val_batches(source, pipe, files, spec, offset):
+    for b in _labelled_batches(source, pipe, files, spec, offset):
         parts.append(b)
         have += len(b["action"])
         if have >= n:
@@ -73,7 +74,7 @@ def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: l
     Returns ``action``, ``episode_id`` and ``<name>/<key>`` arrays."""
     out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
     have = 0
-    for b in _labelled_val_batches(source, pipe, files, spec, offset):
+    for b in _labelled_batches(source, pipe, files, spec, offset):
         take = min(len(b["action"]), n - have)
         frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
         out["action"].append(b["action"][:take].astype(np.int64))
@@ -160,10 +161,9 @@ def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec:
     if not source.has_actions:
         raise ValueError(f"--stage1.action-labels: the corpus {source.name} has no actions to label with")
     t0 = time.monotonic()
-    ds = triplet_dataset(source, "train", _eval_pipeline(pipe), files, spec)
     frames, actions = [], []
-    for b in iter_batches(ds, source.frame_shape, 1024, _eval_pipeline(pipe), offset=offset):
-        keep = (triplet_hash_np(b["episode_id"], b["step"]) < fraction) & (b["action"] >= 0)
+    for b in _labelled_batches(source, pipe, files, spec, offset, split="train"):
+        keep = triplet_hash_np(b["episode_id"], b["step"]) < fraction
         if keep.any():
             frames.append(b["frames"][keep])
             actions.append(b["action"][keep].astype(np.int64))
