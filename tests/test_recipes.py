@@ -10,7 +10,7 @@ from lapo_ray.config import StageConfig
 from lapo_ray.config.models import model_preset
 from lapo_ray.models import LatentDynamics
 from lapo_ray.models.idm import IDM
-from lapo_ray.train.recipes import change_weights, random_shift, triplet_hash_np
+from lapo_ray.train.recipes import camera_shifts, change_weights, random_shift, shift_frames, triplet_hash_np
 from lapo_ray.train.stages import LabelSet, Stage1Task
 
 
@@ -109,6 +109,42 @@ def test_change_weight_mean_one_and_larger_where_frames_change():
     # changed pixels weigh 1 + 4 = 5 times the unchanged ones: 5 / 2 and 1 / 2 after the mean of 2
     torch.testing.assert_close(w[0, 0, 0, 0], torch.tensor(2.5))
     torch.testing.assert_close(w[0, 0, 7, 7], torch.tensor(0.5))
+
+
+def _camera_scene(seed=0):
+    """o[t] a textured scene; o[t+1] the same scene seen by a camera that moved by a known
+    shift per sample, with a 3x3 'sprite' at the centre that changed on its own."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(4, 3, 32, 32, generator=g) - 0.5
+    dx, dy = torch.tensor([0, 3, -2, 5]), torch.tensor([0, -1, 4, 2])
+    b = shift_frames(a, dx, dy).clone()
+    b[:, :, 15:18, 15:18] = 0.5 - b[:, :, 15:18, 15:18]
+    return a, b, dx, dy
+
+
+def test_camera_shifts_recover_the_shift_the_frames_were_moved_by():
+    a, b, dx, dy = _camera_scene()
+    got_dx, got_dy = camera_shifts(a, b)
+    assert got_dx.tolist() == dx.tolist() and got_dy.tolist() == dy.tolist()
+    # out[i, j] = a[i + dy, j + dx], edges repeated
+    torch.testing.assert_close(shift_frames(a, dx, dy)[1, :, 5, 5], a[1, :, 5 + (-1), 5 + 3])
+    torch.testing.assert_close(shift_frames(a, dx, dy)[3, :, 31, 31], a[3, :, 31, 31])
+
+
+def test_camera_baseline_puts_the_weight_on_what_the_camera_does_not_explain():
+    a, b, _, _ = _camera_scene()
+    x = torch.stack([a, a, b], 1)  # (B, 3, C, H, W)
+    sprite = torch.zeros(32, 32, dtype=torch.bool)
+    sprite[15:18, 15:18] = True
+    camera, last = change_weights(x, 20.0, "camera")[:, 0], change_weights(x, 20.0, "last")[:, 0]
+    torch.testing.assert_close(camera.mean(dim=(1, 2)), torch.ones(4))
+    # Where the camera moved (samples 1-3) plain change weighting spreads over the whole frame,
+    # the camera baseline gives the sprite most of it; with a still camera (sample 0) they agree.
+    ratio = lambda w: (w[:, sprite].mean(1) / w[:, ~sprite].mean(1))  # noqa: E731
+    assert (ratio(camera)[1:] > 10).all() and (ratio(last)[1:] < 3).all()
+    torch.testing.assert_close(camera[0], last[0])
+    with pytest.raises(ValueError, match="change baseline 'previous'"):
+        change_weights(x, 1.0, "previous")
 
 
 def test_shift_moves_all_three_frames_by_one_offset():

@@ -2,6 +2,7 @@
 2 cores, measured on the experiment's game.
 
     PYTHONPATH=. python docs/results/demonstrator.py --out artifacts/demonstrator
+    PYTHONPATH=. python docs/results/demonstrator.py --game heist   # a candidate game: own table/plot
 
 Each config is PPO from scratch (``jobs/finetune.py --scratch true`` with overrides), then a
 100-episode evaluation on the training levels with the experiment's evaluation seed. A config
@@ -21,7 +22,7 @@ import sys
 
 import numpy as np
 
-GAME = "coinrun"
+EXPERIMENT_GAME = "coinrun"
 
 # name -> (flags, env steps). The steps give each config roughly the same wall-clock budget.
 CONFIGS = {
@@ -61,7 +62,7 @@ def run(args, name: str) -> dict:
     if os.path.exists(result):
         return json.load(open(result))
     flags, steps = CONFIGS[name]
-    base = [sys.executable, "jobs/finetune.py", "--preset", "cpu", "--scratch", "true", "--env.game", GAME,
+    base = [sys.executable, "jobs/finetune.py", "--preset", "cpu", "--scratch", "true", "--env.game", args.game,
             "--ppo.env-steps", str(steps), "--out", folder, "--seed", str(args.seed), "--wandb.mode", "disabled"]
     subprocess.run(base + flags, check=True)
     out = subprocess.run([sys.executable, "jobs/evaluate.py", "--preset", "cpu", "--agent", folder,
@@ -90,7 +91,7 @@ def random_policy(args) -> dict:
     from lapo_ray.evaluation.rollout import evaluate_policy
 
     ev = EvalConfig(episodes=args.episodes, num_envs=20, seed=12345 + args.seed)
-    r = evaluate_policy(lambda obs: torch.zeros(len(obs), NUM_ACTIONS), EnvConfig(game=GAME), ev, "random policy")
+    r = evaluate_policy(lambda obs: torch.zeros(len(obs), NUM_ACTIONS), EnvConfig(game=args.game), ev, "random policy")
     json.dump(r, open(path, "w"), indent=1)
     return r
 
@@ -99,8 +100,9 @@ def write(args, done: list[dict], rand: dict) -> None:
     from lapo_ray.evaluation.plots import _plt, save_figure
     from lapo_ray.evaluation.stats import sem
 
-    lines = ["# Demonstrator: PPO settings per wall-clock minute on 2 cores", "",
-             f"Made by `PYTHONPATH=. python docs/results/demonstrator.py --out {args.out}` on {GAME} (easy, "
+    game_flag = "" if args.game == EXPERIMENT_GAME else f" --game {args.game}"
+    lines = [f"# Demonstrator on {args.game}: PPO settings per wall-clock minute on 2 cores", "",
+             f"Made by `PYTHONPATH=. python docs/results/demonstrator.py{game_flag} --out {args.out}` on {args.game} (easy, "
              f"unbounded levels), seed {args.seed}; each agent evaluated on {args.episodes} episodes of its "
              "training levels with sampled actions. The cpu preset's agent (IMPALA 8-16-32, 2 env runners x 16 "
              "envs x 64 steps, 4 minibatches, lr 5e-4 from scratch).", "",
@@ -114,7 +116,10 @@ def write(args, done: list[dict], rand: dict) -> None:
         lines.append(f"| {r['name']} | {r['env_steps']:,} | {r['minutes']:.1f} | "
                      f"{r['env_steps'] / (60 * r['minutes']):.0f} | {e['return_mean']:.2f} ± {sem(e):.2f} | "
                      f"{e['return_norm_mean']:.2f} | {z:.1f} |")
-    lines += ["", "![training return against wall-clock minutes](plots/demonstrator.png)", "", NOTES, ""]
+    plot = "demonstrator.png" if args.game == EXPERIMENT_GAME else f"demonstrator-{args.game}.png"
+    lines += ["", f"![training return against wall-clock minutes](plots/{plot})", ""]
+    # The notes were written about the experiment's game; a candidate game's table stands alone.
+    lines += [NOTES, ""] if args.game == EXPERIMENT_GAME else []
     open(args.table, "w").write("\n".join(lines))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -125,20 +130,24 @@ def write(args, done: list[dict], rand: dict) -> None:
                if x.get("episode_return") is not None and x["episode_return"] == x["episode_return"]]
         ax.plot(*zip(*pts), label=r["name"])
     ax.axhline(rand["return_mean"], color="grey", ls=":", label="random policy")
-    ax.set(xlabel="wall-clock minutes", ylabel="training return (last 20 episodes)", title=f"PPO from scratch on {GAME}")
+    ax.set(xlabel="wall-clock minutes", ylabel="training return (last 20 episodes)", title=f"PPO from scratch on {args.game}")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, os.path.join(os.path.dirname(args.table), "plots", "demonstrator.png"))
+    save_figure(fig, os.path.join(os.path.dirname(args.table), "plots", plot))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="artifacts/demonstrator")
-    p.add_argument("--table", default="docs/results/demonstrator.md")
+    p.add_argument("--game", default=EXPERIMENT_GAME)
+    p.add_argument("--out", default=None, help="default artifacts/demonstrator[-GAME]")
+    p.add_argument("--table", default=None, help="default docs/results/demonstrator[-GAME].md")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="config names separated by |")
     args = p.parse_args()
+    suffix = "" if args.game == EXPERIMENT_GAME else f"-{args.game}"
+    args.out = args.out or f"artifacts/demonstrator{suffix}"
+    args.table = args.table or f"docs/results/demonstrator{suffix}.md"
     os.makedirs(args.out, exist_ok=True)
     rand = random_policy(args)
     done = []

@@ -18,6 +18,19 @@ of the run's trained IDM:
 
 No Ray and no training beyond the small read-out MLPs: a few minutes on 2 cores. Writes
 ``<out>/motion-<name>.json`` and ``.png``; prints a Markdown row for docs/results/motion.md.
+
+Without ``--run`` it screens a corpus before any training (about a minute): on triplets from
+all its episodes, how well the camera's two shifts name the action against the majority rate.
+That lift is what reconstruction can give a latent on a camera-follow game.
+
+    PYTHONPATH=. python docs/results/motion.py --corpus artifacts/candidate/corpus --name candidate
+
+With ``--through-probe`` it also puts the camera's two shifts through the run's own probe, on the
+very triplets of its probe.json (same split, same halves, same early stopping), so the share of
+the floor-to-ceiling gap that the motion alone closes sits beside the latent's. Slower: the
+shifts of about 20k triplets take a few minutes. With ``--agent`` (the corpus's demonstrator)
+the same probe also reads the demonstrator's action logits on o[t] alone: what the state, with
+no look at o[t+1], tells about the action pressed.
 """
 
 from __future__ import annotations
@@ -132,18 +145,156 @@ def world_model_use(model, frames: np.ndarray, seed: int = 0) -> dict:
     return out, gain
 
 
+def shifts(frames: torch.Tensor) -> np.ndarray:
+    """The two camera shifts (o[t-1] -> o[t], o[t] -> o[t+1]) of each triplet, as 4 features."""
+    f = frames.numpy()
+    return np.array([[*camera_shift(t[0], t[1]), *camera_shift(t[1], t[2])] for t in f], np.float32)
+
+
+def ceiling_saliency(run: str, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """Where the ceiling (the IDM trained on the true actions) looks: mean |d log p(true action) /
+    d pixel| over the triplets, summed over colour, per frame of the triplet: (3, H, W)."""
+    from lapo_ray.train.checkpoint import latest_checkpoint, load_supervised_idm
+
+    ckpt = latest_checkpoint(os.path.join(run, "ceiling"))
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}/ceiling: no ceiling checkpoint")
+    sup = load_supervised_idm(ckpt).eval()
+    total = np.zeros(frames.shape[1:4], np.float64)
+    for f, a in zip(torch.from_numpy(frames).split(128), torch.from_numpy(actions).split(128)):
+        x = f.float().requires_grad_(True)
+        logp = torch.log_softmax(sup.head(sup.features(x)).float(), -1)
+        logp.gather(1, a[:, None]).sum().backward()
+        total += x.grad.abs().sum(-1).sum(0).numpy()
+    return total / len(frames)
+
+
+def motion_through_probe(args) -> int:
+    from lapo_ray.config import PretrainConfig, config_from_dict
+    from lapo_ray.evaluation.probe import gap_closed, probe_accuracy, probe_halves
+    from lapo_ray.runtime import init_ray
+    from lapo_ray.train.pretrain import encode_probe_triplets, open_corpus, split_spec
+
+    cfg = config_from_dict(PretrainConfig, json.load(open(os.path.join(args.run, "config.json"))))
+    # The run's own corpus, wherever it lies now (the README's default job collected into a
+    # folder that was moved afterwards).
+    cfg.corpus = args.corpus
+    ref = json.load(open(os.path.join(args.run, "probe.json")))
+    init_ray()
+    source = open_corpus(cfg)
+    scan = source.scan(on_bad=cfg.data.on_bad_files)
+    spec = split_spec(scan, cfg.data)
+    saved = json.load(open(os.path.join(args.run, "split.json")))["val_episodes"]
+    if sorted(spec.val_episodes) != sorted(saved):
+        raise ValueError(f"{args.run}: the corpus's split differs from the run's split.json")
+    encoders = {"motion": lambda f: {"latent": torch.from_numpy(shifts(f))}}
+    if args.agent:
+        from lapo_ray.rl.decode import agent_logits
+        from lapo_ray.rl.evaluate import load_agent
+
+        logits = agent_logits(load_agent(args.agent)[0])
+        encoders["state"] = lambda f: {"latent": logits(f[:, 1].contiguous()).float()}
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, scan.files, spec, encoders,
+                                cfg.model.frame_offset)
+    actions, episodes = enc["action"], enc["episode_id"]
+    test = probe_halves(episodes)
+    acc = probe_accuracy(enc["motion/latent"], actions, test, cfg.probe, episode_ids=episodes)["probe_acc"]
+    floor, ceiling = ref["floor_untrained_idm"], ref["ceiling_supervised_idm"]
+    res = {"run": args.run, "triplets": int(len(actions)), "n_test": int(test.sum()),
+           "probe_acc_motion": acc, "probe_acc_latent": ref["probe_acc"], "floor": floor, "ceiling": ceiling,
+           "majority_rate": ref["majority_rate"], "gap_closed_motion": gap_closed(acc, floor, ceiling),
+           "gap_closed_latent": ref["gap_closed"]}
+    if args.agent:
+        state = enc["state/latent"]
+        res["agent"] = args.agent
+        res["demonstrator_argmax_acc"] = float((state[test].argmax(-1) == actions[test]).mean())
+        res["probe_acc_state"] = probe_accuracy(state, actions, test, cfg.probe, episode_ids=episodes)["probe_acc"]
+        res["gap_closed_state"] = gap_closed(res["probe_acc_state"], floor, ceiling)
+        print(f"state alone (the demonstrator's logits on o[t]): probe {res['probe_acc_state']:.3f} "
+              f"(gap {res['gap_closed_state']:.2f}), its argmax {res['demonstrator_argmax_acc']:.3f}")
+    # Where the action shows, for the ceiling: the agent sits in the frame's centre (the camera
+    # follows it), the camera's motion shows everywhere.
+    val = set(saved)
+    frames, acts, _ = sample_triplets(args.corpus, val, 1000)
+    sal = ceiling_saliency(args.run, frames, acts)
+    h, w = sal.shape[1:]
+    centre = np.zeros((h, w), bool)
+    centre[h // 2 - 8:h // 2 + 8, w // 2 - 8:w // 2 + 8] = True
+    res["ceiling_saliency_share_next_frame"] = float(sal[2].sum() / sal.sum())
+    res["ceiling_saliency_share_centre_16px_of_next_frame"] = float(sal[2][centre].sum() / sal[2].sum())
+    res["centre_area_share"] = float(centre.mean())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    for ax, m, t in zip(axes, sal, ("o[t-1]", "o[t]", "o[t+1]")):
+        ax.imshow(m, cmap="magma", vmin=0, vmax=sal.max())
+        ax.set_title(f"{t}: {m.sum() / sal.sum():.0%} of the saliency", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{args.name}: where the supervised IDM (the ceiling) looks to name the action", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    fig.savefig(os.path.join(args.out, f"motion-probe-{args.name}.png"), dpi=110)
+    print(f"ceiling saliency: {res['ceiling_saliency_share_next_frame']:.2f} on o[t+1], of which "
+          f"{res['ceiling_saliency_share_centre_16px_of_next_frame']:.2f} in the central 16x16 px "
+          f"({res['centre_area_share']:.2f} of the area)")
+    with open(os.path.join(args.out, f"motion-probe-{args.name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"| {args.name} | {res['triplets']} | {acc:.3f} | {ref['probe_acc']:.3f} | {floor:.3f} | "
+          f"{ceiling:.3f} | {res['majority_rate']:.3f} | {res['gap_closed_motion']:.2f} | {res['gap_closed_latent']:.2f} |")
+    return 0
+
+
+def screen(args) -> int:
+    """The corpus-only screen: shifts -> action against the majority rate, halves by episode."""
+    import pyarrow.parquet as pq
+
+    from lapo_ray.evaluation.probe import probe_halves
+
+    shards = sorted(glob.glob(os.path.join(args.corpus, "shards", "*.parquet")))
+    if not shards:
+        raise FileNotFoundError(f"{args.corpus}: no shards/*.parquet (is it a corpus folder?)")
+    ids = {e for f in shards for e in pq.read_table(f, columns=["episode_id"]).column(0).to_pylist()}
+    frames, actions, episodes = sample_triplets(args.corpus, ids, args.triplets)
+    v_prev = np.array([camera_shift(f[0], f[1]) for f in frames], np.float32)
+    v_next = np.array([camera_shift(f[1], f[2]) for f in frames], np.float32)
+    test = probe_halves(episodes)
+    res = {"corpus": args.corpus, "triplets": int(len(frames)), "episodes": int(len(np.unique(episodes))),
+           "still_share": float((np.abs(v_next).sum(1) == 0).mean()),
+           "acc_shifts_to_action": readout(np.c_[v_prev, v_next], actions, test, True),
+           "majority_rate": float(np.bincount(actions[test]).max() / test.sum())}
+    res["lift"] = res["acc_shifts_to_action"] - res["majority_rate"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"screen-{args.name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"| {args.name} | {res['triplets']} | {res['episodes']} | {res['still_share']:.2f} | "
+          f"{res['acc_shifts_to_action']:.3f} | {res['majority_rate']:.3f} | {res['lift']:+.3f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a pretrain artifact folder (stage1/, split.json)")
+    ap.add_argument("--run", default=None, help="a pretrain artifact folder (stage1/, split.json); "
+                    "without it, screen the corpus alone")
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--triplets", type=int, default=4000)
+    ap.add_argument("--through-probe", action="store_true",
+                    help="with --run: the motion's share of the gap, measured by the run's probe")
+    ap.add_argument("--agent", default=None, help="with --through-probe: the demonstrator's agent folder")
     args = ap.parse_args(argv)
     from lapo_ray.evaluation.probe import probe_halves
     from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 
     torch.manual_seed(0)
+    if args.run is None:
+        return screen(args)
+    if args.through_probe:
+        return motion_through_probe(args)
     ckpt = latest_checkpoint(os.path.join(args.run, "stage1"))
     if ckpt is None:
         raise FileNotFoundError(f"{args.run}/stage1: no stage-1 checkpoint")

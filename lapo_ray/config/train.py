@@ -74,6 +74,12 @@ class StageConfig:
                   "mean 1 per frame; 0: plain MSE. Emphasises what moved (cf. the change-focused objectives "
                   "discussed with LAOM, Nikulin et al. 2025)"},
     )
+    change_baseline: Literal["last", "camera"] = field(
+        default="last",
+        metadata={"help": "stage 1, with --stage1.change-weight: what o[t+1] is compared with, 'last' = o[t], "
+                  "'camera' = o[t] moved by the camera's estimated shift, so that where the camera follows "
+                  "the agent the weight goes to what the camera's motion does not explain (the agent)"},
+    )
     augment: Literal["none", "shift"] = field(
         default="none",
         metadata={"help": "stage 1: 'shift' = DrQ random shift (Kostrikov et al. 2021; used for latent actions "

@@ -34,10 +34,47 @@ def label_fraction(k: int, train_triplets: int) -> float:
     return 0.0 if k <= 0 or train_triplets <= 0 else min(1.0, k / train_triplets)
 
 
-def change_weights(x: torch.Tensor, alpha: float) -> torch.Tensor:
+CAMERA_RANGE = 6  # largest camera shift searched per frame, pixels (CoinRun moves 0-5)
+
+
+def shift_frames(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """x: (B, C, H, W); out[b, :, i, j] = x[b, :, i + dy[b], j + dx[b]], edges repeated."""
+    b, _, h, w = x.shape
+    dev = x.device
+    iy = (torch.arange(h, device=dev)[None, :] + dy[:, None]).clamp(0, h - 1)  # (B, H)
+    ix = (torch.arange(w, device=dev)[None, :] + dx[:, None]).clamp(0, w - 1)  # (B, W)
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+    return x[bi, ci, iy[:, None, :, None], ix[:, None, None, :]]
+
+
+def camera_shifts(a: torch.Tensor, b: torch.Tensor, r: int = CAMERA_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame pair, the integer (dx, dy) in [-r, r]^2 with b ~ a moved by it (b[i, j] ~
+    a[i + dy, j + dx]), by the least mean squared grey difference over the central pixels.
+    a, b: (B, C, H, W). Tensor ops only, so the step stays free of host syncs."""
+    ga, gb = a.mean(1), b.mean(1)
+    h, w = gb.shape[1:]
+    centre = gb[:, r:h - r, r:w - r]
+    errs = torch.stack([((ga[:, r + dy:h - r + dy, r + dx:w - r + dx] - centre) ** 2).mean((1, 2))
+                        for dy in range(-r, r + 1) for dx in range(-r, r + 1)], 1)  # (B, (2r+1)^2)
+    k = errs.argmin(1)
+    return k % (2 * r + 1) - r, torch.div(k, 2 * r + 1, rounding_mode="floor") - r
+
+
+def change_weights(x: torch.Tensor, alpha: float, baseline: str = "last") -> torch.Tensor:
     """x: float (B, 3, C, H, W) frames. Per-pixel weight 1 + alpha * |o[t+1] - o[t]| (mean over
-    colour channels), divided by its per-frame mean so the loss keeps the plain MSE's scale."""
-    diff = (x[:, 2] - x[:, 1]).abs().mean(1, keepdim=True)  # (B, 1, H, W)
+    colour channels), divided by its per-frame mean so the loss keeps the plain MSE's scale.
+
+    ``baseline="camera"`` compares o[t+1] with o[t] moved by the camera's shift between them:
+    where the camera follows the agent every pixel changes, and only what the camera's motion
+    does not explain (the agent's sprite, other movers) keeps a large weight."""
+    last = x[:, 1]
+    if baseline == "camera":
+        dx, dy = camera_shifts(x[:, 1], x[:, 2])
+        last = shift_frames(x[:, 1], dx, dy)
+    elif baseline != "last":
+        raise ValueError(f"change baseline {baseline!r}: expected 'last' or 'camera'")
+    diff = (x[:, 2] - last).abs().mean(1, keepdim=True)  # (B, 1, H, W)
     w = 1.0 + alpha * diff
     return w / w.mean(dim=(2, 3), keepdim=True)
 

@@ -112,7 +112,7 @@ class Stage1Task:
         if r is not None and r.change_weight > 0:
             x = frames_to_input(frames)
             target = x[:, 2].contiguous(memory_format=torch.channels_last)
-            weighted = (change_weights(x, r.change_weight) * (out["pred"].float() - target) ** 2).mean()
+            weighted = (change_weights(x, r.change_weight, r.change_baseline) * (out["pred"].float() - target) ** 2).mean()
             loss = weighted + out["vq_loss"]
             metrics["wm_loss_weighted"] = weighted
         if self._labels():
