@@ -147,6 +147,13 @@ def test_camera_baseline_puts_the_weight_on_what_the_camera_does_not_explain():
         change_weights(x, 1.0, "previous")
 
 
+def test_camera_baseline_without_change_weight_is_refused():
+    stage = StageConfig(change_baseline="camera")
+    with pytest.raises(ValueError, match=r"stage1: change_baseline 'camera' has no effect without change_weight"):
+        stage.validate("stage1")
+    dataclasses.replace(stage, change_weight=5.0).validate("stage1")
+
+
 def test_shift_moves_all_three_frames_by_one_offset():
     b = _batch(b=32, seed=1)
     g = torch.Generator().manual_seed(0)

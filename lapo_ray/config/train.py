@@ -92,6 +92,9 @@ class StageConfig:
             raise ValueError(f"{name}: steps, batch_size and num_workers must be positive")
         if self.action_labels < 0 or self.change_weight < 0 or self.shift_pad < 0:
             raise ValueError(f"{name}: action_labels, change_weight and shift_pad must not be negative")
+        if self.change_baseline != "last" and self.change_weight == 0:
+            raise ValueError(f"{name}: change_baseline {self.change_baseline!r} has no effect without change_weight "
+                             "(--stage1.change-weight alpha > 0)")
         if self.action_labels > 0 and self.action_label_batch <= 0:
             raise ValueError(f"{name}: action_label_batch must be positive with action_labels, "
                              f"got {self.action_label_batch}")
