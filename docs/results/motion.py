@@ -5,8 +5,8 @@
 
 In CoinRun the camera follows the agent, so the frame moves by the agent's velocity. For each
 sampled validation triplet (o[t-1], o[t], o[t+1]) this estimates the camera's shift between
-consecutive frames (the integer (dx, dy) in [-6, 6]^2 that best aligns the grey frames) and asks
-of the run's trained IDM:
+consecutive frames (the integer (dx, dy) in [-6, 6]^2 that best aligns the grey frames, the
+estimate stage 1's ``--stage1.change-baseline camera`` uses) and asks of the run's trained IDM:
 
 - how much its world model leans on the latent: prediction error with the true latent, with the
   latent of another triplet (shuffled) and the copy-last-frame baseline, and where in the frame
@@ -43,9 +43,6 @@ import os
 import numpy as np
 import torch
 
-RANGE = 6  # largest camera shift searched, pixels
-
-
 def sample_triplets(corpus: str, val_episodes: set[int], n: int, seed: int = 0):
     """About ``n`` triplets of the validation episodes, sampled uniformly, with their actions."""
     import pyarrow.parquet as pq
@@ -71,16 +68,18 @@ def sample_triplets(corpus: str, val_episodes: set[int], n: int, seed: int = 0):
     return np.stack(frames), np.asarray(actions, np.int64), np.asarray(episodes, np.int64)
 
 
-def camera_shift(a: np.ndarray, b: np.ndarray, r: int = RANGE) -> tuple[int, int]:
-    """(dx, dy) such that b's centre best matches a's centre moved by (dx, dy) (mean squared
-    grey-level difference over the central (64 - 2r)^2 pixels)."""
-    a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)
-    h, w = b.shape
-    c = b[r:h - r, r:w - r]
-    errs = np.array([[((a[r + dy:h - r + dy, r + dx:w - r + dx] - c) ** 2).mean() for dx in range(-r, r + 1)]
-                     for dy in range(-r, r + 1)])
-    dy, dx = np.unravel_index(int(errs.argmin()), errs.shape)
-    return int(dx) - r, int(dy) - r
+def two_shifts(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per uint8 triplet (N, 3, H, W, C), the camera's shifts o[t-1] -> o[t] and o[t] -> o[t+1]
+    as (dx, dy) rows: the estimate stage 1's camera baseline uses (train/recipes.camera_shifts)."""
+    from lapo_ray.models.impala import frames_to_input
+    from lapo_ray.train.recipes import camera_shifts
+
+    prev, nxt = [], []
+    for chunk in torch.from_numpy(frames).split(512):
+        x = frames_to_input(chunk)
+        prev.append(torch.stack(camera_shifts(x[:, 0], x[:, 1]), 1))
+        nxt.append(torch.stack(camera_shifts(x[:, 1], x[:, 2]), 1))
+    return torch.cat(prev).float().numpy(), torch.cat(nxt).float().numpy()
 
 
 def readout(x: np.ndarray, y: np.ndarray, test: np.ndarray, classify: bool, seed: int = 0) -> float:
@@ -145,12 +144,6 @@ def world_model_use(model, frames: np.ndarray, seed: int = 0) -> dict:
     return out, gain
 
 
-def shifts(frames: torch.Tensor) -> np.ndarray:
-    """The two camera shifts (o[t-1] -> o[t], o[t] -> o[t+1]) of each triplet, as 4 features."""
-    f = frames.numpy()
-    return np.array([[*camera_shift(t[0], t[1]), *camera_shift(t[1], t[2])] for t in f], np.float32)
-
-
 def ceiling_saliency(run: str, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """Where the ceiling (the IDM trained on the true actions) looks: mean |d log p(true action) /
     d pixel| over the triplets, summed over colour, per frame of the triplet: (3, H, W)."""
@@ -173,7 +166,8 @@ def motion_through_probe(args) -> int:
     from lapo_ray.config import PretrainConfig, config_from_dict
     from lapo_ray.evaluation.probe import gap_closed, probe_accuracy, probe_halves
     from lapo_ray.runtime import init_ray
-    from lapo_ray.train.pretrain import encode_probe_triplets, open_corpus, split_spec
+    from lapo_ray.data.triplets import SplitSpec
+    from lapo_ray.train.pretrain import encode_probe_triplets, open_corpus
 
     cfg = config_from_dict(PretrainConfig, json.load(open(os.path.join(args.run, "config.json"))))
     # The run's own corpus, wherever it lies now (the README's default job collected into a
@@ -183,11 +177,8 @@ def motion_through_probe(args) -> int:
     init_ray()
     source = open_corpus(cfg)
     scan = source.scan(on_bad=cfg.data.on_bad_files)
-    spec = split_spec(scan, cfg.data)
-    saved = json.load(open(os.path.join(args.run, "split.json")))["val_episodes"]
-    if sorted(spec.val_episodes) != sorted(saved):
-        raise ValueError(f"{args.run}: the corpus's split differs from the run's split.json")
-    encoders = {"motion": lambda f: {"latent": torch.from_numpy(shifts(f))}}
+    spec = SplitSpec.from_dict(json.load(open(os.path.join(args.run, "split.json"))))  # the run's own split
+    encoders = {"motion": lambda f: {"latent": torch.from_numpy(np.concatenate(two_shifts(f.numpy()), 1))}}
     if args.agent:
         from lapo_ray.rl.decode import agent_logits
         from lapo_ray.rl.evaluate import load_agent
@@ -214,8 +205,7 @@ def motion_through_probe(args) -> int:
               f"(gap {res['gap_closed_state']:.2f}), its argmax {res['demonstrator_argmax_acc']:.3f}")
     # Where the action shows, for the ceiling: the agent sits in the frame's centre (the camera
     # follows it), the camera's motion shows everywhere.
-    val = set(saved)
-    frames, acts, _ = sample_triplets(args.corpus, val, 1000)
+    frames, acts, _ = sample_triplets(args.corpus, set(spec.val_episodes), 1000)
     sal = ceiling_saliency(args.run, frames, acts)
     h, w = sal.shape[1:]
     centre = np.zeros((h, w), bool)
@@ -259,8 +249,7 @@ def screen(args) -> int:
         raise FileNotFoundError(f"{args.corpus}: no shards/*.parquet (is it a corpus folder?)")
     ids = {e for f in shards for e in pq.read_table(f, columns=["episode_id"]).column(0).to_pylist()}
     frames, actions, episodes = sample_triplets(args.corpus, ids, args.triplets)
-    v_prev = np.array([camera_shift(f[0], f[1]) for f in frames], np.float32)
-    v_next = np.array([camera_shift(f[1], f[2]) for f in frames], np.float32)
+    v_prev, v_next = two_shifts(frames)
     test = probe_halves(episodes)
     res = {"corpus": args.corpus, "triplets": int(len(frames)), "episodes": int(len(np.unique(episodes))),
            "still_share": float((np.abs(v_next).sum(1) == 0).mean()),
@@ -300,8 +289,7 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"{args.run}/stage1: no stage-1 checkpoint")
     val = set(json.load(open(os.path.join(args.run, "split.json")))["val_episodes"])
     frames, actions, episodes = sample_triplets(args.corpus, val, args.triplets)
-    v_prev = np.array([camera_shift(f[0], f[1]) for f in frames], np.float32)
-    v_next = np.array([camera_shift(f[1], f[2]) for f in frames], np.float32)
+    v_prev, v_next = two_shifts(frames)
     model = load_dynamics(ckpt).eval()
     use, gain = world_model_use(model, frames)
     with torch.no_grad():
