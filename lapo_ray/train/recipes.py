@@ -38,8 +38,9 @@ CAMERA_RANGE = 6  # largest camera shift searched per frame, pixels (CoinRun mov
 
 
 def shift_frames(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """x: (B, C, H, W); out[b, :, i, j] = x[b, :, i + dy[b], j + dx[b]], edges repeated."""
-    b, _, h, w = x.shape
+    """x: (B, K, H, W, ...) (channels or frames as K, anything trailing rides along);
+    out[b, :, i, j] = x[b, :, i + dy[b], j + dx[b]], edges repeated."""
+    b, _, h, w = x.shape[:4]
     dev = x.device
     iy = (torch.arange(h, device=dev)[None, :] + dy[:, None]).clamp(0, h - 1)  # (B, H)
     ix = (torch.arange(w, device=dev)[None, :] + dx[:, None]).clamp(0, w - 1)  # (B, W)
@@ -85,12 +86,7 @@ def random_shift(frames: torch.Tensor, pad: int, generator: torch.Generator | No
     with edge pixels repeated, which is pad-by-replication followed by a random crop."""
     if pad <= 0:
         return frames
-    b, _, h, w, _ = frames.shape
-    dev = frames.device
+    b, dev = frames.shape[0], frames.device
     dy = torch.randint(-pad, pad + 1, (b,), device=dev, generator=generator)
     dx = torch.randint(-pad, pad + 1, (b,), device=dev, generator=generator)
-    iy = (torch.arange(h, device=dev)[None, :] + dy[:, None]).clamp(0, h - 1)  # (B, H)
-    ix = (torch.arange(w, device=dev)[None, :] + dx[:, None]).clamp(0, w - 1)  # (B, W)
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    fi = torch.arange(3, device=dev)[None, :, None, None]
-    return frames[bi, fi, iy[:, None, :, None], ix[:, None, None, :]]
+    return shift_frames(frames, dx, dy)
