@@ -52,6 +52,11 @@ NOTES = """## What it says
 """
 
 
+def suffix(game: str) -> str:
+    """The experiment's game keeps the plain names; a candidate game's files carry its name."""
+    return "" if game == EXPERIMENT_GAME else f"-{game}"
+
+
 def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").replace("--", "-")
 
@@ -100,7 +105,8 @@ def write(args, done: list[dict], rand: dict) -> None:
     from lapo_ray.evaluation.plots import _plt, save_figure
     from lapo_ray.evaluation.stats import sem
 
-    game_flag = "" if args.game == EXPERIMENT_GAME else f" --game {args.game}"
+    candidate = args.game != EXPERIMENT_GAME
+    game_flag = f" --game {args.game}" if candidate else ""
     lines = [f"# Demonstrator on {args.game}: PPO settings per wall-clock minute on 2 cores", "",
              f"Made by `PYTHONPATH=. python docs/results/demonstrator.py{game_flag} --out {args.out}` on {args.game} (easy, "
              f"unbounded levels), seed {args.seed}; each agent evaluated on {args.episodes} episodes of its "
@@ -116,10 +122,10 @@ def write(args, done: list[dict], rand: dict) -> None:
         lines.append(f"| {r['name']} | {r['env_steps']:,} | {r['minutes']:.1f} | "
                      f"{r['env_steps'] / (60 * r['minutes']):.0f} | {e['return_mean']:.2f} ± {sem(e):.2f} | "
                      f"{e['return_norm_mean']:.2f} | {z:.1f} |")
-    plot = "demonstrator.png" if args.game == EXPERIMENT_GAME else f"demonstrator-{args.game}.png"
+    plot = f"demonstrator{suffix(args.game)}.png"
     lines += ["", f"![training return against wall-clock minutes](plots/{plot})", ""]
     # The notes were written about the experiment's game; a candidate game's table stands alone.
-    lines += [NOTES, ""] if args.game == EXPERIMENT_GAME else []
+    lines += [] if candidate else [NOTES, ""]
     open(args.table, "w").write("\n".join(lines))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -145,9 +151,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="config names separated by |")
     args = p.parse_args()
-    suffix = "" if args.game == EXPERIMENT_GAME else f"-{args.game}"
-    args.out = args.out or f"artifacts/demonstrator{suffix}"
-    args.table = args.table or f"docs/results/demonstrator{suffix}.md"
+    args.out = args.out or f"artifacts/demonstrator{suffix(args.game)}"
+    args.table = args.table or f"docs/results/demonstrator{suffix(args.game)}.md"
     os.makedirs(args.out, exist_ok=True)
     rand = random_policy(args)
     done = []
