@@ -11,13 +11,13 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from lapo_ray import storage
 from lapo_ray.config.experiment import ExperimentConfig
-from lapo_ray.config.rl import DecodeConfig, EvaluateConfig
+from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
 
 STEPS = ("demonstrator", "random", "collect", "majority", "pretrain", "finetune", "decode", "report")
 
@@ -59,109 +59,26 @@ def versions() -> dict[str, str]:
 
 
 def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]:
-    from lapo_ray.data.collect import collect
-    from lapo_ray.envs import NUM_ACTIONS
-    from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets, evaluate_policy
-    from lapo_ray.rl.algo import finetune
-    from lapo_ray.rl.decode import decode_offline
-    from lapo_ray.rl.evaluate import POLICY_FACTORIES, evaluate_agent
-    from lapo_ray.train.pretrain import run_pretrain
-
+    """Run every unfinished step of the experiment in order (with ``cfg.report_only``, none), then
+    write its report from all finished steps."""
     c = cfg.resolved()
     out = cfg.out
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
     ev = dataclasses.replace(cfg.eval, seed=cfg.seed + 12345)
-    # The versions of the first invocation are kept: a resumed run reports the code that ran
-    # its steps, and the report names the commit that wrote it if that differs.
-    first = storage.join(out, "steps", "versions.json")
-    if not storage.exists(first):
-        storage.write_json(first, versions())
-    results: dict[str, Any] = {"versions": storage.read_json(first), "report_versions": versions(),
-                               "preset": preset}
+    results = {**_versions_of_the_run(out), "preset": preset}
     missing: list[str] | None = [] if cfg.report_only else None
 
-    def step(name: str, fn) -> dict[str, Any] | None:
+    def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         return _step(out, name, fn, missing)
 
-    def demonstrator() -> dict[str, Any]:
-        summary = finetune(c.demonstrator)
-        report = evaluate_agent(EvaluateConfig(agent=c.demonstrator.out, eval=ev))
-        return {"finetune": summary, "evaluation": report}
-
-    results["demonstrator"] = step("demonstrator", demonstrator)
-
-    def random_policy() -> dict[str, Any]:
-        import torch
-
-        def uniform(obs):
-            return torch.zeros(len(obs), NUM_ACTIONS)
-
-        env = c.finetune.env
-        return {"train_levels": evaluate_policy(uniform, env, ev, "random policy")}
-
-    results["random"] = step("random", random_policy)
-
-    def collect_step() -> dict[str, Any]:
-        t0 = time.time()
-        manifest = collect(c.collect, policy_factories=POLICY_FACTORIES)
-        seconds = time.time() - t0
-        return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
-                "triplets": manifest.num_triplets, "wall_seconds": seconds,
-                "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy,
-                "mean_episode_return": manifest.made_by.get("mean_episode_return")}
-
-    results["collect"] = step("collect", collect_step)
-
-    def pretrain_step() -> dict[str, Any]:
-        summary = run_pretrain(c.pretrain)
-        return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
-
-    results["pretrain"] = step("pretrain", pretrain_step)
-
-    def majority_step() -> dict[str, Any]:
-        import torch
-
-        action = majority_action(c.collect.out)
-
-        def constant(obs):
-            logits = torch.full((len(obs), NUM_ACTIONS), -1e9)
-            logits[:, action] = 0.0
-            return logits
-
-        return {"action": action, **evaluate_on_both_level_sets(constant, c.finetune.env, ev, "majority action")}
-
-    results["majority"] = step("majority", majority_step)
-
-    online: dict[str, list[dict[str, Any]]] = {}
-    for variant, seed in cfg.online_runs():
-        ft = dataclasses.replace(c.finetune, out=storage.join(out, f"finetune-{variant}-s{seed}"),
-                                 scratch=variant == "scratch", seed=seed,
-                                 ppo=dataclasses.replace(c.finetune.ppo, decoder_sl=variant == "rl+sl"))
-
-        def run_variant(ft=ft) -> dict[str, Any]:
-            t0 = time.time()
-            summary = finetune(ft)
-            seconds = time.time() - t0
-            report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=ev))
-            return {"seed": ft.seed, "out": ft.out, "finetune": summary, "evaluation": report,
-                    "wall_seconds": seconds, "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
-
-        run = step(f"finetune-{variant}-s{seed}", run_variant)
-        if run is not None:
-            online.setdefault(variant, []).append(run)
-    results["finetune"] = online
-
-    offline: dict[str, Any] = {}
-    for k in cfg.decode_k:
-        dc = DecodeConfig(out=storage.join(out, f"decode-k{k}"), pretrain=c.pretrain.out,
-                          decoder=dataclasses.replace(cfg.decoder, k=k), env=c.finetune.env, eval=ev,
-                          seed=cfg.seed, decoder_hidden=c.finetune.decoder_hidden)
-        done = step(f"decode-k{k}", lambda dc=dc: decode_offline(dc))
-        if done is not None:
-            offline[str(k)] = done
-    results["decode"] = offline
-
+    results["demonstrator"] = step("demonstrator", lambda: _demonstrator(c, ev))
+    results["random"] = step("random", lambda: _random_policy(c, ev))
+    results["collect"] = step("collect", lambda: _collect(c))
+    results["pretrain"] = step("pretrain", lambda: _pretrain(c))
+    results["majority"] = step("majority", lambda: _majority(c, ev))
+    results["finetune"] = _online_runs(cfg, c, ev, step)
+    results["decode"] = _offline_runs(cfg, c, ev, step)
     if missing:
         basics = [name for name in ("demonstrator", "random", "collect", "pretrain") if name in missing]
         if basics:
@@ -170,6 +87,114 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
         results["missing_steps"] = missing
     write_report(cfg, results)
     return results
+
+
+def _versions_of_the_run(out: str) -> dict[str, Any]:
+    """The versions of the first invocation, and of this one: a resumed run reports the code that
+    ran its steps, and the report names the commit that wrote it if that differs."""
+    first = storage.join(out, "steps", "versions.json")
+    if not storage.exists(first):
+        storage.write_json(first, versions())
+    return {"versions": storage.read_json(first), "report_versions": versions()}
+
+
+# ---- the steps: each returns the JSON its marker keeps --------------------------------------
+
+
+def _demonstrator(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
+    from lapo_ray.rl.algo import finetune
+    from lapo_ray.rl.evaluate import evaluate_agent
+
+    summary = finetune(c.demonstrator)
+    return {"finetune": summary, "evaluation": evaluate_agent(EvaluateConfig(agent=c.demonstrator.out, eval=ev))}
+
+
+def _constant_logits(action: int | None) -> Callable:
+    """A policy of logits for ``evaluate_policy``: uniform (None) or always ``action``."""
+    import torch
+
+    from lapo_ray.envs import NUM_ACTIONS
+
+    def policy(obs):
+        if action is None:
+            return torch.zeros(len(obs), NUM_ACTIONS)
+        logits = torch.full((len(obs), NUM_ACTIONS), -1e9)
+        logits[:, action] = 0.0
+        return logits
+
+    return policy
+
+
+def _random_policy(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
+    from lapo_ray.evaluation.rollout import evaluate_policy
+
+    return {"train_levels": evaluate_policy(_constant_logits(None), c.finetune.env, ev, "random policy")}
+
+
+def _collect(c: ExperimentConfig) -> dict[str, Any]:
+    from lapo_ray.data.collect import collect
+    from lapo_ray.rl.evaluate import POLICY_FACTORIES
+
+    t0 = time.time()
+    manifest = collect(c.collect, policy_factories=POLICY_FACTORIES)
+    seconds = time.time() - t0
+    return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
+            "triplets": manifest.num_triplets, "wall_seconds": seconds,
+            "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy,
+            "mean_episode_return": manifest.made_by.get("mean_episode_return")}
+
+
+def _pretrain(c: ExperimentConfig) -> dict[str, Any]:
+    from lapo_ray.train.pretrain import run_pretrain
+
+    summary = run_pretrain(c.pretrain)
+    return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
+
+
+def _majority(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
+    from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
+
+    action = majority_action(c.collect.out)
+    return {"action": action,
+            **evaluate_on_both_level_sets(_constant_logits(action), c.finetune.env, ev, "majority action")}
+
+
+def _online_runs(cfg: ExperimentConfig, c: ExperimentConfig, ev: EvalConfig, step) -> dict[str, list[dict[str, Any]]]:
+    """Every finished online run, by variant, in the order ``cfg.online_runs`` interleaves them."""
+    from lapo_ray.rl.algo import finetune
+    from lapo_ray.rl.evaluate import evaluate_agent
+
+    def run(ft) -> dict[str, Any]:
+        t0 = time.time()
+        summary = finetune(ft)
+        seconds = time.time() - t0
+        report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=ev))
+        return {"seed": ft.seed, "out": ft.out, "finetune": summary, "evaluation": report,
+                "wall_seconds": seconds, "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
+
+    online: dict[str, list[dict[str, Any]]] = {}
+    for variant, seed in cfg.online_runs():
+        ft = dataclasses.replace(c.finetune, out=storage.join(cfg.out, f"finetune-{variant}-s{seed}"),
+                                 scratch=variant == "scratch", seed=seed,
+                                 ppo=dataclasses.replace(c.finetune.ppo, decoder_sl=variant == "rl+sl"))
+        done = step(f"finetune-{variant}-s{seed}", lambda ft=ft: run(ft))
+        if done is not None:
+            online.setdefault(variant, []).append(done)
+    return online
+
+
+def _offline_runs(cfg: ExperimentConfig, c: ExperimentConfig, ev: EvalConfig, step) -> dict[str, Any]:
+    from lapo_ray.rl.decode import decode_offline
+
+    offline: dict[str, Any] = {}
+    for k in cfg.decode_k:
+        dc = DecodeConfig(out=storage.join(cfg.out, f"decode-k{k}"), pretrain=c.pretrain.out,
+                          decoder=dataclasses.replace(cfg.decoder, k=k), env=c.finetune.env, eval=ev,
+                          seed=cfg.seed, decoder_hidden=c.finetune.decoder_hidden)
+        done = step(f"decode-k{k}", lambda dc=dc: decode_offline(dc))
+        if done is not None:
+            offline[str(k)] = done
+    return offline
 
 
 def majority_action(corpus: str) -> int:
@@ -185,7 +210,8 @@ def majority_action(corpus: str) -> int:
 
 def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
     from lapo_ray.evaluation.plots import plot_offline_decoding, plot_seed_curves
-    from lapo_ray.evaluation.reports import demo_norm, render_experiment_report
+    from lapo_ray.evaluation.experiment_report import render_experiment_report
+    from lapo_ray.evaluation.reports import demo_norm
     from lapo_ray.evaluation.stats import curve_mean
     from lapo_ray.train.metrics import read_metrics
 

@@ -7,7 +7,9 @@ import math
 import pytest
 
 from lapo_ray.config.experiment import cpu_experiment
-from lapo_ray.evaluation.reports import demo_norm, verdict
+from lapo_ray.evaluation.claims import Measure, Outcome, judge, online_comparison, online_final_comparison
+from lapo_ray.evaluation.experiment_report import diagnosis, render_experiment_report
+from lapo_ray.evaluation.reports import demo_norm
 
 
 def test_resolved_config_threads_game_seed_and_folders_through_every_stage():
@@ -52,24 +54,29 @@ def _results(latent: list[float], scratch: list[float]) -> dict:
                          "scratch": [_run(m, i) for i, m in enumerate(scratch)]}}
 
 
-def test_verdict_uses_welch_t_over_seeds_and_says_ahead_only_beyond_the_95_interval():
+def test_online_claim_is_welch_t_over_seeds_on_the_auc_and_ahead_only_beyond_the_95_interval():
     # Per-seed areas 5.0, 5.5, 6.0 vs 3.0, 3.5, 4.0: difference 2.0, each side's SE 0.289, SE of the
     # difference 0.408, 4 degrees of freedom, t(0.975, 4) = 2.776: interval 2.0 +- 1.13.
-    text = verdict(_results([6.0, 6.5, 7.0], [4.0, 4.5, 5.0]))
-    assert "**is ahead of**" in text and "area under the learning curve (mean training return) +2.00" in text
-    assert "[+0.87, +3.13]" in text and "Over 60,000 environment steps" in text
-    assert "Welch t on 3 vs 3 seeds (4.0 degrees of freedom" in text
-    assert "Secondary, the final evaluation: +2.00 raw" in text
+    c = online_comparison(_results([6.0, 6.5, 7.0], [4.0, 4.5, 5.0]))
+    assert (c.a, c.b, c.measure, c.outcome) == ("rl+sl", "scratch", Measure.AUC, Outcome.AHEAD)
+    assert c.difference.diff == pytest.approx(2.0)
+    assert (c.difference.low, c.difference.high) == pytest.approx((2.0 - 1.1334, 2.0 + 1.1334), abs=1e-3)
+    assert "Welch t on 3 vs 3 seeds (4.0 degrees of freedom" in c.difference.test
+    final = online_final_comparison(_results([6.0, 6.5, 7.0], [4.0, 4.5, 5.0]))
+    assert final.measure is Measure.FINAL_RETURN and final.difference.diff == pytest.approx(2.0)
     # A larger mean difference with seeds that disagree is not a win: the interval spans zero.
-    assert "**cannot be told apart from**" in verdict(_results([3.0, 9.0, 6.5], [4.0, 4.5, 5.0]))
-    assert "**is behind**" in verdict(_results([2.0, 2.5, 3.0], [4.0, 4.5, 5.0]))
+    assert online_comparison(_results([3.0, 9.0, 6.5], [4.0, 4.5, 5.0])).outcome is Outcome.LEVEL
+    assert online_comparison(_results([2.0, 2.5, 3.0], [4.0, 4.5, 5.0])).outcome is Outcome.BEHIND
+    assert online_comparison({"finetune": {"rl+sl": [_run(5.0)]}}) is None
 
 
 def test_one_seed_each_proves_nothing_online_but_the_final_evaluation_gets_an_episode_interval():
-    text = verdict(_results([5.0], [4.0]))
-    assert "**cannot be told apart from**" in text and "[-inf, +inf]" in text and "1 vs 1 runs: undefined" in text
+    c = online_comparison(_results([5.0], [4.0]))
+    assert c.outcome is Outcome.LEVEL and (c.difference.low, c.difference.high) == (-math.inf, math.inf)
     # SE of each 100-episode mean: 2.0 * sqrt(100/99) / 10 = 0.201; of the difference 0.284; 1.96 of them 0.557.
-    assert "final evaluation: +1.00 raw, 95% interval [+0.44, +1.56]" in text and "100 vs 100 episodes" in text
+    final = online_final_comparison(_results([5.0], [4.0]))
+    assert final.outcome is Outcome.AHEAD and "100 vs 100 episodes" in final.difference.test
+    assert (final.difference.low, final.difference.high) == pytest.approx((1.0 - 0.5572, 1.0 + 0.5572), abs=1e-3)
 
 
 def test_mean_intervals_and_curve_bands_are_student_t():
@@ -121,51 +128,51 @@ def _full_results(run_commit: str = "a" * 40, report_commit: str = "a" * 40) -> 
     }
 
 
-def test_report_states_seeds_budget_versions_the_metric_and_both_verdicts():
-    from lapo_ray.evaluation.reports import render_experiment_report
+def test_claims_of_a_run_that_met_every_target():
+    claims = judge(_full_results())
+    # Demonstrator 8.0 vs random 2.0, each SE 0.201: 21.1 standard errors; official norm 0.8.
+    assert claims.demonstrator.outcome is Outcome.MET and claims.demonstrator.value == pytest.approx(21.1, abs=0.05)
+    assert claims.probe.measure is Measure.GAP_CLOSED and claims.probe.value == pytest.approx(0.5)
+    assert claims.online.outcome is Outcome.AHEAD and claims.online.measure is Measure.AUC
+    # k = 256: 3.5 vs majority 2.5 over 100 episodes each: +1.00 +- 0.56.
+    off = claims.offline
+    assert off.outcome is Outcome.AHEAD and off.measure is Measure.FINAL_RETURN and off.b == "majority action"
+    assert (off.difference.low, off.difference.high) == pytest.approx((0.443, 1.557), abs=1e-3)
+    assert claims.all_met
 
+
+def test_report_states_seeds_budget_versions_and_the_figures_of_every_table():
     cfg = cpu_experiment()
-    res = _full_results()
-    text = render_experiment_report(cfg, res, lambda raw: demo_norm(raw, 2.0, 8.0), {"online": "plots/online.png",
-                                                                                    "offline": "plots/offline.png"})
-    assert "lapo_ray commit `aaaaaaaaaaaa`; Python 3.11.7, Ray 2.60.0, PyTorch 2.13.0" in text
-    assert "report written at" not in text
-    assert "Online PPO seeds: 0, 1, 2 for rl+sl (3), rl (1), scratch (3)" in text
-    assert "seeded 12345" in text and "held-out levels start at 1,000,000" in text
-    assert f"Demonstrator: {cfg.demonstrator.ppo.env_steps:,} PPO steps" in text
-    assert f"Corpus: {cfg.collect.frames:,} frames" in text and "(ran 2,500 steps" in text
+    text = render_experiment_report(cfg, _full_results(), lambda raw: demo_norm(raw, 2.0, 8.0),
+                                    {"online": "plots/online.png", "offline": "plots/offline.png"})
+    assert "`aaaaaaaaaaaa`; Python 3.11.7, Ray 2.60.0, PyTorch 2.13.0" in text and "report written at" not in text
+    assert "0, 1, 2 for rl+sl (3), rl (1), scratch (3)" in text
+    assert "seeded 12345" in text and "1,000,000" in text
+    assert f"{cfg.demonstrator.ppo.env_steps:,} PPO steps" in text and f"{cfg.collect.frames:,} frames" in text
+    assert "(ran 2,500 steps" in text
     # The cpu preset's noise (0.25, held 0.75): 0.25 / (0.25 + 0.25) of the steps, 4-step excursions.
-    assert ("collected from the demonstrator on 2 actors at 400 frames/s, with behaviour noise: with probability "
-            "0.25 per step a uniform random action is held for 1 / (1 - 0.75) = 4 steps on average instead of "
-            "the demonstrator's, 50% of the steps in all. Its actions") in text
-    assert "chosen before the run:** area under the learning curve" in text
+    assert "1 / (1 - 0.75) = 4 steps" in text and "50% of the steps" in text
     # 1500 + 60 + 60 + 125 + 1200 + 7 x 600 + 2 x 30 seconds = 7205 s = 120 min
-    assert "Total wall time: **120 min**" in text
+    assert "**120 min**" in text
     # rl+sl: mean 6.5, t(0.975, 2) x 0.5 / sqrt(3) = 1.24; (6.5 - 2) / 6 = 0.75 of the demonstrator.
     assert "| rl+sl | 3 | 60,000 | 10.0 min | 125 | 5.50 ± 1.24 | 6.50 ± 1.24 | 0.75 | 0.65 |" in text
     assert "| rl | 1 | 60,000 | 10.0 min | 125 | 4.00 | 5.00 | 0.50 |" in text
     assert "| rl+sl | 5.00; 6.00 ± 0.20 | 5.50; 6.50 ± 0.20 | 6.00; 7.00 ± 0.20 |" in text
-    assert "**is ahead of**" in text and "Targets missed" not in text
-    # Demonstrator 8.0 vs random 2.0, each SE 0.201: 21.1 standard errors; official norm 0.8.
-    assert "21.1 standard errors above random" in text and "**met**" in text
-    # k = 256: 3.5 vs majority 2.5 over 100 episodes each: +1.00 +- 0.56.
-    assert "always action 7" in text and "Decoding from k = 256 labelled frames **is ahead of**" in text
-    assert "[+0.44, +1.56]" in text
-    # Every probe figure, each under its own name: the ceiling is a probe, the classifier is not.
-    assert "| trained IDM (no labels) | 0.400 |" in text and "| floor: untrained IDM | 0.200 |" in text
-    assert "| ceiling: same probe on an IDM trained on the true actions | 0.600 |" in text
-    assert "| direct supervised classifier (that IDM's own action head; not a probe) | 0.620 |" in text
-    assert "gap closed: 0.50" in text and "| majority action | 0.150 |" in text
-    assert "| 0.210 | 0.004 |" in text and "| 12.3, 11.0 | 1.2, 1.0 |" in text
-    assert "says nothing about the action" in text and "best validation epoch 17" in text
+    assert "21.1 standard errors" in text and "[+0.44, +1.56]" in text
+    assert "## Targets missed" not in text
+    assert "always action 7 (RIGHT)" in text  # the majority agent's action, by its Procgen name
+    # Every probe figure, each in its own row: the ceiling is a probe, the classifier is not.
+    for row in ("| trained IDM (no labels) | 0.400 |", "| floor: untrained IDM | 0.200 |",
+                "| majority action | 0.150 |", "| 0.210 | 0.004 |", "| 12.3, 11.0 | 1.2, 1.0 |"):
+        assert row in text
+    assert "IDM trained on the true actions | 0.600 |" in text and "own action head; not a probe) | 0.620 |" in text
+    assert "gap closed: 0.50" in text and "best validation epoch 17" in text
     resumed = render_experiment_report(cfg, _full_results(report_commit="b" * 40), lambda raw: raw,
                                        {"online": "o.png", "offline": "f.png"})
-    assert "(report written at `bbbbbbbbbbbb`)" in resumed
+    assert "`bbbbbbbbbbbb`" in resumed
 
 
-def test_a_missed_target_is_named_with_its_size_and_measured_causes():
-    from lapo_ray.evaluation.reports import render_experiment_report
-
+def _missed_results() -> dict:
     res = _full_results()
     res["finetune"]["rl+sl"] = [_run(m, i, acc=0.8) for i, m in enumerate([4.2, 4.6, 4.4])]
     res["demonstrator"]["evaluation"]["train_levels"].update(return_mean=3.0, return_norm_mean=0.1)
@@ -173,19 +180,40 @@ def test_a_missed_target_is_named_with_its_size_and_measured_causes():
     res["pretrain"]["probe"].update(probe_acc=0.2, gap_closed=0.0, stage1_steps=1357)
     res["stage1_final"] = {"train/vq_usage_cb0": 0.98, "train/vq_usage_cb1": 0.97, "train/vq_perplexity_cb0": 13.5,
                            "train/vq_perplexity_cb1": 12.3, "val/wm_loss": 0.0034}
+    return res
+
+
+def test_a_missed_target_is_named_with_its_size_and_measured_causes():
+    res = _missed_results()
+    claims = judge(res)
+    assert claims.online.outcome is Outcome.LEVEL and not claims.all_met
+    # 3.0 vs 2.0 with SEs of 0.201: 3.5 standard errors.
+    assert claims.demonstrator.outcome is Outcome.MISSED and claims.demonstrator.value == pytest.approx(3.52, abs=0.01)
+    assert claims.probe.outcome is Outcome.MISSED and claims.probe.value == pytest.approx(0.0)
+    assert claims.offline.difference.diff == pytest.approx(-0.1)
+    causes = diagnosis(res, "coinrun")
+    assert [c.split("**")[1] for c in causes] == ["Demonstrator.", "Latent actions.", "Codebook.", "Online.",
+                                                  "Decoders."]
+    demo, latent, codebook, online, decoders = causes
+    assert "3.00" in demo and "2.00" in demo and "+1.00" in demo and "3.5 standard errors" in demo
+    assert "missed by 0.50" in latent and "1357 steps" in latent
+    assert "98%, 97%" in codebook and "13.5, 12.3" in codebook and "no evidence of action information" in codebook
+    assert "-0.10" in online and "-0.10" in decoders and "0.80" in decoders
     text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 3.0),
                                     {"online": "o.png", "offline": "f.png"})
-    assert "**cannot be told apart from**" in text and "## Targets missed, and the measured causes" in text
-    assert "**missed**" in text
-    # 3.0 vs 2.0 with SEs of 0.201: 3.5 standard errors.
-    assert "3.00 against the random policy's 2.00 (difference +1.00, 3.5 standard errors" in text
-    assert "barely better than random" in text
-    assert "target 0.50, missed by 0.50" in text
-    assert "in 1357 steps of stage 1 the unsupervised IDM did not learn them" in text
-    assert "use 98%, 97% of their codes (perplexity 13.5, 12.3)" in text
-    assert "Codes in use are no evidence of action information" in text and "collapsed" not in text
-    assert "k = 256 the decoded agent minus the majority-action agent: -0.10" in text
-    assert "RL + SL minus scratch, area under the curve: -0.10 raw" in text and "RL + SL decoder ends at 0.80" in text
+    assert "## Targets missed, and the measured causes" in text and all(c in text for c in causes)
+
+
+def test_diagnosis_speaks_of_the_game_and_action_that_were_measured():
+    res = _full_results()
+    # A maze corpus where NOOP dominates and the ceiling is within noise of the floor.
+    res["majority"]["action"] = 4
+    res["pretrain"]["probe"].update(probe_acc=0.61, floor_untrained_idm=0.60, ceiling_supervised_idm=0.605,
+                                    majority_rate=0.60, n_test=4000)
+    latent = diagnosis(res, "maze")[1]
+    assert "maze corpus" in latent and "(NOOP)" in latent and "0.600" in latent
+    assert "not measurable" in latent
+    assert "coinrun" not in latent.lower() and "mid-air" not in latent
 
 
 def test_majority_action_counts_each_frame_once(tmp_path):
@@ -202,8 +230,6 @@ def test_majority_action_counts_each_frame_once(tmp_path):
 
 
 def test_a_gap_within_noise_is_not_read_as_a_share_closed():
-    from lapo_ray.evaluation.reports import render_experiment_report
-
     res = _full_results()
     # The figures of the first CoinRun run: a dominant action, and a ceiling 0.0017 above the floor.
     res["pretrain"]["probe"].update(probe_acc=0.7586, floor_untrained_idm=0.7573, ceiling_supervised_idm=0.7590,
@@ -211,15 +237,15 @@ def test_a_gap_within_noise_is_not_read_as_a_share_closed():
                                     info_bits_trained=0.05, info_bits_untrained=0.0, info_bits_supervised=0.04)
     text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 8.0),
                                     {"online": "o.png", "offline": "f.png"})
-    assert "gap closed: undefined: the ceiling is above the floor by 0.0017, within two standard errors (0.0250)" in text
+    probe = judge(res).probe
+    assert probe.outcome is Outcome.UNMEASURABLE and probe.value is None
+    assert "gap closed: undefined" in text and "0.0017" in text and "(0.0250)" in text
     assert "gap closed: 0.75" not in text and "## Targets missed" in text
-    assert "not measurable: the ceiling is within two standard errors, 0.025, of the floor" in text
     assert "trained / floor / ceiling | 0.050 / 0.000 / 0.040 |" in text
 
 
 def test_a_report_only_pass_runs_nothing_and_names_what_is_missing(tmp_path):
     from lapo_ray import storage
-    from lapo_ray.evaluation.reports import render_experiment_report
     from lapo_ray.experiment import _step
 
     out = str(tmp_path)
@@ -235,6 +261,29 @@ def test_a_report_only_pass_runs_nothing_and_names_what_is_missing(tmp_path):
     res["decode"] = {}
     res["missing_steps"] = ["finetune-rl+sl-s1", "decode-k256"]
     text = render_experiment_report(cpu_experiment(), res, lambda raw: demo_norm(raw, 2.0, 8.0), {"online": "o.png"})
-    assert "**Partial report.** Steps not run yet: finetune-rl+sl-s1, decode-k256." in text
-    assert "![offline]" not in text and "Offline verdict" not in text
-    assert "**cannot be told apart from**" in text  # one seed a side proves nothing online
+    assert "finetune-rl+sl-s1, decode-k256" in text and "![offline]" not in text
+    claims = judge(res)
+    assert claims.offline is None and claims.online.outcome is Outcome.LEVEL  # one seed a side proves nothing
+
+
+def test_report_only_rebuilds_the_report_from_step_markers_without_running_a_step(tmp_path):
+    from lapo_ray import storage
+    from lapo_ray.experiment import run_experiment
+
+    cfg = cpu_experiment()
+    cfg.out, cfg.report_only = str(tmp_path), True
+    res = _full_results()
+    for name in ("random", "collect", "pretrain"):
+        storage.write_json(storage.join(cfg.out, "steps", f"{name}.json"), res[name])
+    with pytest.raises(ValueError, match=r"nothing to report yet: step\(s\) demonstrator not finished"):
+        run_experiment(cfg)
+    storage.write_json(storage.join(cfg.out, "steps", "demonstrator.json"), res["demonstrator"])
+    results = run_experiment(cfg)
+    assert results["missing_steps"] == ["majority"] + [f"finetune-{v}-s{s}" for v, s in cfg.online_runs()] + [
+        f"decode-k{k}" for k in cfg.decode_k]
+    assert results["finetune"] == {} and results["decode"] == {}
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# LAPO on coinrun") and "| trained IDM (no labels) | 0.400 |" in report
+    assert storage.read_json(storage.join(cfg.out, "results.json"))["collect"]["frames"] == 50_000
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == [
+        "collect.json", "demonstrator.json", "pretrain.json", "random.json", "versions.json"]

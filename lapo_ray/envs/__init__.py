@@ -2,6 +2,7 @@
 
 from lapo_ray.envs.normalization import EXPERT_RETURNS, RANDOM_RETURNS, normalize_return
 from lapo_ray.envs.procgen import (
+    ACTION_NAMES,
     DISTRIBUTION_MODES,
     NUM_ACTIONS,
     OBS_SHAPE,
@@ -13,6 +14,7 @@ from lapo_ray.envs.procgen import (
 )
 
 __all__ = [
+    "ACTION_NAMES",
     "DISTRIBUTION_MODES",
     "EXPERT_RETURNS",
     "NUM_ACTIONS",

@@ -65,6 +65,7 @@ from gymnasium.vector.utils import batch_space
 from lapo_ray.config.data import PROCGEN_GAMES, check_game
 
 __all__ = [
+    "ACTION_NAMES",
     "PROCGEN_GAMES",
     "DISTRIBUTION_MODES",
     "NUM_ACTIONS",
@@ -96,7 +97,13 @@ _GAME_TIMEOUTS: Final[Mapping[str, int]] = MappingProxyType(
     {"bigfish": 6000, "bossfight": 4000, "leaper": 500, "maze": 500, "plunder": 4000}
 )
 
-NUM_ACTIONS: Final[int] = 15
+# Procgen's one action set for every game (procgen/env.py, get_combos): the arrow combinations,
+# then the game-specific keys, which a game that has no use for them treats as a no-op.
+ACTION_NAMES: Final[tuple[str, ...]] = (
+    "LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
+    "D", "A", "W", "S", "Q", "E",
+)
+NUM_ACTIONS: Final[int] = len(ACTION_NAMES)
 OBS_SHAPE: Final[tuple[int, int, int]] = (64, 64, 3)
 _FORCE_RESET_ACTION: Final[int] = -1  # Game::step treats action -1 as "end and reset now".
 _INT32_MAX: Final[int] = 2**31 - 1

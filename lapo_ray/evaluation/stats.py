@@ -26,14 +26,6 @@ class Difference:
     high: float
     test: str
 
-    @property
-    def word(self) -> str:
-        if self.low > 0:
-            return "ahead"
-        if self.high < 0:
-            return "behind"
-        return "level"
-
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """(mean, half-width) of the t interval of ``values``; a half-width of NaN for one value."""
