@@ -8,6 +8,7 @@ import torch
 
 from lapo_ray.config import StageConfig
 from lapo_ray.config.models import model_preset
+from lapo_ray.envs import NUM_ACTIONS
 from lapo_ray.models import LatentDynamics
 from lapo_ray.models.idm import IDM
 from lapo_ray.train.recipes import camera_shifts, change_weights, random_shift, shift_frames, triplet_hash_np
@@ -80,7 +81,7 @@ def test_label_draws_differ_by_seed_and_survive_pickling():
 
 def test_label_head_leaves_the_codebook_alone():
     cfg = model_preset("cpu")
-    model = LatentDynamics(cfg, action_head=True).train()
+    model = LatentDynamics(cfg, num_actions=NUM_ACTIONS).train()
     before = model.idm.vq.embeddings.clone(), model.idm.vq.num_updates.clone()
     model.action_logits(torch.from_numpy(_label_set().frames))
     assert torch.equal(model.idm.vq.embeddings, before[0]) and torch.equal(model.idm.vq.num_updates, before[1])

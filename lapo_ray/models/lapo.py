@@ -14,27 +14,25 @@ from lapo_ray.models.impala import frames_to_input, stack_frames
 from lapo_ray.models.policy import LatentPolicy
 from lapo_ray.models.world_model import WorldModel
 
-NUM_ACTIONS = 15  # every Procgen game
-
 
 class LatentDynamics(nn.Module):
     """IDM + world model. The world model must reconstruct o[t+1] from o[t-1], o[t] and the IDM's
     quantised latent, so the latent is forced to carry what changed; the VQ bottleneck keeps it
     from simply carrying o[t+1] itself."""
 
-    def __init__(self, cfg: ModelConfig, action_head: bool = False):
+    def __init__(self, cfg: ModelConfig, num_actions: int = 0):
         super().__init__()
         self.cfg = cfg
         c, s = cfg.channels, cfg.frame_size
         self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * c, frame_size=s)
         self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels, norm=cfg.wm.norm)
-        # Only with --stage1.action-labels: a linear map from the latent the world model sees to
-        # the 15 actions, as in LAOM, so the few labels shape that latent itself. It reads the
-        # quantised latent (straight-through): a head on the pre-quantisation latent pulled the
-        # action into directions the codes did not follow (code-action NMI 0.000, recipes.md).
-        self.action_head = nn.Linear(cfg.latent_dim, NUM_ACTIONS) if action_head else None
-        # Conv weights in channels-last too, matching the input: measured on 2 AVX2 cores,
-        # 5-10% faster steps than a channels-last input alone, 15-30% faster than plain NCHW.
+        # Only with --stage1.action-labels (``num_actions`` > 0): a linear map from the latent the
+        # world model sees to the actions, as in LAOM, so the few labels shape that latent itself.
+        # It reads the quantised latent (straight-through): a head before quantisation pulled the
+        # action into directions the codes did not follow (docs/results/recipes.md).
+        self.action_head = nn.Linear(cfg.latent_dim, num_actions) if num_actions > 0 else None
+        # Conv weights in channels-last too, matching the input, so no convolution converts its
+        # layout on every call (measured: docs/results/choices.md).
         self.to(memory_format=torch.channels_last)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,7 +51,7 @@ class LatentDynamics(nn.Module):
         return out
 
     def action_logits(self, frames: torch.Tensor) -> torch.Tensor:
-        """The label head on uint8 triplets (B, 3, H, W, C) -> (B, 15) logits, with gradients into
+        """The label head on uint8 triplets (B, 3, H, W, C) -> (B, num_actions) logits, with gradients into
         the IDM. The codebook is left alone: its EMA follows the unlabelled stream only."""
         if self.action_head is None:
             raise RuntimeError("this LatentDynamics was built without an action head (--stage1.action-labels 0)")

@@ -89,13 +89,14 @@ def local_checkpoint(uri: str) -> Iterator[str]:
 
 def load_dynamics(uri: str):
     """The stage-1 model (IDM + world model) from its checkpoint alone: its config travels with it."""
+    from lapo_ray.envs import NUM_ACTIONS
     from lapo_ray.models import LatentDynamics
 
     with local_checkpoint(uri) as d:
         cfg = read_checkpoint_config(d)
         # A run with --stage1.action-labels saved its label head too.
         head = int(cfg.get("stage1", {}).get("action_labels", 0) or 0) > 0
-        model = LatentDynamics(config_from_dict(ModelConfig, cfg["model"]), action_head=head)
+        model = LatentDynamics(config_from_dict(ModelConfig, cfg["model"]), num_actions=NUM_ACTIONS if head else 0)
         load_checkpoint(d, model)
     return model.eval()
 

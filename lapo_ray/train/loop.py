@@ -7,6 +7,7 @@ schedule, bf16 autocast, time budget, metrics, checkpoints and resuming after a 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -131,131 +132,188 @@ def _data_parallel(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": has_bn})
 
 
+@dataclass
+class _Position:
+    """Where the run stands: what a checkpoint's ``state.json`` holds and a restart resumes."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # batches of ``epoch`` already trained
+    train_seconds: float = 0.0
+    resumed_from: int = -1  # the checkpoint's step, -1 for a fresh run
+
+
 def run_stage(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``. ``config`` holds ``task`` (a StageTask),
-    ``stage`` (StageConfig), ``pipeline`` (PipelineConfig) and ``run_config`` (the resolved
-    PretrainConfig as a dict, stored in every checkpoint)."""
+    ``stage`` (StageConfig), ``pipeline`` (PipelineConfig), ``run_config`` (the resolved
+    PretrainConfig as a dict, stored in every checkpoint) and, optionally, ``sink`` (rank 0's
+    metrics)."""
     import ray.train
     import ray.train.torch
 
-    from lapo_ray.train.checkpoint import load_checkpoint, save_checkpoint
-
     task: StageTask = config["task"]
-    sink = config.get("sink") if ray.train.get_context().get_world_rank() == 0 else None
     cfg: StageConfig = config["stage"]
     pipe: PipelineConfig = config["pipeline"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # Intra-op threads: the node's cores shared among its workers. Ray Data's reads need little
-    # CPU next to a CPU training step, so a worker holding 1 logical CPU may still use 2 cores.
-    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
-    torch.set_num_threads(threads)
+    sink = config.get("sink") if rank == 0 else None
+    _seed_and_threads(cfg, ctx.get_local_world_size())
 
     device = ray.train.torch.get_device()
     # On the device before the optimiser exists, so a resumed optimiser state lands there too.
     model = to_channels_last(task.build()).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    step, epoch, epoch_step, train_seconds, resumed_from = 0, 0, 0, 0.0, -1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer)
-        step, epoch, train_seconds = state["step"], state.get("epoch", 0), state.get("train_seconds", 0.0)
-        epoch_step = state.get("epoch_step", 0)  # absent in checkpoints of earlier versions
-        resumed_from = step
-        if rank == 0:
-            print(f"[{task.name}] resuming from checkpoint at step {step}", flush=True)
-        if sink is not None:
-            dropped = sink.rewind(step)
-            if dropped:
-                print(f"[{task.name}] dropped {dropped} metrics row(s) past step {step}: those steps run again",
-                      flush=True)
-    ddp_model = _data_parallel(model, world)
-    train_model = compile_model(ddp_model, cfg.compile_mode) if cfg.compile else ddp_model
-    train_step = StageStep(task, model, optimizer, cfg, device, train_model=train_model)
-
+    pos = _resume(task, model, optimizer, rank, sink)
+    train_step = StageStep(task, model, optimizer, cfg, device, train_model=_training_model(model, cfg, world))
     local_bs = cfg.batch_size // world
-    val_batches = []
-    if cfg.val_batches > 0:
-        val_shard = ray.train.get_dataset_shard("val")
-        eval_pipe = PipelineConfig(local_shuffle_buffer=0, segments_per_block=pipe.segments_per_block)
-        for i, b in enumerate(task.batches(val_shard, local_bs, eval_pipe, False, 0, device=device)):
-            val_batches.append(b)
-            if i + 1 >= cfg.val_batches:
-                break
-    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, epoch, world, device,
-                               skip=epoch_step)
-    autocast = train_step.bf16
+    val_batches = _validation_batches(task, cfg, pipe, local_bs, device)
+    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, pos.epoch, world,
+                               device, skip=pos.epoch_step)
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 
     window = _Window(start=time.perf_counter())
-    stop = step >= cfg.steps
+    stop = pos.step >= cfg.steps
     while not stop:
         t0 = time.perf_counter()
-        epoch, epoch_step, batch = next(batches)
+        pos.epoch, pos.epoch_step, batch = next(batches)
         t1 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        train_step(batch, step)
-        step += 1
-        t2 = time.perf_counter()
-        train_seconds += t2 - t0
+        train_step({k: v.to(device, non_blocking=True) for k, v in batch.items()}, pos.step)
+        pos.step += 1
+        pos.train_seconds += time.perf_counter() - t0
         window.steps += 1
         window.wait += t1 - t0
         telemetry.count("train_samples", local_bs, {"stage": task.name})
 
-        over_budget = train_seconds >= budget_s
-        if step % 10 == 0 or over_budget:
-            over_budget = _all_reduce_max(float(over_budget), world) > 0
-        stop = step >= cfg.steps or over_budget
-        is_report = stop or step % cfg.report_every == 0
-        if not is_report:
-            continue
-
-        # The one host sync of a report window: it also waits for the window's queued GPU work,
-        # so the rates below are true ones.
-        out = {f"train/{k}": v for k, v in train_step.take_means().items()}
-        elapsed = time.perf_counter() - window.start
-        telemetry.gauge("train_samples_per_s", window.steps * local_bs / elapsed,
-                        {"stage": task.name, "rank": str(rank)})
-        model.eval()
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            val = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in val_batches]
-            out.update({f"val/{k}": v for k, v in task.validate(model, val).items()} if val else {})
-        if rank == 0:
-            out.update(task.extra_metrics(model))
-        out.update({
-            "step": step, "epoch": epoch, "lr": cfg.lr * lr_factor(step - 1, cfg),
-            "samples_per_s": window.steps * cfg.batch_size / elapsed,
-            "samples_per_s_per_worker": window.steps * local_bs / elapsed,
-            "data_wait_frac": window.wait / elapsed, "train_seconds": train_seconds,
-            "world_size": world, "resumed_from_step": resumed_from, "done": stop,
-            "stop_reason": ("steps" if step >= cfg.steps else "time_budget") if stop else "",
-        })
-        # Logged before the report that may carry a checkpoint: a group that dies between the two
-        # leaves a row past its last checkpoint, which the restart rewinds; the other order could
-        # leave a checkpoint without its row, a hole in the metrics.
-        if sink is not None:
-            sink.log(out)
-        is_ckpt = stop or step % cfg.checkpoint_every == 0
-        if is_ckpt and rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, optimizer,
-                                {"step": step, "epoch": epoch, "epoch_step": epoch_step,
-                                 "train_seconds": train_seconds, "stage": task.name,
-                                 "done": stop},
-                                config["run_config"])
-                ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(out)
-        if rank == 0:
-            steps_per_s = window.steps / elapsed
-            eta = min((cfg.steps - step) / steps_per_s, max(budget_s - train_seconds, 0.0))
-            print(f"[{task.name}] step {step}/{cfg.steps} ({100 * step / cfg.steps:.0f}%) "
-                  + " ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float) and "/" in k)
-                  + f" | {steps_per_s:.2f} steps/s, {out['samples_per_s']:.0f} samples/s, "
-                  f"data wait {100 * out['data_wait_frac']:.0f}% | ETA {eta / 60:.1f} min",
-                  flush=True)
-        window = _Window(start=time.perf_counter())
+        stop = pos.step >= cfg.steps or _over_budget(pos, budget_s, world)
+        if stop or pos.step % cfg.report_every == 0:
+            out = _window_metrics(task, model, train_step, val_batches, cfg, pos, window, world, rank, stop)
+            _log_and_report(out, task, model, optimizer, cfg, pos, sink, rank, stop, config["run_config"])
+            if rank == 0:
+                _print_progress(task.name, out, cfg, pos, budget_s)
+            window = _Window(start=time.perf_counter())
     if sink is not None:
         sink.finish()
+
+
+def _seed_and_threads(cfg: StageConfig, workers_on_node: int) -> None:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    # Intra-op threads: the node's cores shared among its workers. Ray Data's reads need little
+    # CPU next to a CPU training step, so a worker holding 1 logical CPU may still use 2 cores.
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // workers_on_node))
+
+
+def _resume(task: StageTask, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+            sink) -> _Position:
+    """Load Ray Train's latest checkpoint into ``model`` and ``optimizer``, if there is one, and
+    rewind rank 0's metrics to its step: rows past it belong to steps that run again."""
+    import ray.train
+
+    from lapo_ray.train.checkpoint import load_checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return _Position()
+    with checkpoint.as_directory() as d:
+        state = load_checkpoint(d, model, optimizer)
+    # Checkpoints written before epochs were tracked lack the epoch fields.
+    pos = _Position(step=state["step"], epoch=state.get("epoch", 0), epoch_step=state.get("epoch_step", 0),
+                    train_seconds=state.get("train_seconds", 0.0), resumed_from=state["step"])
+    if rank == 0:
+        print(f"[{task.name}] resuming from checkpoint at step {pos.step}", flush=True)
+    if sink is not None:
+        dropped = sink.rewind(pos.step)
+        if dropped:
+            print(f"[{task.name}] dropped {dropped} metrics row(s) past step {pos.step}: those steps run again",
+                  flush=True)
+    return pos
+
+
+def _training_model(model: torch.nn.Module, cfg: StageConfig, world: int):
+    """What the step calls: ``model`` under DDP, compiled if asked. The step keeps ``model``
+    itself for the optimiser, evaluation and checkpoints."""
+    ddp_model = _data_parallel(model, world)
+    return compile_model(ddp_model, cfg.compile_mode) if cfg.compile else ddp_model
+
+
+def _validation_batches(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, batch_size: int,
+                        device: torch.device) -> list[dict]:
+    """The first ``cfg.val_batches`` batches of this rank's validation shard, unshuffled, read
+    once and kept, so every report scores the same triplets."""
+    import ray.train
+
+    if cfg.val_batches <= 0:
+        return []
+    eval_pipe = PipelineConfig(local_shuffle_buffer=0, segments_per_block=pipe.segments_per_block)
+    batches = task.batches(ray.train.get_dataset_shard("val"), batch_size, eval_pipe, False, 0, device=device)
+    return list(itertools.islice(batches, cfg.val_batches))
+
+
+def _over_budget(pos: _Position, budget_s: float, world: int) -> bool:
+    """Whether the time budget is spent, agreed by all ranks (any rank's clock counts). The ranks
+    agree every 10 steps, all at the same steps: a collective that one rank entered alone would
+    pair with another rank's next all-reduce and desynchronise the group."""
+    if world > 1 and pos.step % 10 != 0:
+        return False
+    return _all_reduce_max(float(pos.train_seconds >= budget_s), world) > 0
+
+
+def _window_metrics(task: StageTask, model: torch.nn.Module, train_step: StageStep, val_batches: list[dict],
+                    cfg: StageConfig, pos: _Position, window: _Window, world: int, rank: int,
+                    stop: bool) -> dict[str, Any]:
+    """The report row: the window's training means, validation, rank 0's extra metrics, rates."""
+    # The one host sync of a report window: it also waits for the window's queued GPU work, so
+    # the rates below are true ones.
+    out = {f"train/{k}": v for k, v in train_step.take_means().items()}
+    elapsed = time.perf_counter() - window.start
+    local_bs = cfg.batch_size // world
+    telemetry.gauge("train_samples_per_s", window.steps * local_bs / elapsed,
+                    {"stage": task.name, "rank": str(rank)})
+    device = train_step.device
+    model.eval()
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train_step.bf16):
+        val = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in val_batches]
+        out.update({f"val/{k}": v for k, v in task.validate(model, val).items()} if val else {})
+    if rank == 0:
+        out.update(task.extra_metrics(model))
+    out.update({
+        "step": pos.step, "epoch": pos.epoch, "lr": cfg.lr * lr_factor(pos.step - 1, cfg),
+        "samples_per_s": window.steps * cfg.batch_size / elapsed,
+        "samples_per_s_per_worker": window.steps * local_bs / elapsed,
+        "data_wait_frac": window.wait / elapsed, "train_seconds": pos.train_seconds,
+        "world_size": world, "resumed_from_step": pos.resumed_from, "done": stop,
+        "stop_reason": ("steps" if pos.step >= cfg.steps else "time_budget") if stop else "",
+    })
+    return out
+
+
+def _log_and_report(out: dict[str, Any], task: StageTask, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, cfg: StageConfig, pos: _Position, sink, rank: int,
+                    stop: bool, run_config: dict[str, Any]) -> None:
+    """Log the row, then hand it to Ray Train, with rank 0's checkpoint when one is due."""
+    import ray.train
+
+    from lapo_ray.train.checkpoint import save_checkpoint
+
+    # Logged before the report that may carry a checkpoint: a group that dies between the two
+    # leaves a row past its last checkpoint, which the restart rewinds; the other order could
+    # leave a checkpoint without its row, a hole in the metrics.
+    if sink is not None:
+        sink.log(out)
+    if rank != 0 or not (stop or pos.step % cfg.checkpoint_every == 0):
+        ray.train.report(out)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, model, optimizer,
+                        {"step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step,
+                         "train_seconds": pos.train_seconds, "stage": task.name, "done": stop},
+                        run_config)
+        ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _print_progress(name: str, out: dict[str, Any], cfg: StageConfig, pos: _Position, budget_s: float) -> None:
+    steps_per_s = out["samples_per_s"] / cfg.batch_size
+    eta = min((cfg.steps - pos.step) / steps_per_s, max(budget_s - pos.train_seconds, 0.0))
+    losses = " ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float) and "/" in k)
+    print(f"[{name}] step {pos.step}/{cfg.steps} ({100 * pos.step / cfg.steps:.0f}%) {losses} | "
+          f"{steps_per_s:.2f} steps/s, {out['samples_per_s']:.0f} samples/s, "
+          f"data wait {100 * out['data_wait_frac']:.0f}% | ETA {eta / 60:.1f} min", flush=True)

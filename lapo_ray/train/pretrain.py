@@ -21,7 +21,7 @@ import torch
 
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
-from lapo_ray.data.sources import Source, open_source
+from lapo_ray.data.sources import ScanReport, Source, open_source
 from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
@@ -300,6 +300,41 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
 def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     """Run the stages in ``cfg.stages`` and return a summary (also written to report.md).
     ``policy_factories`` go to the default corpus's collection (see ``data.collect.collect``)."""
+    source, scan, spec = _checked_input(cfg, policy_factories)
+    # Only now, with every input checked, does anything go into the artifact folder.
+    out = cfg.out
+    storage.makedirs(out)
+    storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
+    print(f"source {source.name}: {scan.summary()}; {len(spec.val_episodes)} of {len(scan.episode_ids)} "
+          "episodes for validation", flush=True)
+    storage.write_json(storage.join(out, "source_scan.json"), dataclasses.asdict(scan))
+    storage.write_json(storage.join(out, SPLIT_FILE), spec.to_dict())
+    summary: dict[str, Any] = {"out": out, "source": {"name": source.name, **{
+        k: v for k, v in dataclasses.asdict(scan).items() if k not in ("files", "episode_ids")}}}
+
+    run_config = cfg.to_dict()
+    stages = cfg.stage_list()
+    if "stage1" in stages:
+        summary.update(_stage1_and_probe(cfg, source, scan, spec, run_config))
+    if "label" in stages:
+        ckpt = latest_checkpoint(storage.join(out, "stage1"))
+        if ckpt is None:
+            raise FileNotFoundError(f"{storage.join(out, 'stage1')}: no stage-1 checkpoint to label with "
+                                    "(run stage1 first)")
+        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, files=scan.files)
+    if "stage2" in stages:
+        summary.update(_stage2(cfg, run_config))
+
+    rows = read_metrics(out)
+    if rows:
+        _save_png(_curves, out, "training_curves.png", rows)
+    write_report(out, summary, rows)
+    return summary
+
+
+def _checked_input(cfg: PretrainConfig, policy_factories) -> tuple[Source, ScanReport, SplitSpec]:
+    """The corpus (collected first when none is given), every file of it scanned, its split, and
+    the artifact folder checked against the config: whatever fails, fails before a write."""
     from lapo_ray.runtime import init_ray
 
     source = open_corpus(cfg)
@@ -315,66 +350,52 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     scan = source.scan(on_bad=cfg.data.on_bad_files)
     spec = split_spec(scan, cfg.data)
     check_artifact_folder(cfg)
-    # Only now, with every input checked, does anything go into the artifact folder.
+    return source, scan, spec
+
+
+def _stage1_and_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: SplitSpec,
+                      run_config: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1 (unless finished), then the probe with its floor and ceiling (unless measured)."""
     out = cfg.out
-    storage.makedirs(out)
-    storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
-    run_config = cfg.to_dict()
-    stages = cfg.stage_list()
-    summary: dict[str, Any] = {"out": out}
-    print(f"source {source.name}: {scan.summary()}; {len(spec.val_episodes)} of {len(scan.episode_ids)} "
-          "episodes for validation", flush=True)
-    storage.write_json(storage.join(out, "source_scan.json"), dataclasses.asdict(scan))
-    storage.write_json(storage.join(out, SPLIT_FILE), spec.to_dict())
-    summary["source"] = {"name": source.name, **{k: v for k, v in dataclasses.asdict(scan).items()
-                                                  if k not in ("files", "episode_ids")}}
+    summary: dict[str, Any] = {}
+    # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
+    probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
+                           scan.files, spec, cfg.model.frame_offset)
+    ckpt = _stage_done(storage.join(out, "stage1"))
+    if ckpt is None:
+        t0 = time.monotonic()
+        ckpt = train_stage1(cfg, source, scan, spec, probe, run_config)
+        summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
+    state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
+    summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
+    probe_uri = storage.join(out, "probe.json")
+    if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
+        report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
+        storage.write_json(probe_uri, report)
+        _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
+    if storage.exists(probe_uri):
+        summary["probe"] = storage.read_json(probe_uri)
+    return summary
 
-    stage1_uri = storage.join(out, "stage1")
-    if "stage1" in stages:
-        # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
-        probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
-                               scan.files, spec, cfg.model.frame_offset)
-        ckpt = _stage_done(stage1_uri)
-        if ckpt is None:
-            t0 = time.monotonic()
-            ckpt = train_stage1(cfg, source, scan, spec, probe, run_config)
-            summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
-        state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
-        summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
-        wants_probe = source.has_actions and cfg.probe.triplets > 0
-        if wants_probe and not storage.exists(storage.join(out, "probe.json")):
-            report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
-            storage.write_json(storage.join(out, "probe.json"), report)
-            _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
-        if storage.exists(storage.join(out, "probe.json")):
-            summary["probe"] = storage.read_json(storage.join(out, "probe.json"))
 
-    if "label" in stages:
-        ckpt = latest_checkpoint(stage1_uri)
-        if ckpt is None:
-            raise FileNotFoundError(f"{stage1_uri}: no stage-1 checkpoint to label with (run stage1 first)")
-        summary["latents"] = label_corpus(source, ckpt, out, cfg.label, files=scan.files)
-
-    if "stage2" in stages:
-        stage2_uri = storage.join(out, "stage2")
-        ckpt = _stage_done(stage2_uri)
-        if ckpt is None:
-            t0 = time.monotonic()
-            result = fit_stage(
-                Stage2Task(cfg.model), cfg.stage2, cfg.data,
-                latents_dataset(out, "train", cfg.data), latents_dataset(out, "val", _eval_pipeline(cfg.data)),
-                out, run_config, MetricsSink(out, "stage2", cfg.wandb, run_config),
-            )
-            if result.error:
-                raise RuntimeError(f"stage 2 failed: {result.error}")
-            summary["stage2_seconds"] = round(time.monotonic() - t0, 1)
-            ckpt = latest_checkpoint(stage2_uri)
-        summary["stage2"] = {"checkpoint": ckpt}
-
-    rows = read_metrics(out)
-    if rows:
-        _save_png(_curves, out, "training_curves.png", rows)
-    write_report(out, summary, rows)
+def _stage2(cfg: PretrainConfig, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2 on the labelled corpus, unless finished."""
+    out = cfg.out
+    summary: dict[str, Any] = {}
+    stage2_uri = storage.join(out, "stage2")
+    ckpt = _stage_done(stage2_uri)
+    if ckpt is None:
+        t0 = time.monotonic()
+        result = fit_stage(
+            Stage2Task(cfg.model), cfg.stage2, cfg.data,
+            latents_dataset(out, "train", cfg.data), latents_dataset(out, "val", _eval_pipeline(cfg.data)),
+            out, run_config, MetricsSink(out, "stage2", cfg.wandb, run_config),
+        )
+        if result.error:
+            raise RuntimeError(f"stage 2 failed: {result.error}")
+        summary["stage2_seconds"] = round(time.monotonic() - t0, 1)
+        ckpt = latest_checkpoint(stage2_uri)
+    summary["stage2"] = {"checkpoint": ckpt}
     return summary
 
 

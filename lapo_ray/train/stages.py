@@ -89,7 +89,9 @@ class Stage1Task:
     label_set: LabelSet | None = None
 
     def build(self) -> torch.nn.Module:
-        return LatentDynamics(self.model_cfg, action_head=self._labels())
+        from lapo_ray.envs import NUM_ACTIONS
+
+        return LatentDynamics(self.model_cfg, num_actions=NUM_ACTIONS if self._labels() else 0)
 
     def _labels(self) -> bool:
         return self.recipe is not None and self.recipe.action_labels > 0
