@@ -112,9 +112,9 @@ def cpu_pretrain() -> PretrainConfig:
     """Small models and budgets so the default job finishes in minutes on 2 CPU cores."""
     return PretrainConfig(
         model=cpu_model_config(),
-        # ~2.5 steps/s on 2 AVX2 cores: the whole default job (collection, stage 1, probe with
-        # floor and ceiling, labelling, stage 2) took ~9 minutes.
-        # `--stage1.steps 100000 --stage1.time-budget-min 30` trains for a fixed wall-clock budget.
+        # Budgets sized so the whole default job takes minutes on 2 cores (measured:
+        # docs/results/choices.md). `--stage1.steps 100000 --stage1.time-budget-min 30` trains
+        # for a fixed wall-clock budget instead.
         stage1=StageConfig(lr=1e-3, batch_size=64, steps=400, warmup_steps=50, report_every=100,
                            checkpoint_every=200, cpus_per_worker=1.0),
         stage2=StageConfig(lr=1e-3, batch_size=64, steps=250, warmup_steps=25, report_every=125,
@@ -126,15 +126,9 @@ def cpu_pretrain() -> PretrainConfig:
         # ceiling never train on) from a third of the default 60k-frame corpus. Stage 1's 400
         # steps of 64 draw 25.6k samples, fewer than the other two thirds hold.
         data=PipelineConfig(val_fraction=0.35),
-        # The stage-1 recipe options (docs/recipes.md) stay off here: in the three-game table
-        # (docs/results/recipes.md: 150 steps at batch 64, one seed per row, all 21 runs) none is
-        # ahead on all three games. Gap closed, baseline vs best option: coinrun -0.09 vs no VQ
-        # 0.67 (no VQ was below the baseline on jumper, 0.27 vs 0.33); jumper: no option above
-        # the baseline's 0.33 (shift 0.32; labels, re-measured in LAOM's per-step form, 0.06 and
-        # 0.11); ninja unmeasurable (ceiling within noise of the floor). Two runs of the same
-        # coinrun rows a day apart differed by up to 0.5 (baseline 0.40 vs -0.09), so no single
-        # row justifies a default. On the experiment's corpus none of six options moved the
-        # latent's information (docs/results/report.md, notes).
+        # The stage-1 recipe options (docs/recipes.md) stay off: none was ahead on all three
+        # games measured, and single runs of one row disagreed by more than the options' effects
+        # (docs/results/recipes.md), so no row justifies a default.
     )
 
 

@@ -113,13 +113,10 @@ def paper_model_config() -> ModelConfig:
 
 def cpu_model_config() -> ModelConfig:
     """Small models for 2-core CPU runs at 64x64: IDM 0.59 M and world model 0.86 M parameters.
-    A stage-1 step (forward, backward, AdamW) at batch 64 took ~0.29 s on 2 AVX2 cores in fp32
-    with the earlier base-4 world model (0.22 M); base 8 makes it about 1.5x slower (interleaved
-    steps on a shared 2-core AMD EPYC, fp32: median 0.25 s -> 0.39 s on 2 threads, 0.44 s -> 0.67 s
-    on 1 thread).
 
-    The world model is at least as large as the IDM, as in the paper (7.8 M vs 3.7 M): at base 4
-    the world model had a third of the IDM's parameters, with 4 channels at full resolution.
+    The world model is at least as large as the IDM, as in the paper (7.8 M vs 3.7 M): a smaller
+    one (base 4: a third of the IDM, 4 channels at full resolution) was faster but broke that
+    ratio. Step times of both: docs/results/choices.md.
 
     Compute, not parameters, sets the budget: most of the time goes to the few thin layers at
     full 64x64 resolution, so the channel widths there are small while the IDM's linear layer
@@ -132,9 +129,9 @@ def cpu_model_config() -> ModelConfig:
         # 2 x 2 latents of 16 codes still carry 16 bits per transition, far above the
         # log2(15) ~ 3.9 bits of a Procgen action. A faster EMA decay shortens the start-up
         # transient of the codebook, which matters for runs of a few thousand steps.
-        # Dead codes are re-seeded: on the default CoinRun corpus, 800 stage-1 steps reached a
-        # held-out probe accuracy of 0.142 with it against 0.115 without (floor 0.080, ceiling
-        # 0.229), with codebook perplexities 12.3/12.2 against 1.6/3.8 of 16.
+        # Dead codes are re-seeded: in runs of a few thousand steps most codes otherwise die
+        # before the IDM learns to use them, and the probe fell with them
+        # (docs/results/choices.md).
         vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
                     dead_code_threshold=0.1),
         policy=PolicyConfig(impala_scale=1, impala_channels=(8, 16, 32), impala_features=256),

@@ -127,9 +127,9 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 # Decoded bytes of frames per Parquet row group at most. A reader decodes a row group whole: a
-# labelling actor and the plain reader hold one at a time. 64 segments per group (the earlier
-# layout) made a whole 8192-frame shard of 64x64 frames one group of 100 MB. (Ray Data packs row
-# groups into read tasks of up to 128 MiB either way.)
+# labelling actor and the plain reader hold one at a time, so a group sized by segments instead
+# could make a whole shard one group of 100 MB. (Ray Data packs row groups into read tasks of up
+# to 128 MiB either way.)
 ROW_GROUP_BYTES = 16 * 2**20
 
 

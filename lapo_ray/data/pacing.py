@@ -31,11 +31,10 @@ class PacedScheduling(ExecutionCallback):
 
     When the consumer (a training step) is the bottleneck, the executor is backpressured: it has
     no task to wait on, or only tasks whose output it may not read yet, so each step returns in
-    a few milliseconds having changed nothing, and the loop spins. Measured on 2 cores with a
-    200k-frame corpus, the SplitCoordinator then used 0.67 of a core and a 1-worker stage 1 ran
-    at 54 samples/s against 155 for the plain loop. A fixed 50 ms period cut that to 0.08 of a
-    core (148 samples/s), still a sizeable share of 2 cores; a fixed 250 ms period gave ~190 but
-    cut the data benchmark's steady rate from 37k to 23k triplets/s.
+    a few milliseconds having changed nothing, and the loop spins, taking a core's share from the
+    training step it waits on. A fixed pause short enough not to starve a fast consumer still
+    left much of that spin, and one long enough to stop it starved a fast consumer
+    (docs/results/choices.md).
 
     So a step counts as spinning when it took under ``spin_s`` (a step with tasks in flight
     waits up to 0.1 s in ``ray.wait``), the consumer still has output to read, and no counter of

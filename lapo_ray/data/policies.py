@@ -66,8 +66,8 @@ class EpsilonPolicy:
     probability ``epsilon`` per step, by a uniform random one.
 
     The usual way offline-RL corpora get coverage (D4RL's noisy experts, epsilon-greedy
-    collection): an expert that has converged on one action for most states (CoinRun's
-    demonstrator plays RIGHT+UP 77% of the time) shows the other actions' effects only through
+    collection): an expert that has converged on one action for most states (as CoinRun's
+    demonstrator has: docs/results/identifiability.md) shows the other actions' effects only through
     this noise, and an action that never appears cannot be told from the others by any IDM.
 
     With ``hold`` > 0 the noise comes in excursions: a random action, once drawn, is held for
@@ -75,8 +75,8 @@ class EpsilonPolicy:
     takes over again, so ``epsilon / (epsilon + 1 - hold)`` of the steps are noise
     (``CollectConfig.noise_share``). In CoinRun
     the action sets an acceleration: one odd step moves the agent by about a pixel, a held one
-    moves it and the camera visibly (docs/results/identifiability.md measured per-step noise at
-    0.3 bits for a supervised IDM; ``--policy sticky:0.75`` play reaches 0.6).
+    moves it and the camera visibly, so held noise shows the action where per-step noise barely
+    does (docs/results/identifiability.md).
     """
 
     def __init__(self, base: Policy, epsilon: float, num_envs: int, seed: int = 0,

@@ -8,7 +8,7 @@ reads ``action``.
 Ray Data streams *episode segments* (each frame once), globally shuffled and split across Ray
 Train workers; each consumer cuts its segments into triplets itself (``TripletBatcher``), with a
 seeded local shuffle over triplets. Cutting triplets inside Ray Data instead would push every
-frame through the object store three times; on 2 CPUs that ran 4-5x slower (see
+frame through the object store three times (measured: docs/results/choices.md, with
 ``jobs/benchmark.py data``). The plain single-process reader (``iter_plain_batches``) uses the
 same batcher on Parquet row groups read directly, and is the benchmark's reference.
 """

@@ -6,8 +6,8 @@ so a machine with PyTorch alone can run and measure it.
 
 No host sync inside a step: the loss and the metrics stay on the device and are summed there
 (``MetricSums``); the host reads them back once per report. A ``.item()`` per step makes the host
-wait for the GPU to finish the step before it may queue the next one, which on an H100 left the
-GPU idle for most of every 20-29 ms step.
+wait for the GPU to finish the step before it may queue the next one, so the GPU idles while the
+host prepares each step (measured: docs/results/choices.md).
 """
 
 from __future__ import annotations
