@@ -85,3 +85,36 @@ def test_the_architecture_table_names_what_each_room_imports():
     wrong = {room: {"table": sorted(documented[room]), "code": sorted(actual[room])}
              for room in actual if documented[room] != actual[room]}
     assert not wrong, wrong
+
+
+# Above the library: the entry points and the analysis scripts behind docs/results/. They may
+# use any room, but only through its public names, so that a room can change its internals
+# without breaking a script nobody runs in CI.
+TOP_LAYER = sorted([*REPO.glob("jobs/*.py"), *REPO.glob("docs/results/*.py")])
+
+
+def private_imports(path: Path) -> list[str]:
+    """``file:line imports NAME`` for every private module or name of lapo_ray it imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lapo_ray":
+            names = [*node.module.split(".")[1:], *(a.name for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [part for a in node.names if a.name.split(".")[0] == "lapo_ray" for part in a.name.split(".")]
+        else:
+            continue
+        found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.startswith("_")]
+    return found
+
+
+def test_jobs_and_analysis_scripts_use_only_public_library_names():
+    assert {p.parent.name for p in TOP_LAYER} == {"jobs", "results"}
+    private = [line for path in TOP_LAYER for line in private_imports(path)]
+    assert not private, "\n".join(private)
+
+
+def test_the_private_import_check_finds_private_names_and_modules(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("from lapo_ray.evaluation.plots import _plt, save_figure\nimport lapo_ray.data._x\n"
+                      "from lapo_ray.data import corpus\nimport os._private\n")
+    assert private_imports(script) == ["s.py:1 imports _plt", "s.py:2 imports _x"]

@@ -43,7 +43,6 @@ def _row(minutes: float, probe: dict) -> dict:
 
 def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
     from lapo_ray.runtime import init_ray
-    from lapo_ray.train.checkpoint import latest_checkpoint
     from lapo_ray.train.pretrain import load_probe_set, open_corpus, probe_references, split_spec, train_stage1
 
     pre = os.path.join(exp, "pretrain")
@@ -83,9 +82,9 @@ def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
 
 
 def write_table(rows: list[dict], exp: str, out: str, table: str = "docs/results/budget.md") -> None:
-    from lapo_ray.evaluation.plots import _plt, save_figure
+    from lapo_ray.evaluation.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fmt = lambda v, f=".3f": "n/a" if v is None else format(v, f)  # noqa: E731
     lines = [
         "# Stage-1 budget and the probe, on the experiment's corpus",

@@ -102,7 +102,7 @@ def random_policy(args) -> dict:
 
 
 def write(args, done: list[dict], rand: dict) -> None:
-    from lapo_ray.evaluation.plots import _plt, save_figure
+    from lapo_ray.evaluation.plots import pyplot, save_figure
     from lapo_ray.evaluation.stats import sem
 
     candidate = args.game != EXPERIMENT_GAME
@@ -127,7 +127,7 @@ def write(args, done: list[dict], rand: dict) -> None:
     # The notes were written about the experiment's game; a candidate game's table stands alone.
     lines += [] if candidate else [NOTES, ""]
     open(args.table, "w").write("\n".join(lines))
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in done:
         rows = [json.loads(line) for line in open(os.path.join(args.out, slug(r["name"]), "metrics.jsonl"))]

@@ -124,10 +124,9 @@ def run_corpus(corpus: str, args, device: torch.device, path: str) -> dict:
 
 
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lapo_ray.evaluation.plots import pyplot
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r, color in zip(results, ("C0", "C1", "C2", "C3")):
         steps = sorted(int(s) for s in r["evals"])

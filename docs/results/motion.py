@@ -213,11 +213,9 @@ def motion_through_probe(args) -> int:
     res["ceiling_saliency_share_next_frame"] = float(sal[2].sum() / sal.sum())
     res["ceiling_saliency_share_centre_16px_of_next_frame"] = float(sal[2][centre].sum() / sal[2].sum())
     res["centre_area_share"] = float(centre.mean())
-    import matplotlib
+    from lapo_ray.evaluation.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
     for ax, m, t in zip(axes, sal, ("o[t-1]", "o[t]", "o[t+1]")):
         ax.imshow(m, cmap="magma", vmin=0, vmax=sal.max())
@@ -310,11 +308,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"motion-{args.name}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    import matplotlib
+    from lapo_ray.evaluation.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     im = ax.imshow(gain, cmap="magma")
     ax.set_title(f"{args.name}: world-model error removed\nby the true latent (vs shuffled), per pixel", fontsize=9)

@@ -18,12 +18,13 @@ def save_figure(fig, uri: str, dpi: int = 110) -> str:
     try:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:
-        _plt().close(fig)
+        pyplot().close(fig)
     storage.write_bytes(uri, buf.getvalue())
     return uri
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend, imported only when a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +35,7 @@ def _plt():
 
 def plot_training_curves(rows: list[dict[str, Any]], path: str) -> None:
     """Stage 1 (world-model loss train/val, VQ perplexity, probe accuracy) and stage 2 losses."""
-    plt = _plt()
+    plt = pyplot()
     s1 = [r for r in rows if r.get("stage") == "stage1"]
     s2 = [r for r in rows if r.get("stage") == "stage2"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
@@ -79,7 +80,7 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
 
 def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: str = "") -> None:
     """2-D PCA of latent actions, one colour per true action."""
-    plt = _plt()
+    plt = pyplot()
     xy = pca_2d(latents)
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab20")
@@ -95,7 +96,7 @@ def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: 
 def plot_return_curves(runs: dict[str, list[dict[str, Any]]], path: str, key: str = "episode_return_norm",
                        title: str = "normalised return (random 0, expert 1)") -> None:
     """One line per fine-tuning variant: ``key`` against environment steps, plus decoder accuracy."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, rows in runs.items():
         pts = [(r["env_steps"], r[key]) for r in rows if key in r and r[key] == r[key]]
@@ -123,7 +124,7 @@ def plot_seed_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str, key
     band (a variant with one seed has no band)."""
     from lapo_ray.evaluation.stats import curve_band
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, seeds) in enumerate(runs.items()):
         colour = f"C{i}"
@@ -149,7 +150,7 @@ def plot_seed_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str, key
 
 def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[float], path: str, game: str) -> None:
     """Offline decoding: return (random 0, demonstrator 1) and decoder accuracy against k."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot(ks, returns, marker="o")
     axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
