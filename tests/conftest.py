@@ -1,4 +1,5 @@
 import os
+import sys
 import secrets
 import tempfile
 
@@ -66,3 +67,28 @@ def pytest_sessionfinish(session, exitstatus):
         session.config.get_terminal_writer().line(
             f"FAILED: the test suite wrote {_HOME_RAY}/auth_token; tests must use RAY_AUTH_TOKEN_PATH", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The fast tier (`pytest -m "not slow"`) leaves out every test that starts Ray, builds an RLlib
+# algorithm or trains for more than a few steps. The first two are checked here rather than left
+# to memory: a test that asks for a Ray fixture, or leaves Ray running when it did not find it
+# so, fails unless it is marked slow.
+_RAY_FIXTURES = {"ray_local"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start Ray but are not marked slow:\n  " + "\n  ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_leave_ray_alone(request):
+    ray = sys.modules.get("ray")
+    before = bool(ray and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray and ray.is_initialized() and request.node.get_closest_marker("slow") is None:
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow", pytrace=False)

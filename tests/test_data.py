@@ -95,6 +95,7 @@ def test_plain_reader_yields_every_triplet_once(corpus):
     assert set(seen) == expected
 
 
+@pytest.mark.slow
 def test_ray_pipeline_yields_every_triplet_once_and_splits_by_episode(corpus, ray_local):
     src = CorpusSource(corpus)
     cfg = PipelineConfig(val_fraction=0.3, split_seed=3)
@@ -153,6 +154,7 @@ def test_split_over_known_episodes_is_exact_and_never_empties_a_side(n, fraction
     assert SplitSpec.from_dict(spec.to_dict()) == spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_videos", [2, 3, 4])
 def test_small_video_folders_train_and_validate(n_videos, tmp_path, ray_local):
     """A handful of videos under the default split: both sides get whole videos, and every
@@ -194,6 +196,7 @@ def write_lapo_npz(folder, n_files=2, n=200, seed=0, drop=None, **override):
     return data
 
 
+@pytest.mark.slow
 def test_lapo_npz_layout_reads_back_frames(tmp_path, ray_local):
     folder = tmp_path / "bigfish" / "train"
     data = write_lapo_npz(folder)
@@ -246,6 +249,7 @@ def test_npz_wrong_frames(tmp_path, obs, msg):
         LapoNpzSource(str(tmp_path)).scan()
 
 
+@pytest.mark.slow
 def test_bad_files_can_be_skipped_and_are_reported(tmp_path, ray_local):
     write_lapo_npz(tmp_path, n_files=3)
     (tmp_path / "1.npz").write_bytes(b"not an npz")
@@ -297,6 +301,7 @@ VIDEO_FORMATS = [  # (file name, codec, pix_fmt, options, max mean abs error)
 ]
 
 
+@pytest.mark.slow
 def test_video_round_trip(tmp_path, ray_local):
     truth = {}
     for i, (name, codec, pix, opts, _) in enumerate(VIDEO_FORMATS):
@@ -570,6 +575,7 @@ class _FakeExecutor:
         return self.consumer_waiting
 
 
+@pytest.mark.slow
 def test_scheduling_is_paced_only_while_it_spins_and_travels_with_every_dataset(corpus, ray_local):
     src = CorpusSource(corpus)
     for split in ("train", "val"):
@@ -643,6 +649,7 @@ class _RecordingPace(PacedScheduling):
         _RecordingPace.seen.append((progress is not None, self._pause))
 
 
+@pytest.mark.slow
 def test_pacing_reads_the_real_executor_and_leaves_a_waiting_loop_alone(corpus, ray_local):
     """Against Ray Data's own StreamingExecutor (this Ray version): the progress counters pacing
     relies on are visible (a Ray upgrade that hides them fails here), and a loop that waits

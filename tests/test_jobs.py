@@ -74,6 +74,7 @@ CASES = ["empty folder", "folder of .txt", "zero-byte video", "one-frame video",
          "missing path", "garbage manifest.json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_pretrain_bad_corpus_is_one_line_exit_2_and_leaves_out_untouched(case, bad_inputs, existing_run, capsys,
                                                                        ray_local):
@@ -101,6 +102,7 @@ def test_pretrain_error_is_one_line_in_a_fresh_process(bad_inputs, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pretrain_refuses_to_mix_another_config_into_an_existing_folder(tmp_path, ray_local, capsys):
     main = _job("pretrain").main
 

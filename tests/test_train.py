@@ -162,6 +162,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(corpus, tmp_path, ray_local, m
     assert [r["resumed_from_step"] for r in rows if r["step"] > 3] == [3] * sum(r["step"] > 3 for r in rows)
 
 
+@pytest.mark.slow
 def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus, tmp_path, ray_local):
     """Two 1-CPU workers on a 2-CPU cluster leave Ray Data's reads nothing: Ray would hang; the
     stage refuses to start instead, before anything is written."""
