@@ -332,3 +332,14 @@ def test_normalize_return_unknown_game() -> None:
 
 
 # RLlib PPO on this env (vector_entry_point, 2 env runners) is exercised by tests/test_rl.py.
+
+
+def test_action_names_are_procgens_own_key_combinations_in_order():
+    from procgen.env import ProcgenGym3Env
+
+    from lapo_ray.envs import ACTION_NAMES, NUM_ACTIONS
+
+    combos = ProcgenGym3Env.get_combos(None)  # a plain list; it reads nothing of the instance
+    assert NUM_ACTIONS == len(combos) == 15
+    assert list(ACTION_NAMES) == ["+".join(keys) or "NOOP" for keys in combos]
+    assert ACTION_NAMES[4] == "NOOP" and ACTION_NAMES[8] == "RIGHT+UP"
