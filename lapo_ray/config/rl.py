@@ -48,6 +48,23 @@ class EnvConfig:
     start_level: int = 0
 
 
+@dataclass(frozen=True)
+class LearnerSettings:
+    """What the agent's PPO Learner (``lapo_ray.rl.learner.LapoPPOLearner``) reads beyond RLlib's
+    own PPO settings. No defaults here: :meth:`PPOConfig.learner_settings` builds it, so each value
+    has one default, in ``PPOConfig``. Plain picklable data, because RLlib copies its config to
+    every remote Learner and env runner and into each checkpoint."""
+
+    parts: dict[str, float | list[list[float]]]  # {part: lr schedule}, from PPOConfig.part_schedules
+    idm_checkpoint: str | None  # stage-1 checkpoint whose IDM labels the rollouts; None: no decoder SL
+    sl_coeff: float
+    decoder_rl_grad: bool
+    decoder_buffer: int
+    decoder_sl_batch: int
+    normalize_rewards: bool
+    reward_clip: float
+
+
 @dataclass
 class PPOConfig:
     """PPO on RLlib's new API stack, with the per-part schedules of the LAPO agent.
@@ -95,7 +112,7 @@ class PPOConfig:
     sl_coeff: float = 1.0
     decoder_rl_grad: bool = field(
         default=False,
-        metadata={"help": "let PPO's loss train the decoder too (lapo_ray's earlier agent); default: the decoder "
+        metadata={"help": "let PPO's loss train the decoder too (the joint update); default: the decoder "
                   "learns by supervision only, as in the paper (the 'RL, no SL' ablation always uses RL gradients)"},
     )
     decoder_buffer: int = field(
@@ -114,6 +131,15 @@ class PPOConfig:
         if scratch:
             return {name: PartSchedule().schedule(self.scratch_lr, self.env_steps) for name in parts}
         return {name: part.schedule(self.lr, self.env_steps) for name, part in parts.items()}
+
+    def learner_settings(self, scratch: bool, idm_checkpoint: str | None) -> LearnerSettings:
+        """The Learner's part of this config; ``idm_checkpoint`` None trains no decoder by supervision."""
+        return LearnerSettings(
+            parts=self.part_schedules(scratch), idm_checkpoint=idm_checkpoint, sl_coeff=self.sl_coeff,
+            decoder_rl_grad=self.decoder_rl_grad, decoder_buffer=self.decoder_buffer,
+            decoder_sl_batch=self.decoder_sl_batch, normalize_rewards=self.normalize_rewards,
+            reward_clip=self.reward_clip,
+        )
 
 
 @dataclass

@@ -58,7 +58,7 @@ def build_algorithm_config(cfg: FinetuneConfig):
     from ray.rllib.algorithms.ppo import PPOConfig
 
     from lapo_ray.rl.env_runner import LapoEnvRunner
-    from lapo_ray.rl.learner import LapoPPOLearner
+    from lapo_ray.rl.learner import SETTINGS_KEY, LapoPPOLearner
 
     ppo = cfg.ppo
     idm = None
@@ -83,16 +83,9 @@ def build_algorithm_config(cfg: FinetuneConfig):
             num_learners=ppo.num_learners,
             num_gpus_per_learner=ppo.num_gpus_per_learner,
             learner_class=LapoPPOLearner,
-            learner_config_dict={
-                "lapo_parts": ppo.part_schedules(cfg.scratch),
-                "lapo_idm_checkpoint": idm,
-                "lapo_sl_coeff": ppo.sl_coeff,
-                "lapo_decoder_rl_grad": ppo.decoder_rl_grad,
-                "lapo_decoder_buffer": ppo.decoder_buffer,
-                "lapo_decoder_sl_batch": ppo.decoder_sl_batch,
-                "lapo_normalize_rewards": ppo.normalize_rewards,
-                "lapo_reward_clip": ppo.reward_clip,
-            },
+            # One typed object under one key, as RLlib's own custom-Learner examples pass their
+            # settings (examples/learners/ppo_with_custom_loss_fn.py): no PPOConfig subclass needed.
+            learner_config_dict={SETTINGS_KEY: ppo.learner_settings(cfg.scratch, idm)},
         )
         .training(
             train_batch_size_per_learner=cfg.train_batch // max(1, ppo.num_learners),

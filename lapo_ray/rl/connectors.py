@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
+from ray.rllib.utils.annotations import override
 
 LATENT = "lapo_idm_latent"
 LATENT_MASK = "lapo_idm_latent_mask"
@@ -71,6 +72,7 @@ class LabelTripletsWithIDM(ConnectorV2):
         self.batch_size = batch_size
         self.pairs = pairs  # labelled steps also go here, with the action taken
 
+    @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         labels = shared_data.setdefault(_SHARED_KEY, {})
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
@@ -98,6 +100,7 @@ class AddIDMLatentsToBatch(ConnectorV2):
     """Adds the labels of ``LabelTripletsWithIDM`` as batch columns ``LATENT`` and ``LATENT_MASK``
     (False on PPO's phantom step)."""
 
+    @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         labels = shared_data.get(_SHARED_KEY, {})
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
@@ -133,6 +136,7 @@ class NormalizeRewards(ConnectorV2):
         m2 = self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total
         self.var, self.count = m2 / total, total
 
+    @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             rewards = np.asarray(ep.get_rewards(), np.float64)
@@ -148,9 +152,11 @@ class NormalizeRewards(ConnectorV2):
         shared_data["lapo_reward_scale"] = float(np.sqrt(self.var + 1e-8))
         return batch
 
+    @override(ConnectorV2)
     def get_state(self, *args, **kwargs) -> dict[str, Any]:
         return {"count": self.count, "mean": self.mean, "var": self.var}
 
+    @override(ConnectorV2)
     def set_state(self, state: dict[str, Any]) -> None:
         self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
 
@@ -162,6 +168,7 @@ class ScaleRewardsInBatch(ConnectorV2):
         super().__init__(input_observation_space, input_action_space, **kwargs)
         self.clip = clip
 
+    @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs) -> Any:
         scale = shared_data.get("lapo_reward_scale")
         if scale is None:

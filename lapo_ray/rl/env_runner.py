@@ -7,6 +7,7 @@ import math
 
 import torch
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.utils.annotations import override
 
 
 def runner_threads(num_cpus: float) -> int:
@@ -18,10 +19,12 @@ def runner_threads(num_cpus: float) -> int:
 
 class LapoEnvRunner(SingleAgentEnvRunner):
     """Remote runners (``worker_index`` > 0) run their module's inference on exactly the CPUs
-    Ray gave them. Without this each runner took as many threads as the machine has cores: on 2
-    cores, 2 runners x 2 threads fought over the cores and sampling fell from ~1,860 to 367
-    steps/s. The local runner (index 0) lives in the driver, which sets its own threads."""
+    Ray gave them. Otherwise each runner takes as many threads as the machine has cores, so N
+    runners run N times more busy threads than there are cores and their OpenMP threads, waiting
+    on each other, slow sampling several-fold (figures: docs/results/rl-notes.md). The local
+    runner (index 0) lives in the driver, which sets its own threads."""
 
+    @override(SingleAgentEnvRunner)
     def __init__(self, *, config, **kwargs):
         if (kwargs.get("worker_index") or 0) > 0:
             torch.set_num_threads(runner_threads(config.num_cpus_per_env_runner))

@@ -18,8 +18,10 @@ Unless ``model_config["decoder_rl_grad"]`` is set, the decoded half of the logit
 the forward pass, so PPO's loss trains only the RL path (convs, trunk, RL and value heads) and the
 decoder learns by supervision alone, as in the paper (see ``lapo_ray.rl.learner``).
 
-Built without a latent-policy checkpoint (``model_config["scratch"] = True``) the module is the
-PPO-from-scratch baseline: the same IMPALA trunk with RL and value heads, and no latent path.
+Built without a latent-policy checkpoint (``model_config["latent_policy_checkpoint"]`` None, which
+:func:`lapo_ray.rl.algo.module_spec` passes for ``--scratch true``) the module is the PPO-from-scratch
+baseline: an IMPALA trunk built from ``model_config["policy"]`` with RL and value heads, and no
+latent path; ``module.scratch`` says which of the two it is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils.annotations import override
 
 from lapo_ray.config import PolicyConfig, config_from_dict
 from lapo_ray.models import LatentPolicy
@@ -53,13 +56,15 @@ def make_decoder(latent_dim: int, num_actions: int, hidden: tuple[int, ...]) -> 
 
 
 class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
-    """``model_config`` keys: ``latent_policy_checkpoint`` (a stage-2 checkpoint path or URI; None
-    builds the from-scratch baseline), ``policy`` (a PolicyConfig dict, used from scratch only: a
-    checkpoint brings its own architecture), ``decoder_hidden`` and ``decoder_rl_grad`` (default
-    False: no gradient of a loss on the action logits reaches the decoder path). Every env runner and learner
-    reads the checkpoint itself, so on a cluster it must be a URI all nodes reach, like every
-    other output of lapo_ray."""
+    """``model_config`` keys, set by :func:`lapo_ray.rl.algo.module_spec` (online) and
+    :func:`lapo_ray.rl.decode.build_agent` (offline): ``latent_policy_checkpoint`` (a stage-2
+    checkpoint path or URI; None builds the from-scratch baseline), ``policy`` (a PolicyConfig dict,
+    used from scratch only: a checkpoint brings its own architecture), ``decoder_hidden`` and
+    ``decoder_rl_grad`` (absent, as offline decoding leaves it: False, no gradient of a loss on the
+    action logits reaches the decoder path). Every env runner and learner reads the checkpoint
+    itself, so on a cluster it must be a URI all nodes reach, like every other output of lapo_ray."""
 
+    @override(TorchRLModule)
     def setup(self) -> None:
         mc = self.model_config
         num_actions = self.action_space.n
@@ -127,13 +132,16 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
             logits = 0.5 * logits + (decoded if self.decoder_rl_grad else decoded.detach())
         return {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: hidden_rl}
 
+    @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         out = self._heads(batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: out[Columns.ACTION_DIST_INPUTS]}
 
+    @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return self._heads(batch[Columns.OBS])
 
+    @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         if embeddings is None:
             embeddings = F.relu(self.fc_rl(self._features(batch[Columns.OBS])))
