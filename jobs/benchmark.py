@@ -143,6 +143,11 @@ RUNS = {"data": run_data, "stage1": run_stage1, "envrunners": run_envrunners, "s
         "label": run_label}
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, parsed only: nothing runs."""
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,9 +13,14 @@ from lapo_ray.rl.evaluate import POLICY_FACTORIES
 from lapo_ray.runtime import init_ray
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(CollectConfig, {"default": CollectConfig}, argv, description=__doc__,
+                        default_preset="default")
+
+
 def main(argv=None) -> int:
-    cfg, _ = parse_config(CollectConfig, {"default": CollectConfig}, argv, description=__doc__,
-                          default_preset="default")
+    cfg, _ = parse_args(argv)
     init_ray()
     m = collect(cfg, policy_factories=POLICY_FACTORIES)
     print(f"corpus {cfg.out}: {m.num_frames:,} frames, {m.num_episodes:,} episodes, "

@@ -13,8 +13,13 @@ from lapo_ray.rl.decode import decode_offline
 from lapo_ray.runtime import init_ray, run_job
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(DecodeConfig, DECODE_PRESETS, argv, description=__doc__)
+
+
 def main(argv=None) -> int:
-    cfg, _ = parse_config(DecodeConfig, DECODE_PRESETS, argv, description=__doc__)
+    cfg, _ = parse_args(argv)
     init_ray()
     return run_job(lambda: print(json.dumps(decode_offline(cfg), indent=2, default=str)))
 

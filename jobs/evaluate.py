@@ -14,8 +14,13 @@ from lapo_ray.rl.evaluate import evaluate_agent
 from lapo_ray.runtime import run_job
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(EvaluateConfig, EVALUATE_PRESETS, argv, description=__doc__)
+
+
 def main(argv=None) -> int:
-    cfg, _ = parse_config(EvaluateConfig, EVALUATE_PRESETS, argv, description=__doc__)
+    cfg, _ = parse_args(argv)
     return run_job(lambda: print(json.dumps(evaluate_agent(cfg), indent=2)))
 
 

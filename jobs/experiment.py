@@ -16,8 +16,13 @@ from lapo_ray.experiment import run_experiment
 from lapo_ray.runtime import init_ray, run_job
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(ExperimentConfig, EXPERIMENT_PRESETS, argv, description=__doc__)
+
+
 def main(argv=None) -> int:
-    cfg, ns = parse_config(ExperimentConfig, EXPERIMENT_PRESETS, argv, description=__doc__)
+    cfg, ns = parse_args(argv)
     init_ray()
     return run_job(lambda: (run_experiment(cfg, ns.preset), print(f"report: {cfg.out}/report.md")))
 

@@ -15,8 +15,13 @@ from lapo_ray.rl.algo import finetune
 from lapo_ray.runtime import init_ray, run_job
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(FinetuneConfig, FINETUNE_PRESETS, argv, description=__doc__)
+
+
 def main(argv=None) -> int:
-    cfg, _ = parse_config(FinetuneConfig, FINETUNE_PRESETS, argv, description=__doc__)
+    cfg, _ = parse_args(argv)
     init_ray()
     return run_job(lambda: print(json.dumps(finetune(cfg), indent=2, default=str)))
 

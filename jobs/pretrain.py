@@ -15,8 +15,13 @@ from lapo_ray.runtime import run_job
 from lapo_ray.train.pretrain import run_pretrain
 
 
+def parse_args(argv=None):
+    """``(config, namespace)`` from the flags; parses only, runs nothing."""
+    return parse_config(PretrainConfig, PRETRAIN_PRESETS, argv, description=__doc__)
+
+
 def main(argv=None) -> int:
-    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, argv, description=__doc__)
+    cfg, _ = parse_args(argv)
 
     def body():
         summary = run_pretrain(cfg, policy_factories=POLICY_FACTORIES)

@@ -22,10 +22,10 @@ class CollectConfig:
     """Roll a policy out in Procgen on parallel Ray actors and write a corpus."""
 
     out: str = field(default="data/corpus", metadata={"help": "corpus directory (path or URI)"})
-    game: str = "coinrun"
+    game: str = field(default="coinrun", metadata={"help": "Procgen game to collect (one of the 16 in PROCGEN_GAMES)"})
     frames: int = field(default=60_000, metadata={"help": "total frames to collect"})
     num_workers: int = field(default=2, metadata={"help": "parallel collector actors"})
-    envs_per_worker: int = 16
+    envs_per_worker: int = field(default=16, metadata={"help": "Procgen envs each collector actor steps together"})
     policy: str = field(
         default="sticky:0.75",
         metadata={"help": "'random', 'sticky:P' (repeat the last action with probability P), "
@@ -41,13 +41,20 @@ class CollectConfig:
         metadata={"help": "probability that a noise action is held one more step: excursions of mean length "
                   "1/(1-P), epsilon/(epsilon+1-P) of the steps noisy; 0: independent per-step noise"},
     )
-    distribution_mode: Literal["easy", "hard"] = "easy"
-    num_levels: int = 0
-    start_level: int = 0
-    seed: int = 0
-    shard_frames: int = 8192
-    max_segment_frames: int = 256
-    worker_num_cpus: float = 1.0
+    distribution_mode: Literal["easy", "hard"] = field(
+        default="easy", metadata={"help": "Procgen difficulty (the paper's data: easy)"})
+    num_levels: int = field(
+        default=0, metadata={"help": "size of the Procgen level set; 0: unbounded (every episode a fresh level)"})
+    start_level: int = field(default=0, metadata={"help": "first level seed of the level set"})
+    seed: int = field(
+        default=0, metadata={"help": "base seed: each actor's envs and policy draw from (seed, actor, resume point), "
+                             "so a resumed run does not replay what it recorded"})
+    shard_frames: int = field(
+        default=8192, metadata={"help": "frames an actor buffers (in whole episodes) before writing one Parquet shard"})
+    max_segment_frames: int = field(
+        default=256, metadata={"help": "longest segment row an episode is cut into (segments overlap by 2 frames, "
+                               "so every triplet lies within one); at least 3"})
+    worker_num_cpus: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each collector actor"})
 
     @property
     def noise_share(self) -> float:
@@ -72,19 +79,32 @@ class CollectConfig:
 class PipelineConfig:
     """How triplets are drawn from a source. Seeds make every shuffle repeatable."""
 
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    # "files": files read in a seeded random order (streaming); "segments": an exact
-    # random_shuffle of all segments (all-to-all, not streaming); "none": source order.
-    global_shuffle: Literal["files", "segments", "none"] = "files"
-    shuffle_seed: int = 0
+    val_fraction: float = field(
+        default=0.05,
+        metadata={"help": "share of the corpus's episodes held out for validation (validation loss, the probe, "
+                  "decoding's held-out triplets), chosen by a seeded hash of the episode id; in [0, 1)"},
+    )
+    split_seed: int = field(default=0, metadata={"help": "seed of the episode hash that splits train from validation"})
+    global_shuffle: Literal["files", "segments", "none"] = field(
+        default="files",
+        metadata={"help": "files: read the files in a seeded random order (streaming); segments: also an exact "
+                  "random_shuffle of all segments (all-to-all through the object store, not streaming); "
+                  "none: source order"},
+    )
+    shuffle_seed: int = field(
+        default=0, metadata={"help": "seed of the file order, the segment shuffle and the local shuffle "
+                             "(plus the epoch number)"})
     local_shuffle_buffer: int = field(default=2048, metadata={"help": "triplets held for the local shuffle; 0 disables"})
     segments_per_block: int = field(default=4, metadata={"help": "segments fetched per read from Ray Data"})
-    prefetch_blocks: int = 4
+    prefetch_blocks: int = field(
+        default=4, metadata={"help": "batches each consumer reads ahead from Ray Data: reads of --data.segments-per-block "
+                             "segments where triplets are cut (stage 1, probe), training batches in stage 2"})
     expand_num_cpus: float = field(
         default=0.5, metadata={"help": "CPUs per Ray Data transform task; leave room for Train workers"}
     )
-    on_bad_files: Literal["raise", "skip"] = "raise"
+    on_bad_files: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "an unreadable corpus file: raise stops before training and names it; "
+                                   "skip leaves it out and lists it in the scan report"})
     paced_scheduling: bool = field(
         default=True, metadata={"help": "pause Ray Data's scheduling loop while it spins (lapo_ray.data.pacing)"}
     )

@@ -27,7 +27,8 @@ class ExperimentConfig:
     """
 
     out: str = field(default="artifacts/experiment", metadata={"help": "output folder (path or URI)"})
-    game: str = "coinrun"
+    game: str = field(
+        default="coinrun", metadata={"help": "Procgen game of every stage (replaces the stages' own game fields)"})
     seed: int = field(default=0, metadata={"help": "first seed; online seed i of a variant uses seed + i"})
     seeds: int = field(default=3, metadata={"help": "PPO seeds of the rl+sl and scratch variants (rl, an "
                                             "ablation, runs the first seed only)"})

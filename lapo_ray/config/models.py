@@ -27,24 +27,35 @@ class VQConfig:
     size `emb_dim`; each vector is quantised independently against its codebook.
     """
 
-    num_codebooks: int = 2
-    num_discrete_latents: int = 4
-    emb_dim: int = 16
-    num_embs: int = 64
-    commitment_cost: float = 0.05
-    decay: float = 0.999
-    eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    # A code whose EMA count falls below this fraction of a uniform share (total / num_embs) is
-    # re-seeded by splitting the most used code, k-means style. 0 keeps the official behaviour,
-    # where a code that loses its inputs stays unused for good.
-    dead_code_threshold: float = 0.0
-    # All-reduce the per-batch code counts and sums across data-parallel ranks before the EMA
-    # update, so every rank holds the codebook a single worker would learn on the global batch.
-    sync_ema: bool = True
-    # False passes the IDM's continuous latent to the world model unquantised (a continuous
-    # latent action, as LAOM, Nikulin et al. 2025, found better than VQ under distractors); the
-    # codes are then all zero and the code-action NMI does not apply.
-    enabled: bool = True
+    num_codebooks: int = field(default=2, metadata={"help": "codebooks, each with its own codes"})
+    num_discrete_latents: int = field(
+        default=4, metadata={"help": "vectors quantised per codebook: the latent is num-codebooks x this many codes"})
+    emb_dim: int = field(
+        default=16, metadata={"help": "size of one code vector; latent dim = num-codebooks x num-discrete-latents x this"})
+    num_embs: int = field(default=64, metadata={"help": "codes per codebook"})
+    commitment_cost: float = field(
+        default=0.05, metadata={"help": "weight of the commitment loss (MSE of the IDM's latent to its codes)"})
+    decay: float = field(
+        default=0.999, metadata={"help": "EMA decay of the codebook update per step (closer to 1: slower codes)"})
+    eps: float = field(
+        default=1e-5, metadata={"help": "Laplace smoothing of the EMA cluster sizes (keeps unused codes above 0)"})
+    dead_code_threshold: float = field(
+        default=0.0,
+        metadata={"help": "re-seed a code whose EMA count falls below this fraction of a uniform share "
+                  "(total / num-embs) by splitting the most used code, k-means style; 0: never (the official "
+                  "behaviour: a code that loses its inputs stays unused for good)"},
+    )
+    sync_ema: bool = field(
+        default=True,
+        metadata={"help": "all-reduce the per-batch code counts and sums over data-parallel ranks before the EMA "
+                  "update, so every rank holds the codebook one worker would learn on the global batch"},
+    )
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "false: pass the IDM's continuous latent to the world model unquantised (as LAOM, "
+                  "Nikulin et al. 2025, found better under distractors); codes are then all zero and the "
+                  "code-action NMI does not apply"},
+    )
 
     @property
     def latent_dim(self) -> int:
@@ -55,28 +66,36 @@ class VQConfig:
 class IDMConfig:
     """IMPALA CNN over o[t-1], o[t], o[t+1] stacked on channels, then a linear head to the latent."""
 
-    impala_scale: int = 4
-    impala_channels: tuple[int, ...] = (16, 32, 32)
-    impala_features: int = 256
+    impala_scale: int = field(default=4, metadata={"help": "width multiplier of every entry of --impala-channels"})
+    impala_channels: tuple[int, ...] = field(
+        default=(16, 32, 32), metadata={"help": "channels of each IMPALA conv sequence (each halves the resolution), "
+                                        "before x impala-scale"})
+    impala_features: int = field(default=256, metadata={"help": "width of the IMPALA CNN's final linear layer"})
 
 
 @dataclass
 class WorldModelConfig:
     """U-Net predicting o[t+1] from (o[t-1], o[t]) and the quantised latent action."""
 
-    base_channels: int = 24
-    # "batch" as in the official code; "group" trains identically on any number of CPU workers
-    # (BatchNorm statistics are per worker and SyncBatchNorm is GPU-only).
-    norm: Literal["batch", "group"] = "batch"
+    base_channels: int = field(
+        default=24, metadata={"help": "channels of the U-Net's first level; each level down doubles them"})
+    norm: Literal["batch", "group"] = field(
+        default="batch",
+        metadata={"help": "batch: BatchNorm, as the official code (statistics per worker); group: GroupNorm, "
+                  "which trains identically on any number of CPU workers (SyncBatchNorm is GPU-only)"},
+    )
 
 
 @dataclass
 class PolicyConfig:
     """IMPALA CNN on o[t] predicting the IDM's continuous latent action."""
 
-    impala_scale: int = 4
-    impala_channels: tuple[int, ...] = (16, 32, 32)
-    impala_features: int = 256
+    impala_scale: int = field(default=4, metadata={"help": "width multiplier of every entry of --impala-channels"})
+    impala_channels: tuple[int, ...] = field(
+        default=(16, 32, 32), metadata={"help": "channels of each IMPALA conv sequence (each halves the resolution), "
+                                        "before x impala-scale"})
+    impala_features: int = field(
+        default=256, metadata={"help": "width of the IMPALA CNN's final linear layer (the policy's features)"})
 
 
 @dataclass
@@ -85,8 +104,10 @@ class ModelConfig:
     wm: WorldModelConfig = field(default_factory=WorldModelConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    frame_size: int = 64  # frames are square, frame_size x frame_size
-    channels: int = 3  # colour channels of one frame
+    frame_size: int = field(
+        default=64, metadata={"help": "side in pixels of the square frames the models read (videos are resized to "
+                              "it); a power of two >= 4 for the world model's U-Net"})
+    channels: int = field(default=3, metadata={"help": "colour channels of one frame"})
     frame_offset: int = field(
         default=1,
         metadata={"help": "d: the IDM reads (o[t-d], o[t], o[t+d]) and the world model predicts o[t+d], so a "

@@ -16,8 +16,8 @@ class PartSchedule:
     environment steps, then decaying linearly to zero at the end of the run (the official LAPO
     stage 3 trains the new heads before the pretrained layers). ``scale`` 0 freezes the part."""
 
-    scale: float = 1.0
-    start: int = 0
+    scale: float = field(default=1.0, metadata={"help": "peak lr of the part as a multiple of --ppo.lr; 0: frozen"})
+    start: int = field(default=0, metadata={"help": "env steps before the part starts training (lr 0 until then)"})
     ramp: int = field(default=0, metadata={"help": "env steps over which the lr rises from 0 after start"})
 
     def schedule(self, lr: float, total_steps: int) -> float | list[list[float]]:
@@ -42,10 +42,13 @@ class PartSchedule:
 class EnvConfig:
     """Which Procgen levels the agent trains on."""
 
-    game: str = "coinrun"
-    distribution_mode: Literal["easy", "hard"] = "easy"
-    num_levels: int = field(default=0, metadata={"help": "0: the unbounded level set"})
-    start_level: int = 0
+    game: str = field(default="coinrun", metadata={"help": "Procgen game (one of the 16 in PROCGEN_GAMES)"})
+    distribution_mode: Literal["easy", "hard"] = field(default="easy", metadata={"help": "Procgen difficulty"})
+    num_levels: int = field(
+        default=0, metadata={"help": "size of the training level set; 0: the unbounded level set"})
+    start_level: int = field(
+        default=0, metadata={"help": "first level seed of the training set (a bounded set must end "
+                             "before --eval.held-out-start-level)"})
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class PPOConfig:
     (64 x 64 in the paper) and makes ``num_epochs`` passes over it in ``num_minibatches``.
     """
 
-    env_steps: int = 4_000_000
+    env_steps: int = field(
+        default=4_000_000, metadata={"help": "env steps to train for in all; the part schedules decay to 0 there"})
     rollout_length: int = field(default=64, metadata={"help": "steps per env per iteration"})
     num_learners: int = field(default=0, metadata={"help": "0: learn in the driver; N: N learner actors"})
     num_gpus_per_learner: float = field(
@@ -81,23 +85,26 @@ class PPOConfig:
                                "env runners stay on CPUs"})
     lr: float = field(default=1e-2, metadata={"help": "base lr; each part's schedule scales it"})
     scratch_lr: float = field(default=5e-4, metadata={"help": "lr of every part when training from scratch"})
-    gamma: float = 0.999
-    gae_lambda: float = 0.95
-    clip: float = 0.2
+    gamma: float = field(default=0.999, metadata={"help": "discount factor"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    clip: float = field(default=0.2, metadata={"help": "PPO's clip range of the probability ratio"})
     vf_clip: float = field(
         default=10.0,
         metadata={"help": "RLlib's clamp on the value loss (the paper clips the value prediction to +-0.2 "
                   "around the old one, which RLlib's PPO loss does not offer)"},
     )
-    entropy_coeff: float = 0.0025
-    vf_coeff: float = 0.5
-    num_epochs: int = 3
-    num_minibatches: int = 8
-    grad_clip: float = 0.5
+    entropy_coeff: float = field(default=0.0025, metadata={"help": "weight of the entropy bonus"})
+    vf_coeff: float = field(default=0.5, metadata={"help": "weight of the value loss"})
+    num_epochs: int = field(default=3, metadata={"help": "passes over each iteration's batch"})
+    num_minibatches: int = field(
+        default=8, metadata={"help": "minibatches per pass; must divide the train batch "
+                             "(runners x envs per runner x rollout length)"})
+    grad_clip: float = field(default=0.5, metadata={"help": "clip the gradients' global norm to this"})
     normalize_rewards: bool = field(
         default=True, metadata={"help": "scale rewards by the running std of the discounted return"}
     )
-    reward_clip: float = 10.0
+    reward_clip: float = field(
+        default=10.0, metadata={"help": "with --ppo.normalize-rewards: clip the scaled rewards to +-this"})
     # Parts of the agent (see lapo_ray.rl.module.LapoAgentModule).
     convs: PartSchedule = field(default_factory=PartSchedule)
     trunk: PartSchedule = field(default_factory=PartSchedule)
@@ -109,7 +116,8 @@ class PPOConfig:
         metadata={"help": "train the decoder on the IDM's latents of the rollouts (the paper's RL + SL); "
                   "false: the 'RL, no SL' ablation"},
     )
-    sl_coeff: float = 1.0
+    sl_coeff: float = field(
+        default=1.0, metadata={"help": "weight of the decoder's supervised loss (--ppo.decoder-sl) in the total loss"})
     decoder_rl_grad: bool = field(
         default=False,
         metadata={"help": "let PPO's loss train the decoder too (the joint update); default: the decoder "
@@ -122,7 +130,8 @@ class PPOConfig:
         default=4096,
         metadata={"help": "pairs drawn from the buffer for each decoder step (one per PPO minibatch step)"},
     )
-    max_env_runner_restarts: int = 1000
+    max_env_runner_restarts: int = field(
+        default=1000, metadata={"help": "RLlib restarts env runners that fail, up to this many times in all"})
 
     def part_schedules(self, scratch: bool) -> dict[str, float | list[list[float]]]:
         """Per-part lr schedules; from scratch every part trains from the first step at scratch_lr."""
@@ -146,13 +155,14 @@ class PPOConfig:
 class EvalConfig:
     """Mean return over ``episodes`` episodes on the training levels and on held-out levels."""
 
-    episodes: int = 64
-    num_envs: int = 32
+    episodes: int = field(
+        default=64, metadata={"help": "episodes per level set, rounded up to a multiple of --eval.num-envs"})
+    num_envs: int = field(default=32, metadata={"help": "envs stepped together (at most --eval.episodes)"})
     held_out_start_level: int = field(
         default=1_000_000, metadata={"help": "first level seed of the held-out set"}
     )
     greedy: bool = field(default=False, metadata={"help": "argmax actions instead of sampling"})
-    seed: int = 12345
+    seed: int = field(default=12345, metadata={"help": "seed of the evaluation envs and of the action sampling"})
 
 
 @dataclass
@@ -160,10 +170,10 @@ class DecoderConfig:
     """Offline training of the decoder (latent action -> real action) on k labelled frames."""
 
     k: int = field(default=256, metadata={"help": "action-labelled frames used for offline decoding (16-8192)"})
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    label_smoothing: float = 0.05
+    epochs: int = field(default=30, metadata={"help": "passes over the k labelled frames"})
+    batch_size: int = field(default=64, metadata={"help": "decoder minibatch size"})
+    lr: float = field(default=1e-3, metadata={"help": "decoder learning rate"})
+    label_smoothing: float = field(default=0.05, metadata={"help": "label smoothing of the decoder's cross-entropy"})
     held_out: int = field(default=2048, metadata={"help": "labelled validation triplets to report accuracy on"})
 
 
@@ -180,11 +190,12 @@ class FinetuneConfig:
         default=1.0, metadata={"help": "CPUs Ray reserves per env runner; its torch threads: their whole number, >= 1"})
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    decoder_hidden: tuple[int, ...] = (192, 128, 64)
+    decoder_hidden: tuple[int, ...] = field(
+        default=(192, 128, 64), metadata={"help": "hidden layer widths of the MLP decoder (latent action -> action)"})
     scratch_policy: PolicyConfig = field(default_factory=PolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "RLlib's seed (env runners, their envs, the Learner)"})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
@@ -209,11 +220,14 @@ class DecodeConfig:
     out: str = field(default="artifacts/decode", metadata={"help": "artifact folder (path or URI)"})
     pretrain: str = field(default="artifacts/pretrain", metadata={"help": "pretrain artifact folder"})
     corpus: str = field(default="", metadata={"help": "labelled corpus; empty: the one the pretrain job used"})
-    decoder_hidden: tuple[int, ...] = (192, 128, 64)
+    decoder_hidden: tuple[int, ...] = field(
+        default=(192, 128, 64), metadata={"help": "hidden layer widths of the MLP decoder (latent action -> action)"})
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = field(
+        default=0, metadata={"help": "seed of the decoder's initial weights, of the labelled frames drawn and of "
+                             "the batch order"})
 
     def validate(self) -> None:
         if not 1 <= self.decoder.k <= 1_000_000:
