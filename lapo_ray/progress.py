@@ -6,7 +6,7 @@ import sys
 import time
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -42,9 +42,9 @@ class Progress:
         rate = self.rate
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        eta_s = _fmt_duration(eta) if eta != float("inf") else "?"
+        eta_s = format_duration(eta) if eta != float("inf") else "?"
         s = (f"{self.desc}: {self.done:,.0f}/{self.total:,.0f} {self.unit} ({pct:.1f}%) | "
-             f"{rate:,.1f} {self.unit}/s | elapsed {_fmt_duration(elapsed)} | ETA {eta_s}")
+             f"{rate:,.1f} {self.unit}/s | elapsed {format_duration(elapsed)} | ETA {eta_s}")
         return s + (f" | {self.extra}" if self.extra else "")
 
     def print(self) -> None:

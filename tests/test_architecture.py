@@ -19,7 +19,7 @@ LAYERS = [
     {"evaluation"},
     {"train"},
     {"rl"},
-    {"experiment", "benchmarks"},
+    {"experiment", "sweep", "benchmarks"},
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 

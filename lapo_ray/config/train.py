@@ -14,23 +14,33 @@ class StageConfig:
     ``final_lr_frac`` x lr, as in the official LAPO code.
     """
 
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate (after warm-up)"})
     batch_size: int = field(default=128, metadata={"help": "global batch, split over workers"})
-    steps: int = 50_000
+    steps: int = field(
+        default=50_000, metadata={"help": "optimiser steps to train for in all (a resumed run continues to this count)"})
     time_budget_min: float = field(
         default=0.0, metadata={"help": "stop after this many minutes of training (0: no limit)"}
     )
-    warmup_steps: int = 50
-    final_lr_frac: float = 0.01
-    weight_decay: float = 0.01
-    grad_clip: float = 2.0
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
+    warmup_steps: int = field(default=50, metadata={"help": "steps of linear warm-up from 0.1 x lr to lr"})
+    final_lr_frac: float = field(
+        default=0.01, metadata={"help": "after warm-up the lr decays linearly to this fraction of lr at --steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=2.0, metadata={"help": "clip the gradients' global norm to this"})
+    num_workers: int = field(
+        default=1, metadata={"help": "Ray Train workers (data-parallel ranks); must divide --batch-size"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each Train worker"})
+    use_gpu: bool = field(
+        default=False, metadata={"help": "one GPU per worker (NCCL); false: CPU workers (gloo)"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads per worker; 0: cores / local workers"})
-    report_every: int = 500
-    checkpoint_every: int = 5000
-    val_batches: int = 4
+    report_every: int = field(
+        default=500, metadata={"help": "steps between report rows (training means, validation loss, rates; stage 1 "
+                               "also the probe of --probe.during-training); the last step always reports"})
+    checkpoint_every: int = field(
+        default=5000, metadata={"help": "steps between checkpoints, taken at report steps (so a multiple of "
+                                "--report-every); the last step always checkpoints"})
+    val_batches: int = field(
+        default=4, metadata={"help": "validation batches per worker, read once and scored at every report; "
+                             "0: no validation loss"})
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto",
         metadata={"help": "bf16 autocast (VQ distances stay fp32); auto: bf16 on GPUs and on CPUs "
@@ -52,7 +62,9 @@ class StageConfig:
                   "nodes); false: blocks go out in the dataset's order, so a seeded run repeats exactly on "
                   "any layout of nodes"},
     )
-    seed: int = 0
+    seed: int = field(
+        default=0, metadata={"help": "torch seed of the initial weights (the same on every rank); stage 1: also of "
+                             "the labelled subset for --stage1.action-labels and the probe's untrained IDM"})
     # Stage-1 recipe options from the follow-up literature (docs/recipes.md). All off by default
     # and in the paper preset; stage 2 ignores them. Measured on three games in
     # docs/results/recipes.md.
@@ -108,9 +120,10 @@ class StageConfig:
 class LabelConfig:
     """Batch inference of latent actions over the whole corpus (Ray Data actor pool)."""
 
-    batch_size: int = 256
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
+    batch_size: int = field(default=256, metadata={"help": "triplets per inference batch of a labelling actor"})
+    num_actors: int = field(
+        default=1, metadata={"help": "labelling actors in the Ray Data actor pool (at most one per unlabelled file)"})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each labelling actor"})
 
 
 @dataclass
@@ -126,21 +139,29 @@ class ProbeConfig:
     during_training: int = field(
         default=4096, metadata={"help": "labelled validation triplets for the probe at each stage-1 report"}
     )
-    hidden: tuple[int, ...] = (128, 128)
-    max_epochs: int = 200
+    hidden: tuple[int, ...] = field(default=(128, 128), metadata={"help": "hidden layer widths of the probe MLP"})
+    max_epochs: int = field(default=200, metadata={"help": "most epochs the probe trains for"})
     patience: int = field(default=10, metadata={"help": "epochs without a better validation accuracy before stopping"})
     val_fraction: float = field(default=0.2, metadata={"help": "share of the training half that picks the epoch"})
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    # The ceiling: the same probe on an IDM of the same encoder trained on the true actions, with
-    # the same data, batch size and number of steps as stage 1.
-    ceiling: bool = True
+    batch_size: int = field(default=256, metadata={"help": "probe minibatch size"})
+    lr: float = field(default=1e-3, metadata={"help": "probe AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "probe AdamW weight decay"})
+    ceiling: bool = field(
+        default=True,
+        metadata={"help": "also probe the ceiling: an IDM of the same encoder trained on the true actions (of a "
+                  "corpus that has them) with stage 1's data, batch size and steps; false: skip it"},
+    )
+    ceiling_from: str = field(
+        default="", metadata={"help": "folder whose ceiling/ run to reuse or create (runs that share one "
+                                      "corpus, as a sweep's trials); empty: --out"})
 
 
 @dataclass
 class WandbConfig:
     """wandb stays offline unless a project or WANDB_API_KEY is given; it never blocks."""
 
-    project: str = ""
-    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    project: str = field(
+        default="", metadata={"help": "wandb project (online logging); empty: 'lapo_ray', offline unless WANDB_API_KEY"})
+    mode: Literal["auto", "offline", "online", "disabled"] = field(
+        default="auto", metadata={"help": "auto: online with --wandb.project or WANDB_API_KEY, else offline; "
+                                  "disabled: no wandb at all"})

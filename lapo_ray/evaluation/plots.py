@@ -160,3 +160,26 @@ def plot_offline_decoding(ks: list[int], returns: list[float], accuracies: list[
     axes[1].set(xscale="log", xlabel="labelled frames k", ylim=(0, 1), title="decoder accuracy on held-out triplets")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_sweep(summary: list[dict[str, Any]], metric: str, path: str) -> None:
+    """One row per configuration: the mean of ``metric`` over seeds with its 95% interval, and
+    each configuration's floor-to-ceiling scale where the metric is the share of the gap."""
+    plt = pyplot()
+    rows = [e for e in summary if not np.isnan(e[metric])]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
+    names = [e["configuration"] for e in rows]
+    means = np.array([e[metric] for e in rows])
+    halves = np.array([0.0 if np.isnan(e[f"{metric}_half"]) else e[f"{metric}_half"] for e in rows])
+    y = np.arange(len(rows))
+    ax.errorbar(means, y, xerr=halves, fmt="o", capsize=3)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    if metric == "gap_closed":
+        for x, label in ((0.0, "floor (untrained IDM)"), (1.0, "ceiling (supervised IDM)")):
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+            ax.text(x, -0.7, label, fontsize=7, ha="center", color="grey")
+    ax.set_xlabel(f"{metric}: mean over seeds, 95% t interval")
+    missing = [e["configuration"] for e in summary if np.isnan(e[metric])]
+    ax.set_title(f"{len(rows)} configurations" + (f" ({len(missing)} with no measurable {metric})" if missing else ""))
+    save_figure(fig, path)

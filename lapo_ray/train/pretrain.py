@@ -219,11 +219,13 @@ def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
 
 def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, steps: int,
                   run_config: dict[str, Any]) -> str:
-    """Train the supervised IDM with stage 1's loop, data, batch size and step count (skipped when
-    ``<out>/ceiling`` already holds a finished run, resumed when it holds an unfinished one);
+    """Train the supervised IDM with stage 1's loop, data, batch size and step count into
+    ``<home>/ceiling``, where home is ``--probe.ceiling-from`` or else ``--out`` (skipped when it
+    already holds a finished run, resumed when it holds an unfinished one);
     returns its checkpoint. Its lr schedule spans ``steps``, where stage 1's spanned its
     planned steps: the two differ only when stage 1 stopped on its time budget."""
-    uri = storage.join(cfg.out, "ceiling")
+    home = cfg.probe.ceiling_from or cfg.out
+    uri = storage.join(home, "ceiling")
     ckpt = _stage_done(uri)
     if ckpt is None:
         t0 = time.monotonic()
@@ -231,12 +233,27 @@ def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: S
         result = fit_stage(SupervisedIDMTask(cfg.model), stage, cfg.data,
                            triplet_dataset(source, "train", cfg.data, files, spec),
                            triplet_dataset(source, "val", _eval_pipeline(cfg.data), files, spec),
-                           cfg.out, run_config)
+                           home, run_config)
         if result.error:
             raise RuntimeError(f"ceiling (supervised IDM) failed: {result.error}")
         ckpt = latest_checkpoint(uri)
         print(f"ceiling: supervised IDM trained for {stage.steps} steps in {time.monotonic() - t0:.0f}s", flush=True)
     return ckpt
+
+
+def train_reference_ceiling(cfg: PretrainConfig) -> str | None:
+    """The supervised IDM that runs sharing ``cfg.probe.ceiling_from`` reuse (a sweep's trials of
+    one corpus), trained there now unless it is already; None for a corpus without actions."""
+    from lapo_ray.runtime import init_ray
+
+    source = open_corpus(cfg)
+    if source is None:
+        raise ValueError("a shared ceiling needs --corpus: collect the corpus first (jobs/collect.py)")
+    if not source.has_actions or not cfg.probe.ceiling:
+        return None
+    init_ray()
+    scan = source.scan(on_bad=cfg.data.on_bad_files)
+    return train_ceiling(cfg, source, scan.files, split_spec(scan, cfg.data), cfg.stage1.steps, cfg.to_dict())
 
 
 def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, checkpoint: str,

@@ -1,0 +1,99 @@
+"""A sweep: pretraining runs (stage 1 and the probe) over a grid of config fields and seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
+
+
+@dataclass
+class SweepConfig:
+    """Every trial is one pretraining run of ``pretrain`` with one value of each ``grid`` field
+    and one seed, in a folder of its own under ``out``."""
+
+    out: str = field(default="artifacts/sweep", metadata={"help": "sweep folder (path or URI): trials, table, plot"})
+    grid: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "FIELD=V1,V2,... per swept config field, dotted as the pretrain flags; repeat the "
+                  "flag per field (e.g. --grid stage1.augment=none,shift --grid model.vq.enabled=true,false)",
+                  "repeatable": True},
+    )
+    seeds: int = field(default=3, metadata={"help": "seeds per configuration (stage 1's seed and the data shuffle)"})
+    search: Literal["grid", "random"] = field(
+        default="grid", metadata={"help": "grid: every combination; random: --samples random combinations"})
+    samples: int = field(default=4, metadata={"help": "with --search random: configurations drawn from the grid"})
+    metric: str = field(default="gap_closed",
+                        metadata={"help": "probe.json figure the table ranks configurations by"})
+    max_concurrent: int = field(
+        default=0, metadata={"help": "trials at once; 0: as many as the cluster's CPUs fit (a trial's "
+                                     "workers plus one Ray Data read task)"})
+    trial_cpus: float = field(
+        default=0.25, metadata={"help": "CPUs Tune reserves for each trial's driver (the probe runs there); "
+                                        "its Train workers ask for their own"})
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.search == "random" and self.samples < 1:
+            raise ValueError(f"--samples must be at least 1, got {self.samples}")
+        self.axes()  # parses --grid
+        self.pretrain.validate()
+
+    def axes(self) -> dict[str, list[str]]:
+        """field path -> its values as written, in the order given."""
+        axes: dict[str, list[str]] = {}
+        for item in self.grid:
+            path, sep, values = item.partition("=")
+            if not sep or not path or not values:
+                raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+            if path in axes:
+                raise ValueError(f"--grid: {path} given twice")
+            axes[path] = [v.strip() for v in values.split(",") if v.strip()]
+        return axes
+
+    def configurations(self) -> list[dict[str, str]]:
+        """The swept configurations: every combination, or ``samples`` of them drawn with a fixed
+        seed (the same draw on a resumed sweep)."""
+        axes = self.axes()
+        combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
+        if self.search == "random":
+            combos = random.Random(0).sample(combos, min(self.samples, len(combos)))
+        return combos
+
+
+def config_name(values: dict[str, str]) -> str:
+    """A readable, file-safe name of one configuration: ``baseline`` for the base config."""
+    if not values:
+        return "baseline"
+    parts = []
+    for path, value in values.items():
+        short = value.rstrip("/").split("/")[-1] if path == "corpus" else value
+        parts.append(f"{path.split('.')[-1]}={short}")
+    return ",".join(parts).replace(" ", "")
+
+
+def cpu_sweep() -> SweepConfig:
+    """The recipe table's budget: the cpu preset's stage 1 for 150 steps at batch 64, the probe
+    at the end only, no stage 2."""
+    pre = cpu_pretrain()
+    pre.stages = "stage1"
+    pre.stage1 = dataclasses.replace(pre.stage1, steps=150, report_every=50, checkpoint_every=150)
+    pre.data = dataclasses.replace(pre.data, val_fraction=0.2)
+    pre.probe = dataclasses.replace(pre.probe, during_training=0)
+    pre.wandb = dataclasses.replace(pre.wandb, mode="disabled")
+    return SweepConfig(pretrain=pre)
+
+
+def paper_sweep() -> SweepConfig:
+    pre = paper_pretrain()
+    pre.stages = "stage1"
+    return SweepConfig(pretrain=pre)
+
+
+SWEEP_PRESETS: dict[str, Any] = {"cpu": cpu_sweep, "paper": paper_sweep}

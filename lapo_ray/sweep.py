@@ -1,0 +1,240 @@
+"""Sweeps of pretraining recipes on Ray Tune (``jobs/sweep.py``).
+
+A trial is one pretraining run (stage 1 and the probe) of one configuration and one seed, in a
+folder of its own: ``<out>/trials/<configuration>/s<seed>``. The supervised ceiling is trained
+once per corpus, before any trial, into ``<out>/ceilings/<key>`` and every trial of that corpus
+reuses it, so the trials differ only in what the sweep varies. Tune schedules the trials by
+resources, keeps its state in ``<out>/tune`` and, run again, restores the sweep there: finished
+trials are not run again, and an interrupted trial continues from its run's own checkpoints.
+
+The table gives, per configuration, the mean of each probe figure over seeds with its 95% t
+interval (``evaluation.stats.mean_interval``): one run per configuration cannot rank recipes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from lapo_ray import storage
+from lapo_ray.config import PretrainConfig, config_from_dict
+from lapo_ray.config.cli import parse_config
+from lapo_ray.config.sweep import SweepConfig, config_name
+from lapo_ray.progress import format_duration
+
+# probe.json figures a trial reports to Tune and the table summarises.
+FIGURES = ("gap_closed", "probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "info_bits_trained",
+           "nmi_trained", "majority_rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    values: dict[str, str]  # the swept fields' values, as given on the command line
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return config_name(self.values)
+
+
+def trial_config(base: PretrainConfig, trial: Trial, out: str) -> PretrainConfig:
+    """The trial's pretraining config: ``base`` with the trial's values, parsed as the pretrain
+    job parses its flags (so a bad value fails as it would there), and its seed."""
+    argv = [a for path, value in trial.values.items() for a in (f"--{path.replace('_', '-')}", value)]
+    cfg, _ = parse_config(PretrainConfig, {"sweep": lambda: dataclasses.replace(base)}, argv,
+                          default_preset="sweep")
+    cfg = dataclasses.replace(cfg, out=storage.join(out, "trials", trial.name, f"s{trial.seed}"),
+                              stage1=dataclasses.replace(cfg.stage1, seed=trial.seed),
+                              data=dataclasses.replace(cfg.data, shuffle_seed=trial.seed))
+    return dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, ceiling_from=ceiling_folder(cfg, out)))
+
+
+def ceiling_folder(cfg: PretrainConfig, out: str) -> str:
+    """Where the ceiling of ``cfg``'s corpus lives: keyed by what the supervised IDM depends on
+    (corpus, split, networks, stage-1 budget), never by the seed or a stage-1 recipe option."""
+    model = dataclasses.asdict(cfg.model)
+    model.pop("vq")
+    key = {"corpus": cfg.corpus, "data": {k: getattr(cfg.data, k) for k in ("val_fraction", "split_seed")},
+           "model": model, "stage1": {k: getattr(cfg.stage1, k) for k in (
+               "steps", "batch_size", "lr", "warmup_steps", "final_lr_frac", "num_workers")}}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return storage.join(out, "ceilings", digest)
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep, then write its table, CSVs and plot; returns the summary."""
+    from lapo_ray.runtime import init_ray
+
+    out = storage.absolute(cfg.out)
+    trials = [Trial(values, seed) for values in cfg.configurations() for seed in range(cfg.seeds)]
+    configs = {(t.name, t.seed): trial_config(cfg.pretrain, t, out) for t in trials}  # bad values fail here
+    storage.makedirs(out)
+    storage.write_json(storage.join(out, "sweep.json"), dataclasses.asdict(cfg))
+    init_ray()
+    _train_ceilings(list(configs.values()))
+    print(f"sweep: {len(trials)} trials ({len(trials) // cfg.seeds} configurations x {cfg.seeds} seeds) "
+          f"in {out}", flush=True)
+    _tune(cfg, out, trials, configs)
+    rows = [trial_row(t, configs[(t.name, t.seed)]) for t in trials]
+    summary = summarise(rows, cfg.metric)
+    write_results(out, rows, summary, cfg.metric)
+    return {"out": out, "trials": len(rows), "configurations": summary}
+
+
+def _train_ceilings(configs: list[PretrainConfig]) -> None:
+    """One supervised IDM per ceiling folder, trained before the trials so no two trials race
+    to train the same one."""
+    from lapo_ray.train.pretrain import train_reference_ceiling
+
+    seen: dict[str, PretrainConfig] = {}
+    for c in configs:
+        seen.setdefault(c.probe.ceiling_from, c)
+    for folder, c in seen.items():
+        print(f"sweep: ceiling for {c.corpus or 'the default corpus'} in {folder}", flush=True)
+        train_reference_ceiling(c)
+
+
+def _trial_fn(config: dict[str, Any]) -> None:
+    """The Tune trainable: one pretraining run, its probe figures reported once at the end."""
+    import ray.tune
+
+    from lapo_ray.train.pretrain import run_pretrain
+
+    summary = run_pretrain(config_from_dict(PretrainConfig, config["trial"]["pretrain"]))
+    probe = summary.get("probe") or {}
+    ray.tune.report({k: _number(probe.get(k)) for k in FIGURES} | {"stage1_steps": summary["stage1"]["steps"]})
+
+
+def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[str, int], PretrainConfig]) -> None:
+    """Run the trials on Tune, or restore the sweep Tune left in ``<out>/tune``."""
+    import ray.tune
+
+    trainable = ray.tune.with_resources(_trial_fn, {"CPU": cfg.trial_cpus})
+    fs, path = storage.resolve(out)
+    filesystem = None if storage.is_local(out) else fs
+    tune_dir = storage.join(out, "tune")
+    if ray.tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
+        print(f"sweep: resuming {tune_dir}; finished trials are kept", flush=True)
+        tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True,
+                                       storage_filesystem=filesystem)
+    else:
+        space = {"trial": ray.tune.grid_search([
+            {"name": t.name, "seed": t.seed, "pretrain": dataclasses.asdict(configs[(t.name, t.seed)])}
+            for t in trials])}
+        tuner = ray.tune.Tuner(
+            trainable, param_space=space,
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
+            run_config=ray.tune.RunConfig(name="tune", storage_path=path, storage_filesystem=filesystem,
+                                          verbose=0, callbacks=[TrialProgress(cfg.metric)]))
+    errors = [r.error for r in tuner.fit() if r.error is not None]
+    if errors:
+        raise RuntimeError(f"sweep: {len(errors)} trial(s) failed, the first with: {errors[0]}; run the same "
+                           "command again to retry them")
+
+
+def _concurrency(cfg: SweepConfig) -> int:
+    """Trials at once: each holds its Train workers, and one CPU stays free for Ray Data's reads."""
+    import ray
+
+    from lapo_ray.runtime import READ_CPUS
+
+    if cfg.max_concurrent > 0:
+        return cfg.max_concurrent
+    s1 = cfg.pretrain.stage1
+    per_trial = s1.num_workers * s1.cpus_per_worker + cfg.trial_cpus
+    return max(1, int((ray.cluster_resources().get("CPU", 1.0) - READ_CPUS) // per_trial))
+
+
+class TrialProgress(Callback):
+    """One line per finished trial with the sweep's rate and ETA. It lives in Tune's saved state,
+    so a restored sweep counts the trials finished before it and times only its own."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self._start, self._finished_before = time.monotonic(), None
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        self._start, self._finished_before = time.monotonic(), None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        done = sum(t.status == "TERMINATED" for t in trials) + 1  # this one is not marked yet
+        if self._finished_before is None:
+            self._finished_before = done - 1
+        elapsed = time.monotonic() - self._start
+        rate = (done - self._finished_before) / max(elapsed, 1e-9)
+        eta = format_duration((len(trials) - done) / rate) if rate > 0 else "?"
+        name = trial.config["trial"]["name"]
+        value = (trial.last_result or {}).get(self.metric, float("nan"))
+        print(f"sweep: trial {done}/{len(trials)} {name} s{trial.config['trial']['seed']}: {self.metric} "
+              f"{value:.3f} | {rate * 3600:.1f} trials/h | elapsed {format_duration(elapsed)} | ETA {eta}",
+              flush=True)
+
+
+def _number(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def trial_row(trial: Trial, cfg: PretrainConfig) -> dict[str, Any]:
+    """One finished trial, read back from its own folder (the source of truth, not Tune's state)."""
+    probe_uri = storage.join(cfg.out, "probe.json")
+    probe = storage.read_json(probe_uri) if storage.exists(probe_uri) else {}
+    return {"configuration": trial.name, "seed": trial.seed, **trial.values, "out": cfg.out,
+            **{k: _number(probe.get(k)) for k in FIGURES}}
+
+
+def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Per configuration: seeds, how many gave a measurable figure, mean and 95% half-width."""
+    from lapo_ray.evaluation.stats import mean_interval
+
+    out = []
+    for name in dict.fromkeys(r["configuration"] for r in rows):
+        runs = [r for r in rows if r["configuration"] == name]
+        entry = {"configuration": name, "seeds": len(runs)}
+        for k in FIGURES:
+            values = [r[k] for r in runs if not math.isnan(r[k])]
+            mean, half = mean_interval(values) if values else (float("nan"), float("nan"))
+            entry.update({k: mean, f"{k}_half": half, f"{k}_n": len(values)})
+        out.append(entry)
+    return sorted(out, key=lambda e: -e[metric] if not math.isnan(e[metric]) else math.inf)
+
+
+def _cell(mean: float, half: float, n: int, seeds: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+    return text + ("" if n == seeds else f" ({n} of {seeds})")
+
+
+def render_table(summary: list[dict[str, Any]], metric: str) -> str:
+    cols = [metric] + [k for k in FIGURES if k != metric]
+    lines = ["| configuration | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for e in summary:
+        lines.append(f"| {e['configuration']} | {e['seeds']} | " + " | ".join(
+            _cell(e[k], e[f"{k}_half"], e[f"{k}_n"], e["seeds"]) for k in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str) -> None:
+    """sweep.md (the table), trials.csv (one row per trial), summary.csv and plots/sweep.png."""
+    from lapo_ray.evaluation.plots import plot_sweep
+
+    storage.write_bytes(storage.join(out, "sweep.md"), (
+        f"# Sweep: {metric} per configuration\n\nMean over seeds, ± the 95% t interval's half-width; "
+        "n/a where no seed gave a measurable figure (a gap within noise).\n\n"
+        + render_table(summary, metric) + "\n\n![sweep](plots/sweep.png)\n").encode())
+    for name, table in (("trials.csv", rows), ("summary.csv", summary)):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+        writer.writeheader()
+        writer.writerows(table)
+        storage.write_bytes(storage.join(out, name), buf.getvalue().encode())
+    plot_sweep(summary, metric, storage.join(out, "plots", "sweep.png"))
+    print(render_table(summary, metric), flush=True)
