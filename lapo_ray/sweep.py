@@ -35,6 +35,9 @@ FIGURES = ("gap_closed", "probe_acc", "floor_untrained_idm", "ceiling_supervised
            "nmi_trained", "majority_rate")
 
 
+TRIAL_MEMORY = 512 * 2**20  # bytes Tune reserves for a trial's driver
+
+
 @dataclasses.dataclass(frozen=True)
 class Trial:
     values: dict[str, str]  # the swept fields' values, as given on the command line
@@ -51,14 +54,17 @@ def trial_config(base: PretrainConfig, trial: Trial, out: str) -> PretrainConfig
     argv = [a for path, value in trial.values.items() for a in (f"--{path.replace('_', '-')}", value)]
     cfg, _ = parse_config(PretrainConfig, {"sweep": lambda: dataclasses.replace(base)}, argv,
                           default_preset="sweep")
-    cfg = dataclasses.replace(cfg, out=storage.join(out, "trials", trial.name, f"s{trial.seed}"),
+    # A trial runs in a folder of Tune's: relative corpus paths would not resolve there.
+    corpus = ",".join(storage.absolute(part) for part in cfg.corpus.split(","))
+    cfg = dataclasses.replace(cfg, out=storage.join(out, "trials", trial.name, f"s{trial.seed}"), corpus=corpus,
                               stage1=dataclasses.replace(cfg.stage1, seed=trial.seed),
                               data=dataclasses.replace(cfg.data, shuffle_seed=trial.seed))
     return dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, ceiling_from=ceiling_folder(cfg, out)))
 
 
 def ceiling_folder(cfg: PretrainConfig, out: str) -> str:
-    """Where the ceiling of ``cfg``'s corpus lives: keyed by what the supervised IDM depends on
+    """Where the ceiling of ``cfg``'s corpus lives, under ``--pretrain.probe.ceiling-from`` if given
+    (sweeps that share ceilings) or the sweep's folder: keyed by what the supervised IDM depends on
     (corpus, split, networks, stage-1 budget), never by the seed or a stage-1 recipe option."""
     model = dataclasses.asdict(cfg.model)
     model.pop("vq")
@@ -66,7 +72,7 @@ def ceiling_folder(cfg: PretrainConfig, out: str) -> str:
            "model": model, "stage1": {k: getattr(cfg.stage1, k) for k in (
                "steps", "batch_size", "lr", "warmup_steps", "final_lr_frac", "num_workers")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return storage.join(out, "ceilings", digest)
+    return storage.join(storage.absolute(cfg.probe.ceiling_from or out), "ceilings", digest)
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -117,7 +123,9 @@ def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[s
     """Run the trials on Tune, or restore the sweep Tune left in ``<out>/tune``."""
     import ray.tune
 
-    trainable = ray.tune.with_resources(_trial_fn, {"CPU": cfg.trial_cpus})
+    # Memory, not only CPUs: Tune refuses an all-zero request, and the driver holds the probe's
+    # triplets; with no CPU of its own a trial leaves a 2-CPU node its worker and one read task.
+    trainable = ray.tune.with_resources(_trial_fn, {"CPU": cfg.trial_cpus, "memory": TRIAL_MEMORY})
     fs, path = storage.resolve(out)
     filesystem = None if storage.is_local(out) else fs
     tune_dir = storage.join(out, "tune")
@@ -136,8 +144,10 @@ def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[s
                                           verbose=0, callbacks=[TrialProgress(cfg.metric)]))
     errors = [r.error for r in tuner.fit() if r.error is not None]
     if errors:
-        raise RuntimeError(f"sweep: {len(errors)} trial(s) failed, the first with: {errors[0]}; run the same "
-                           "command again to retry them")
+        # Tune's error text is the worker's whole traceback; its last line names the cause.
+        cause = str(errors[0]).strip().splitlines()[-1]
+        raise RuntimeError(f"sweep: {len(errors)} trial(s) failed, the first with: {cause} (the traceback is in "
+                           f"{storage.join(out, 'tune')}); run the same command again to retry them")
 
 
 def _concurrency(cfg: SweepConfig) -> int:

@@ -120,7 +120,8 @@ def test_flags_override_only_what_they_name_and_a_repeatable_flag_gathers():
     paper = PRETRAIN_PRESETS["paper"]()
     assert cfg.stage1.lr == 5e-4 and dataclasses.replace(cfg.stage1, lr=paper.stage1.lr) == paper.stage1
     assert cfg.model == paper.model and cfg.data == paper.data
-    sweep, _ = _job("sweep").parse_args(["--grid", "stage1.augment=none,shift", "--grid", "model.vq.enabled=true,false"])
+    sweep, _ = _job("sweep").parse_args(["--pretrain.corpus", "data/c", "--grid", "stage1.augment=none,shift",
+                                          "--grid", "model.vq.enabled=true,false"])
     assert sweep.grid == ("stage1.augment=none,shift", "model.vq.enabled=true,false")
     assert len(sweep.configurations()) == 4
     cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, ["--probe.hidden", "8", "--probe.hidden", "16", "4"])

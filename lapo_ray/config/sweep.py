@@ -33,8 +33,8 @@ class SweepConfig:
         default=0, metadata={"help": "trials at once; 0: as many as the cluster's CPUs fit (a trial's "
                                      "workers plus one Ray Data read task)"})
     trial_cpus: float = field(
-        default=0.25, metadata={"help": "CPUs Tune reserves for each trial's driver (the probe runs there); "
-                                        "its Train workers ask for their own"})
+        default=0.0, metadata={"help": "CPUs Tune reserves for each trial's driver, besides the CPUs its Train "
+                                       "workers and Ray Data reads ask for (the driver mostly waits on them)"})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self) -> None:
@@ -42,7 +42,10 @@ class SweepConfig:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.search == "random" and self.samples < 1:
             raise ValueError(f"--samples must be at least 1, got {self.samples}")
-        self.axes()  # parses --grid
+        axes = self.axes()  # parses --grid
+        if not self.pretrain.corpus and "corpus" not in axes:
+            raise ValueError("a sweep needs --pretrain.corpus (or --grid corpus=...): collect it first with "
+                             "jobs/collect.py, so every trial reads the same frames")
         self.pretrain.validate()
 
     def axes(self) -> dict[str, list[str]]:

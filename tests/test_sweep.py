@@ -1,0 +1,152 @@
+"""Recipe sweeps on Ray Tune: the grid and its trials, the shared ceiling's key, the table's
+statistics, and a sweep killed halfway that resumes without rerunning its finished trial."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lapo_ray.config.sweep import SWEEP_PRESETS, SweepConfig, config_name
+from lapo_ray.sweep import Trial, ceiling_folder, render_table, summarise, trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse(argv):
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args(argv)[0]
+
+
+def test_the_grid_gives_every_combination_in_order_and_random_search_a_fixed_draw():
+    cfg = _parse(["--pretrain.corpus", "c", "--grid", "stage1.augment=none,shift",
+                  "--grid", "model.vq.enabled=true,false", "--seeds", "2"])
+    assert cfg.configurations() == [
+        {"stage1.augment": "none", "model.vq.enabled": "true"}, {"stage1.augment": "none", "model.vq.enabled": "false"},
+        {"stage1.augment": "shift", "model.vq.enabled": "true"}, {"stage1.augment": "shift", "model.vq.enabled": "false"}]
+    draw = dataclasses.replace(cfg, search="random", samples=2)
+    assert len(draw.configurations()) == 2 and draw.configurations() == draw.configurations()
+    assert set(map(str, draw.configurations())) <= set(map(str, cfg.configurations()))
+    assert SweepConfig(pretrain=cfg.pretrain).configurations() == [{}]
+    assert config_name({}) == "baseline"
+    assert config_name({"corpus": "/data/recipes/ninja/", "stage1.augment": "shift"}) == "corpus=ninja,augment=shift"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"grid": ("stage1.augment",)}, "expected FIELD=V1,V2"),
+    ({"grid": ("stage1.lr=1", "stage1.lr=2")}, "stage1.lr given twice"),
+    ({"seeds": 0}, "--seeds must be at least 1"),
+])
+def test_a_bad_sweep_is_refused_with_the_input_named(change, message):
+    cfg = SWEEP_PRESETS["cpu"]()
+    cfg.pretrain.corpus = "c"
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(cfg, **change).validate()
+
+
+def test_a_sweep_without_a_corpus_is_refused():
+    with pytest.raises(ValueError, match="needs --pretrain.corpus"):
+        SWEEP_PRESETS["cpu"]().validate()
+
+
+def test_a_trial_is_the_base_config_with_its_values_its_seed_and_its_own_folder(tmp_path):
+    base = SWEEP_PRESETS["cpu"]().pretrain
+    base.corpus = "data/recipes/coinrun"
+    cfg = trial_config(base, Trial({"stage1.augment": "shift", "model.vq.enabled": "false"}, 2), str(tmp_path))
+    assert cfg.stage1.augment == "shift" and cfg.model.vq.enabled is False
+    assert cfg.stage1.seed == 2 and cfg.data.shuffle_seed == 2
+    assert cfg.out == str(tmp_path / "trials" / "augment=shift,enabled=false" / "s2")
+    assert cfg.corpus == os.path.abspath("data/recipes/coinrun")  # trials run in Tune's folders
+    assert dataclasses.replace(cfg.stage1, augment=base.stage1.augment, seed=base.stage1.seed) == base.stage1
+    with pytest.raises(SystemExit):  # a bad value fails as the pretrain flag would, before any trial
+        trial_config(base, Trial({"stage1.augment": "rotate"}, 0), str(tmp_path))
+
+
+def test_one_ceiling_per_corpus_whatever_the_seed_or_recipe(tmp_path):
+    base = SWEEP_PRESETS["cpu"]().pretrain
+    base.corpus = str(tmp_path / "a")
+    folders = {ceiling_folder(trial_config(base, Trial(values, seed), str(tmp_path)), str(tmp_path))
+               for values in ({}, {"stage1.augment": "shift"}, {"model.vq.enabled": "false"}) for seed in (0, 1)}
+    assert len(folders) == 1 and folders.pop().startswith(str(tmp_path / "ceilings"))
+    other = trial_config(base, Trial({"corpus": str(tmp_path / "b")}, 0), str(tmp_path))
+    longer = trial_config(base, Trial({"stage1.steps": "300"}, 0), str(tmp_path))
+    first = ceiling_folder(trial_config(base, Trial({}, 0), str(tmp_path)), str(tmp_path))
+    assert ceiling_folder(other, str(tmp_path)) != first and ceiling_folder(longer, str(tmp_path)) != first
+    shared = dataclasses.replace(base, probe=dataclasses.replace(base.probe, ceiling_from=str(tmp_path / "shared")))
+    assert ceiling_folder(shared, str(tmp_path)).startswith(str(tmp_path / "shared" / "ceilings"))
+
+
+def test_the_table_gives_mean_and_t_interval_over_seeds():
+    nan = float("nan")
+    rows = [{"configuration": "a", "gap_closed": g, **{k: 0.5 for k in ("probe_acc", "floor_untrained_idm",
+             "ceiling_supervised_idm", "info_bits_trained", "nmi_trained", "majority_rate")}}
+            for g in (0.2, 0.4, 0.6)]
+    rows += [dict(r, configuration="b", gap_closed=v) for r, v in zip(rows, (0.9, nan, nan))]
+    summary = summarise(rows, "gap_closed")
+    assert [e["configuration"] for e in summary] == ["b", "a"]  # ranked by the metric's mean
+    a = summary[1]
+    assert a["seeds"] == 3 and a["gap_closed_n"] == 3 and math.isclose(a["gap_closed"], 0.4)
+    # t(0.975, 2) = 4.303, sd 0.2, n 3: half-width 0.4969
+    assert math.isclose(a["gap_closed_half"], 4.3027 * 0.2 / math.sqrt(3), rel_tol=1e-3)
+    assert summary[0]["gap_closed_n"] == 1 and math.isnan(summary[0]["gap_closed_half"])
+    table = render_table(summary, "gap_closed")
+    assert "| a | 3 | 0.400 ± 0.497 |" in table and "| b | 3 | 0.900 (1 of 3) |" in table
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_its_finished_trial(tmp_path, ray_local):
+    from test_data import write_lapo_npz
+
+    corpus = tmp_path / "npz"
+    write_lapo_npz(corpus, n_files=4, n=120)
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--pretrain.corpus", str(corpus), "--seeds", "2", "--max-concurrent", "1",
+            "--pretrain.stage1.steps", "3", "--pretrain.stage1.batch-size", "16", "--pretrain.probe.triplets", "200",
+            "--pretrain.probe.max-epochs", "5"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = out / "trials" / "baseline" / "s0" / "probe.json"
+    deadline = time.monotonic() + 420
+    try:
+        while not first.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.2)
+        time.sleep(2)  # Tune records the trial's result after the trial writes it
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        log = proc.stdout.read().decode()
+    assert "sweep: trial 1/2 baseline s0" in log, log[-3000:]
+    assert not (out / "sweep.md").exists()
+    ceilings = list((out / "ceilings").iterdir())
+    kept = first.stat().st_mtime_ns
+
+    from lapo_ray.sweep import run_sweep
+
+    result = run_sweep(_parse(argv))
+    assert first.stat().st_mtime_ns == kept  # the finished trial did not run again
+    assert list((out / "ceilings").iterdir()) == ceilings  # nor did the ceiling
+    assert result["trials"] == 2
+    with open(out / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    assert [(t["configuration"], t["seed"]) for t in trials] == [("baseline", "0"), ("baseline", "1")]
+    for t in trials:
+        probe = json.loads((Path(t["out"]) / "probe.json").read_text())
+        assert math.isclose(float(t["probe_acc"]), probe["probe_acc"])
+        assert probe["ceiling_supervised_idm"] == json.loads(first.read_text())["ceiling_supervised_idm"]
+    assert (out / "plots" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| baseline | 2 |" in (out / "sweep.md").read_text()
