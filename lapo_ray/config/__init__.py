@@ -35,7 +35,8 @@ class PretrainConfig:
 
     out: str = field(default="artifacts/pretrain", metadata={"help": "artifact folder (path or URI)"})
     corpus: str = field(
-        default="", metadata={"help": "corpus, LAPO npz folder or video folder; empty: collect the default corpus"}
+        default="", metadata={"help": "corpus, LAPO npz folder or video folder; several as a comma list, weighted "
+                                      "as DIR=0.7,DIR2=0.3 (docs/data.md); empty: collect the default corpus"}
     )
     stages: str = field(default="stage1,label,stage2", metadata={"help": "comma list of stage1,label,stage2"})
     allow_config_change: bool = field(

@@ -50,6 +50,10 @@ class ScanReport:
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     # Every episode id of the usable files: what an exact train/validation split is made from.
     episode_ids: list[int] = field(default_factory=list)
+    # Triplets per usable file and per episode (aligned with ``files`` and ``episode_ids``): what a
+    # corpus of several sources weighs its sources and counts their splits by (data.mixture).
+    file_triplets: list[int] = field(default_factory=list)
+    episode_triplets: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         s = f"{len(self.files)} files, {self.episodes} episodes, {self.frames} frames, {self.triplets} triplets"
@@ -103,7 +107,19 @@ def _finish_scan(results: list[dict[str, Any]], on_bad: OnBad, what: str) -> Sca
         triplets=sum(r["triplets"] for r in good),
         bad_files=bad,
         episode_ids=sorted(i for r in good for i in r["episode_ids"]),
+        file_triplets=[sum(r["episode_triplets"]) if "episode_triplets" in r else r["triplets"] for r in good],
+        episode_triplets=_episode_triplets(good),
     )
+
+
+def _episode_triplets(good: list[dict[str, Any]]) -> list[int]:
+    """Triplets per episode id, in sorted id order. An episode split over files adds up, and is
+    counted at its first place in the listing (the ids of the files are listed one after another)."""
+    counts: dict[int, int] = {}
+    for r in good:
+        for e, n in zip(r["episode_ids"], r.get("episode_triplets", ())):
+            counts[e] = counts.get(e, 0) + n
+    return [counts.pop(e, 0) for e in sorted(i for r in good for i in r["episode_ids"])]
 
 
 def _listing(bad: list[tuple[str, str]], most: int = 5) -> str:
@@ -163,7 +179,7 @@ class CorpusSource(Source):
         for shard in self.manifest.shards:
             uri = storage.join(self.uri, shard.path)
             _, path = storage.resolve(uri)
-            error, episode_ids = None, []
+            error, episode_ids, episode_triplets = None, [], []
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 error = "shard listed in manifest.json is missing"
             else:
@@ -173,12 +189,19 @@ class CorpusSource(Source):
                         if pf.metadata.num_rows != shard.segments:
                             error = f"has {pf.metadata.num_rows} segments, manifest says {shard.segments}"
                         else:
-                            episode_ids = np.unique(pf.read(columns=["episode_id"]).column(0).to_numpy()).tolist()
+                            t = pf.read(columns=["episode_id", "num_frames"])
+                            ids = t.column(0).to_numpy()
+                            # Segments overlap by two frames: a segment of n frames holds n - 2 triplets.
+                            per_segment = t.column(1).to_numpy().astype(np.int64) - 2
+                            episode_ids, inverse = np.unique(ids, return_inverse=True)
+                            episode_triplets = np.bincount(inverse, per_segment, len(episode_ids)).astype(np.int64).tolist()
+                            episode_ids = episode_ids.tolist()
                 except (OSError, pa.ArrowInvalid) as e:
                     error = f"unreadable Parquet ({e})"
             results.append(
                 {"path": uri, "error": error, "frames": shard.frames, "episodes": shard.episodes,
-                 "triplets": shard.frames - 2 * shard.episodes, "episode_ids": episode_ids if error is None else []}
+                 "triplets": shard.frames - 2 * shard.episodes, "episode_ids": episode_ids if error is None else [],
+                 "episode_triplets": episode_triplets if error is None else []}
             )
         report = _finish_scan(results, on_bad, "corpus shard")
         # Segments overlap by two frames, so the manifest's exact count beats frames - 2 * episodes
@@ -279,7 +302,8 @@ class FileSource(Source):
             return {"path": path, "error": str(e).removeprefix(f"{path}: "), "frames": 0, "episodes": 0,
                     "triplets": 0, "episode_ids": []}
         return {"path": path, "error": None, "frames": sum(map(len, eps)), "episodes": len(eps),
-                "triplets": sum(len(e) - 2 for e in eps), "episode_ids": [e.episode_id for e in eps]}
+                "triplets": sum(len(e) - 2 for e in eps), "episode_ids": [e.episode_id for e in eps],
+                "episode_triplets": [len(e) - 2 for e in eps]}
 
     def scan_files(self) -> list[str]:
         return list(self.paths)

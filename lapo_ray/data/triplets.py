@@ -198,9 +198,12 @@ class TripletBatcher:
 
 
 def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: list[str] | None = None,
-                    spec: SplitSpec | None = None):
+                    spec: SplitSpec | None = None, weighted: bool = False):
     """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
     shard of it) with ``torch_batches``/``iter_batches``, which cut the triplets.
+
+    A source of several corpora (``data.mixture.MultiSource``) interleaves its sources' files;
+    ``weighted`` (the training streams) repeats them to its sources' weights. One source ignores it.
 
     Global shuffling, seeded: ``files`` reads the files in a random order (streaming: the first
     batch arrives after one file is read); ``segments`` adds a full ``random_shuffle`` of the
@@ -209,7 +212,13 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     consumer.
     """
     files = list(files or source.scan_files())
-    if cfg.global_shuffle in ("files", "segments"):
+    from lapo_ray.data.mixture import MultiSource  # it builds on this module
+
+    if isinstance(source, MultiSource):
+        seed = cfg.shuffle_seed if cfg.global_shuffle in ("files", "segments") else None
+        files = source.stream_files(files, spec or SplitSpec(cfg.val_fraction, cfg.split_seed), split, seed,
+                                    weighted)
+    elif cfg.global_shuffle in ("files", "segments"):
         files = [files[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(files))]
     ds = source.segments(files)
     # Imported here: the batcher, splits and segment decoding above run without Ray (the probe

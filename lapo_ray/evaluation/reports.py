@@ -23,8 +23,12 @@ def render_pretrain_report(summary: dict[str, Any], rows: list[dict[str, Any]]) 
     lines = ["# lapo_ray pretraining report", "", f"Source: `{summary['source']['name']}` "
              f"({summary['source']['frames']:,} frames, {summary['source']['episodes']:,} episodes, "
              f"{summary['source']['triplets']:,} triplets).", ""]
+    if summary.get("sources"):
+        lines += source_lines(summary["sources"]) + [""]
     if "probe" in summary:
         lines += probe_lines(summary["probe"]) + ["", "![latent map](plots/latent_map.png)", ""]
+        if summary["probe"].get("per_source"):
+            lines += per_source_probe_lines(summary["probe"]["per_source"]) + [""]
     last = {}
     for r in rows:
         last[r["stage"]] = r
@@ -37,6 +41,35 @@ def render_pretrain_report(summary: dict[str, Any], rows: list[dict[str, Any]]) 
             lines.append("")
     lines += ["![training curves](plots/training_curves.png)", ""]
     return "\n".join(lines)
+
+
+def source_lines(sources: list[dict[str, Any]]) -> list[str]:
+    """The sources of a corpus of several (``data.mixture``): their weights and triplets per split."""
+    lines = ["## Sources", "", "| source | weight | episodes (validation) | train triplets | validation triplets |",
+             "|---|---|---|---|---|"]
+    for r in sources:
+        weight = "by size" if r.get("weight") is None else f"{r['weight']:.3g}"
+        lines.append(f"| `{r['source']}` | {weight} | {r['episodes']:,} ({r['val_episodes']:,}) | "
+                     f"{r['train_triplets']:,} | {r['val_triplets']:,} |")
+    lines += ["", "Each source is split by episode on its own; the training stream holds the sources in their "
+              "weights' proportions (by size when none are given); no triplet mixes sources."]
+    return lines
+
+
+def per_source_probe_lines(per_source: dict[str, dict[str, Any]]) -> list[str]:
+    """The probe on each source's own validation episodes."""
+    lines = ["## Probe per source (each source's held-out episodes)", "",
+             "| source | trained IDM | floor: untrained IDM | majority action | ceiling: supervised IDM | "
+             "gap closed | test triplets |", "|---|---|---|---|---|---|---|"]
+    for name, p in per_source.items():
+        if "skipped" in p:
+            lines.append(f"| `{name}` | skipped: {p['skipped']} | | | | | |")
+            continue
+        closed, _ = resolved_gap_closed(p) if "gap_closed" in p else (None, None)
+        lines.append(f"| `{name}` | {fmt(p.get('probe_acc'))} | {fmt(p.get('floor_untrained_idm'))} | "
+                     f"{fmt(p.get('majority_rate'))} | {fmt(p.get('ceiling_supervised_idm'))} | {fmt(closed, '.2f')} | "
+                     f"{p.get('n_test', '?')} |")
+    return lines
 
 
 def fmt(v: Any, spec: str = ".3f") -> str:

@@ -21,7 +21,8 @@ import torch
 
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
-from lapo_ray.data.sources import ScanReport, Source, open_source
+from lapo_ray.data.mixture import MultiSource, open_corpus_sources
+from lapo_ray.data.sources import ScanReport, Source
 from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
@@ -106,11 +107,12 @@ def _save_png(fig_fn, out_uri: str, name: str, *args) -> str:
 def open_corpus(cfg: PretrainConfig) -> Source | None:
     """The source to train on, opened and checked against the model before any Ray work: the
     path exists, its kind is known and its frames have the model's shape. None when the default
-    corpus still has to be collected."""
+    corpus still has to be collected. Several sources (``--corpus A=0.7,B=0.3``) are one
+    ``MultiSource`` (``data.mixture``)."""
     corpus = cfg.corpus or cfg.collect.out
     if not cfg.corpus and not storage.exists(storage.join(corpus, "manifest.json")):
         return None
-    source = open_source(corpus, frame_size=(cfg.model.frame_size, cfg.model.frame_size))
+    source = open_corpus_sources(corpus, frame_size=(cfg.model.frame_size, cfg.model.frame_size))
     check_frame_shape(source, cfg)
     return source
 
@@ -204,7 +206,7 @@ def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, pro
     same schedule a run given that budget from the start would have followed."""
     result = fit_stage(
         stage1_task(cfg, source, scan, spec, probe), cfg.stage1, cfg.data,
-        triplet_dataset(source, "train", cfg.data, scan.files, spec),
+        triplet_dataset(source, "train", cfg.data, scan.files, spec, weighted=True),
         triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
         cfg.out, run_config, MetricsSink(cfg.out, "stage1", cfg.wandb, run_config),
     )
@@ -213,7 +215,10 @@ def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, pro
     return latest_checkpoint(storage.join(cfg.out, "stage1"))
 
 
-def split_spec(scan, pipe: PipelineConfig) -> SplitSpec:
+def split_spec(scan, pipe: PipelineConfig, source: Source | None = None) -> SplitSpec:
+    """Validation episodes by ``SplitSpec.for_episodes``; for several sources, per source."""
+    if isinstance(source, MultiSource):
+        return source.split(pipe.val_fraction, pipe.split_seed)
     return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
 
 
@@ -231,7 +236,7 @@ def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: S
         t0 = time.monotonic()
         stage = dataclasses.replace(cfg.stage1, steps=max(1, steps), time_budget_min=0.0)
         result = fit_stage(SupervisedIDMTask(cfg.model), stage, cfg.data,
-                           triplet_dataset(source, "train", cfg.data, files, spec),
+                           triplet_dataset(source, "train", cfg.data, files, spec, weighted=True),
                            triplet_dataset(source, "val", _eval_pipeline(cfg.data), files, spec),
                            home, run_config)
         if result.error:
@@ -253,7 +258,8 @@ def train_reference_ceiling(cfg: PretrainConfig) -> str | None:
         return None
     init_ray()
     scan = source.scan(on_bad=cfg.data.on_bad_files)
-    return train_ceiling(cfg, source, scan.files, split_spec(scan, cfg.data), cfg.stage1.steps, cfg.to_dict())
+    return train_ceiling(cfg, source, scan.files, split_spec(scan, cfg.data, source), cfg.stage1.steps,
+                         cfg.to_dict())
 
 
 def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, checkpoint: str,
@@ -314,6 +320,23 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     return report, enc
 
 
+def probe_per_source(cfg: PretrainConfig, source: MultiSource, files: list[str], spec: SplitSpec, checkpoint: str,
+                     steps_done: int, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The probe of ``probe_references`` on each source's own validation episodes (the ceiling is
+    the one trained on all of them), keyed by the source as ``--corpus`` names it."""
+    out: dict[str, Any] = {}
+    for i, (part, label) in enumerate(zip(source.parts, source.labels)):
+        if not part.has_actions:
+            out[label] = {"skipped": "no actions"}
+            continue
+        try:
+            out[label], _ = probe_references(cfg, part, source.part_files(i, files), source.part_spec(i, spec),
+                                             checkpoint, steps_done, run_config)
+        except ValueError as e:  # too few labelled validation triplets in this source
+            out[label] = {"skipped": str(e)}
+    return out
+
+
 def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     """Run the stages in ``cfg.stages`` and return a summary (also written to report.md).
     ``policy_factories`` go to the default corpus's collection (see ``data.collect.collect``)."""
@@ -324,10 +347,18 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
     print(f"source {source.name}: {scan.summary()}; {len(spec.val_episodes)} of {len(scan.episode_ids)} "
           "episodes for validation", flush=True)
-    storage.write_json(storage.join(out, "source_scan.json"), dataclasses.asdict(scan))
-    storage.write_json(storage.join(out, SPLIT_FILE), spec.to_dict())
+    # The per-file and per-episode counts are the scan's working figures, not its record.
+    scanned = {k: v for k, v in dataclasses.asdict(scan).items() if k not in ("file_triplets", "episode_triplets")}
     summary: dict[str, Any] = {"out": out, "source": {"name": source.name, **{
-        k: v for k, v in dataclasses.asdict(scan).items() if k not in ("files", "episode_ids")}}}
+        k: v for k, v in scanned.items() if k not in ("files", "episode_ids")}}}
+    if isinstance(source, MultiSource):
+        summary["sources"] = scanned["sources"] = source.source_counts(spec)
+        for row in summary["sources"]:
+            print(f"  {row['source']}: {row['train_triplets']} train / {row['val_triplets']} validation "
+                  f"triplets ({row['val_episodes']} of {row['episodes']} episodes for validation)"
+                  + ("" if row["weight"] is None else f", weight {row['weight']:.3g}"), flush=True)
+    storage.write_json(storage.join(out, "source_scan.json"), scanned)
+    storage.write_json(storage.join(out, SPLIT_FILE), spec.to_dict())
 
     run_config = cfg.to_dict()
     stages = cfg.stage_list()
@@ -365,7 +396,7 @@ def _checked_input(cfg: PretrainConfig, policy_factories) -> tuple[Source, ScanR
         collect(cfg.collect, policy_factories=policy_factories)
         source = open_corpus(cfg)
     scan = source.scan(on_bad=cfg.data.on_bad_files)
-    spec = split_spec(scan, cfg.data)
+    spec = split_spec(scan, cfg.data, source)
     check_artifact_folder(cfg)
     return source, scan, spec
 
@@ -388,6 +419,8 @@ def _stage1_and_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spe
     probe_uri = storage.join(out, "probe.json")
     if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
         report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
+        if isinstance(source, MultiSource):
+            report["per_source"] = probe_per_source(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
         storage.write_json(probe_uri, report)
         _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
     if storage.exists(probe_uri):
