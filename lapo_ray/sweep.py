@@ -141,7 +141,7 @@ def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[s
             trainable, param_space=space,
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
             run_config=ray.tune.RunConfig(name="tune", storage_path=path, storage_filesystem=filesystem,
-                                          verbose=0, callbacks=[TrialProgress(cfg.metric)]))
+                                          verbose=0, callbacks=[TrialProgress(cfg.metric, len(trials))]))
     errors = [r.error for r in tuner.fit() if r.error is not None]
     if errors:
         # Tune's error text is the worker's whole traceback; its last line names the cause.
@@ -167,8 +167,9 @@ class TrialProgress(Callback):
     """One line per finished trial with the sweep's rate and ETA. It lives in Tune's saved state,
     so a restored sweep counts the trials finished before it and times only its own."""
 
-    def __init__(self, metric: str):
-        self.metric = metric
+    def __init__(self, metric: str, total: int):
+        # Tune creates trials as slots free up, so its own list is not the sweep's size.
+        self.metric, self.total = metric, total
         self._start, self._finished_before = time.monotonic(), None
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
@@ -180,10 +181,10 @@ class TrialProgress(Callback):
             self._finished_before = done - 1
         elapsed = time.monotonic() - self._start
         rate = (done - self._finished_before) / max(elapsed, 1e-9)
-        eta = format_duration((len(trials) - done) / rate) if rate > 0 else "?"
+        eta = format_duration((self.total - done) / rate) if rate > 0 else "?"
         name = trial.config["trial"]["name"]
         value = (trial.last_result or {}).get(self.metric, float("nan"))
-        print(f"sweep: trial {done}/{len(trials)} {name} s{trial.config['trial']['seed']}: {self.metric} "
+        print(f"sweep: trial {done}/{self.total} {name} s{trial.config['trial']['seed']}: {self.metric} "
               f"{value:.3f} | {rate * 3600:.1f} trials/h | elapsed {format_duration(elapsed)} | ETA {eta}",
               flush=True)
 
