@@ -109,14 +109,24 @@ def _train_ceilings(configs: list[PretrainConfig]) -> None:
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
-    """The Tune trainable: one pretraining run, its probe figures reported once at the end."""
+    """The Tune trainable: one pretraining run, its probe figures reported once at the end.
+
+    The run goes to a task of its own outside the trial's placement group: Tune puts a trial's
+    child tasks into its group, where the run's Ray Data reads and scan tasks would find no CPU
+    (the group holds only the driver's memory) and wait for ever."""
+    import ray
     import ray.tune
 
+    run = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(_pretrain_figures)
+    ray.tune.report(ray.get(run.remote(config["trial"]["pretrain"])))
+
+
+def _pretrain_figures(pretrain: dict[str, Any]) -> dict[str, float]:
     from lapo_ray.train.pretrain import run_pretrain
 
-    summary = run_pretrain(config_from_dict(PretrainConfig, config["trial"]["pretrain"]))
+    summary = run_pretrain(config_from_dict(PretrainConfig, pretrain))
     probe = summary.get("probe") or {}
-    ray.tune.report({k: _number(probe.get(k)) for k in FIGURES} | {"stage1_steps": summary["stage1"]["steps"]})
+    return {k: _number(probe.get(k)) for k in FIGURES} | {"stage1_steps": summary["stage1"]["steps"]}
 
 
 def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[str, int], PretrainConfig]) -> None:

@@ -110,27 +110,28 @@ def test_a_killed_sweep_resumes_without_rerunning_its_finished_trial(tmp_path, r
     from test_data import write_lapo_npz
 
     corpus = tmp_path / "npz"
-    write_lapo_npz(corpus, n_files=4, n=120)
+    write_lapo_npz(corpus, n_files=4, n=130)
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--pretrain.corpus", str(corpus), "--seeds", "2", "--max-concurrent", "1",
             "--pretrain.stage1.steps", "3", "--pretrain.stage1.batch-size", "16", "--pretrain.probe.triplets", "200",
             "--pretrain.probe.max-epochs", "5"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], cwd=REPO, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     first = out / "trials" / "baseline" / "s0" / "probe.json"
     deadline = time.monotonic() + 420
-    try:
-        while not first.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+    try:  # killed once Tune has recorded the first trial as finished, while the second runs
+        while "sweep: trial 1/2 baseline s0" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.2)
-        time.sleep(2)  # Tune records the trial's result after the trial writes it
+        time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        log = proc.stdout.read().decode()
-    assert "sweep: trial 1/2 baseline s0" in log, log[-3000:]
+    assert first.exists()
     assert not (out / "sweep.md").exists()
     ceilings = list((out / "ceilings").iterdir())
     kept = first.stat().st_mtime_ns
