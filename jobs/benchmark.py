@@ -6,6 +6,7 @@
     python jobs/benchmark.py envrunners  # RLlib env steps/s with 1 and 2 env runners vs the raw env
     python jobs/benchmark.py stream    # a corpus 3x the object store through stage 1: memory, spill, triplets/s
     python jobs/benchmark.py label     # latent labelling rows/s with 1, 2 and 4 actors
+    python jobs/benchmark.py label --corpus data/label-videos   # the same on a folder of videos (decoding included)
 """
 
 import argparse
@@ -74,7 +75,8 @@ def add_stream(sub) -> None:
 
 def add_label(sub) -> None:
     lb = sub.add_parser("label", help="latent labelling rows/s with 1, 2 and 4 actors (fractional CPUs)")
-    lb.add_argument("--corpus", default="data/label-corpus", help="written as noise if missing")
+    lb.add_argument("--corpus", default="data/label-corpus",
+                    help="a corpus, video folder or LAPO npz folder; a missing one is written as a noise corpus")
     lb.add_argument("--frames", type=int, default=16_384)
     lb.add_argument("--actors", default="1,2,4", help="comma list")
 

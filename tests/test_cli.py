@@ -45,12 +45,13 @@ def _dataclasses_under(cls: type, seen: set[type]) -> None:
 def test_every_config_field_a_job_takes_has_a_one_line_help():
     from lapo_ray.config import CollectConfig
     from lapo_ray.config.experiment import ExperimentConfig
+    from lapo_ray.config.label import LabelJobConfig
     from lapo_ray.config.rl import DecodeConfig, EvaluateConfig, FinetuneConfig
     from lapo_ray.config.sweep import SweepConfig
 
     classes: set[type] = set()
     for top in (CollectConfig, PretrainConfig, FinetuneConfig, DecodeConfig, EvaluateConfig, ExperimentConfig,
-                SweepConfig):
+                SweepConfig, LabelJobConfig):
         _dataclasses_under(top, classes)
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
                if f.init and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])
@@ -150,7 +151,8 @@ DOCUMENTED = list(_documented_commands())
 
 def test_the_docs_document_every_job():
     jobs = {job for _, job, _ in DOCUMENTED}
-    assert jobs >= {"collect", "pretrain", "finetune", "decode", "evaluate", "experiment", "benchmark", "sweep"}, jobs
+    assert jobs >= {"collect", "pretrain", "finetune", "decode", "evaluate", "experiment", "benchmark", "sweep",
+                    "label"}, jobs
     assert len(DOCUMENTED) >= 40
 
 

@@ -124,6 +124,19 @@ class LabelConfig:
     num_actors: int = field(
         default=1, metadata={"help": "labelling actors in the Ray Data actor pool (at most one per unlabelled file)"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each labelling actor"})
+    num_gpus_per_actor: float = field(
+        default=0.0, metadata={"help": "GPUs Ray reserves for each labelling actor (fractions share one GPU, "
+                               "e.g. 0.25 for four actors); above 0 the IDM runs on CUDA"})
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.num_actors <= 0:
+            raise ValueError(f"--label.batch-size and --label.num-actors must be positive, got {self.batch_size} "
+                             f"and {self.num_actors}")
+        if self.cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ValueError("--label.cpus-per-actor and --label.num-gpus-per-actor must not be negative")
+        if self.num_gpus_per_actor > 1 and self.num_gpus_per_actor != int(self.num_gpus_per_actor):
+            raise ValueError(f"--label.num-gpus-per-actor {self.num_gpus_per_actor:g}: above 1 it must be a whole "
+                             "number of GPUs")
 
 
 @dataclass
@@ -158,10 +171,14 @@ class ProbeConfig:
 
 @dataclass
 class WandbConfig:
-    """wandb stays offline unless a project or WANDB_API_KEY is given; it never blocks."""
+    """wandb stays offline unless a project or WANDB_API_KEY is given; it never blocks. One run per
+    stage (job_type: the stage), grouped by the job; offline files in <out>/wandb (`wandb sync`)."""
 
     project: str = field(
         default="", metadata={"help": "wandb project (online logging); empty: 'lapo_ray', offline unless WANDB_API_KEY"})
     mode: Literal["auto", "offline", "online", "disabled"] = field(
         default="auto", metadata={"help": "auto: online with --wandb.project or WANDB_API_KEY, else offline; "
                                   "disabled: no wandb at all"})
+    group: str = field(
+        default="", metadata={"help": "wandb group of this job's runs (one run per stage); empty: the artifact "
+                              "folder's name (an experiment: its folder's name for all its runs)"})

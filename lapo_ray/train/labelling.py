@@ -10,11 +10,18 @@ its label makes stage 2 a plain streaming read with no join.
 
 A run that is stopped keeps its finished shards: run again with the same checkpoint and files
 (``labelling.json`` records them), it labels only the files whose shard is missing.
-``latents/manifest.json`` is written last; readers refuse a folder without it.
+``latents/manifest.json`` is written last; readers refuse a folder without it. A finished folder
+is kept as it is when asked again for the same checkpoint and files, and relabelled from scratch
+for any other.
+
+Pretraining's ``label`` stage calls ``label_corpus``; ``jobs/label.py`` calls it through
+``train.label_job.run_label`` for any corpus and any trained stage-1 checkpoint. Actors given GPUs
+(``--label.num-gpus-per-actor``, fractions share one) run the IDM on CUDA.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 from collections import Counter
@@ -26,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lapo_ray import storage, telemetry
+from lapo_ray.progress import Progress
 from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.triplets import TripletBatcher, iter_segments
@@ -46,12 +54,17 @@ def shard_name(file_uri: str) -> str:
 class IDMLabeller:
     """Ray Data actor: paths of input files in; for each, its labelled shard written, its row count out."""
 
-    def __init__(self, checkpoint_uri: str, source: Source, dest_uri: str, batch_size: int = 256):
-        self.model = load_dynamics(checkpoint_uri)
+    def __init__(self, checkpoint_uri: str, source: Source, dest_uri: str, batch_size: int = 256,
+                 use_gpu: bool = False, threads: int = 1):
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("labelling actor: GPUs were reserved (--label.num-gpus-per-actor) but torch sees no "
+                               "CUDA device")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_dynamics(checkpoint_uri).to(self.device)
         self.source, self.dest, self.batch_size = source, dest_uri, batch_size
         c = self.model.cfg
         self.shape = (c.frame_size, c.frame_size, c.channels)
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, threads))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths, rows, seconds = [], [], []
@@ -85,7 +98,8 @@ class IDMLabeller:
     def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from ray.data.block import BlockAccessor
 
-        latent, codes = self.model.encode(torch.from_numpy(batch["frames"]))
+        frames = torch.from_numpy(batch["frames"]).to(self.device, non_blocking=True)
+        latent, codes = (t.cpu() for t in self.model.encode(frames))
         telemetry.count("labelled_frames", len(latent))
         # Ray Data's own block layout (tensor columns with their shapes), so stage 2's
         # read_parquet gets arrays back.
@@ -123,28 +137,46 @@ def _finished_shards(dest: str) -> dict[str, str]:
     return done
 
 
+def check_gpu_budget(cfg: LabelConfig) -> None:
+    """Fail at once when the actors' GPUs exceed the cluster's (Ray would wait without a word);
+    clusters that grow on demand (LAPO_AUTOSCALING=1) are left out, as for CPUs."""
+    import ray
+
+    if cfg.num_gpus_per_actor <= 0 or os.environ.get("LAPO_AUTOSCALING") == "1":
+        return
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    need = cfg.num_actors * cfg.num_gpus_per_actor
+    if need > total + 1e-9:
+        raise ValueError(f"labelling: {cfg.num_actors} actors x {cfg.num_gpus_per_actor:g} GPUs is {need:g} GPUs, "
+                         f"but the cluster has {total:g}; lower --label.num-gpus-per-actor (fractions share a "
+                         "GPU) or --label.num-actors, or 0 GPUs to label on CPUs")
+
+
 def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelConfig,
-                 files: list[str] | None = None) -> dict[str, Any]:
+                 files: list[str] | None = None, file_triplets: list[int] | None = None) -> dict[str, Any]:
     """Write the latent action of every triplet centre of ``source`` (or of its ``files``) to
     ``<out_uri>/latents``, one shard per file; shards finished by an earlier run with the same
-    checkpoint and files are kept. Each actor reads its files itself, in order."""
+    checkpoint and files are kept. Each actor reads its files itself, in order. With
+    ``file_triplets`` (the scan's count per file, aligned with ``files``) progress lines count
+    steps, with rate and ETA; without, shards."""
     import ray.data
 
     dest = storage.join(out_uri, LATENTS_DIR)
     manifest_uri = storage.join(dest, "manifest.json")
-    if storage.exists(manifest_uri):
+    files = list(files or source.scan_files())
+    names = [shard_name(f) for f in files]
+    run = {"checkpoint": checkpoint_uri, "source": source.name, "shards": names}
+    run_uri = storage.join(dest, RUN_FILE)
+    if storage.exists(manifest_uri) and storage.exists(run_uri) and storage.read_json(run_uri) == run:
         return storage.read_json(manifest_uri)
     check_cpu_budget("labelling", cfg.num_actors, cfg.cpus_per_actor,
                      "lower --label.num-actors or --label.cpus-per-actor (fractions work), or add CPUs")
+    check_gpu_budget(cfg)
     started = time.monotonic()
-    files = list(files or source.scan_files())
-    names = [shard_name(f) for f in files]
     clashes = sorted(n for n, k in Counter(names).items() if k > 1)
     if clashes:
         raise ValueError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
                          "rename them so each file name is unique")
-    run = {"checkpoint": checkpoint_uri, "source": source.name, "shards": names}
-    run_uri = storage.join(dest, RUN_FILE)
     fs, path = storage.resolve(dest)
     if storage.exists(dest) and not (storage.exists(run_uri) and storage.read_json(run_uri) == run):
         # Labels of another checkpoint or another set of files must not mix with these.
@@ -159,18 +191,27 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
         print(f"labelling: {kept} of {len(files)} shards already finished in {dest}; labelling the other "
               f"{len(todo)}", flush=True)
     if todo:
+        use_gpu = cfg.num_gpus_per_actor > 0
         ds = ray.data.from_items([{"path": f} for f in todo]).map_batches(
             IDMLabeller,
             fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "source": source, "dest_uri": dest,
-                                   "batch_size": cfg.batch_size},
+                                   "batch_size": cfg.batch_size, "use_gpu": use_gpu,
+                                   "threads": int(cfg.cpus_per_actor)},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(todo)))),
             num_cpus=cfg.cpus_per_actor,
+            **({"num_gpus": cfg.num_gpus_per_actor} if use_gpu else {}),
         )
+        counts = dict(zip(files, file_triplets)) if file_triplets is not None and len(file_triplets) == len(files) \
+            else None
+        # Rate and ETA over the steps still to label (the scan's counts), else over shards.
+        progress = (Progress(sum(counts[f] for f in todo), "labelling", "steps", interval=0) if counts
+                    else Progress(len(todo), "labelling", "shards", interval=0))
         for i, r in enumerate(ds.iter_rows()):
-            print(f"labelling: shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
-                  f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s", flush=True)
+            progress.update(int(r["rows"]) if counts else 1,
+                            extra=f"shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
+                                  f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s")
     done = _finished_shards(dest)
     missing = [n for n in names if n not in done]
     if missing:
