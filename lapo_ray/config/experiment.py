@@ -80,6 +80,12 @@ class ExperimentConfig:
         c.pretrain = dataclasses.replace(self.pretrain, out=join("pretrain"), corpus=join("corpus"))
         c.finetune = dataclasses.replace(self.finetune, pretrain=join("pretrain"), seed=self.seed,
                                          env=dataclasses.replace(self.finetune.env, game=self.game))
+        # One wandb group for the whole experiment: its folder's name, unless one is given.
+        group = self.out.rstrip("/").rsplit("/", 1)[-1]
+        for part in ("demonstrator", "pretrain", "finetune"):
+            sub = getattr(c, part)
+            if not sub.wandb.group:
+                setattr(c, part, dataclasses.replace(sub, wandb=dataclasses.replace(sub.wandb, group=group)))
         return c
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from lapo_ray.config.rl import FinetuneConfig
 from lapo_ray.envs import normalize_return, register_with_rllib
 from lapo_ray.progress import Progress
 from lapo_ray.train.checkpoint import latest_checkpoint
-from lapo_ray.train.metrics import MetricsSink
+from lapo_ray.train.metrics import MetricsSink, WandbRun
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -215,19 +215,31 @@ def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_st
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run (or resume) PPO until ``cfg.ppo.env_steps``; checkpoint, metrics and curve in ``cfg.out``."""
+    """Run (or resume) PPO until ``cfg.ppo.env_steps``; checkpoint, metrics and curve in ``cfg.out``,
+    and a wandb run (job_type ``finetune-<variant>``, step: env steps) that ends with the curve."""
     out = cfg.out
     storage.makedirs(out)
     variant = "scratch" if cfg.scratch else ("rl+sl" if cfg.ppo.decoder_sl else "rl")
     storage.write_json(storage.join(out, "config.json"), {"variant": variant, **dataclasses.asdict(cfg)})
+    with WandbRun(cfg.wandb, out, f"finetune-{variant}", dataclasses.asdict(cfg)) as wb:
+        summary, trained = _finetune(cfg, out, variant, wb)
+        _plot(out, variant)
+        if trained:
+            wb.log_images([storage.join(out, "plots", "return.png")])
+    return summary
+
+
+def _finetune(cfg: FinetuneConfig, out: str, variant: str, wb: WandbRun) -> tuple[dict[str, Any], bool]:
+    """The PPO iterations; returns the summary and whether any ran."""
     algo = build_algorithm_config(cfg).build_algo()
     try:
         steps, it, row = 0, 0, {}
         if _restore(algo, out):
             steps, it = sampled_env_steps(algo), algo.iteration
             print(f"finetune: resumed from {storage.join(out, CHECKPOINT_DIR)} at {steps} env steps", flush=True)
+        it0 = it
         times = IterationTimes(algo)  # after the restore, which may rebuild the metrics logger
-        sink = MetricsSink(out, f"finetune-{variant}", cfg.wandb, dataclasses.asdict(cfg))
+        sink = MetricsSink(out, f"finetune-{variant}", wb)
         progress = Progress(cfg.ppo.env_steps - steps, f"finetune {variant} {cfg.env.game}", unit="steps",
                             interval=10)
         while steps < cfg.ppo.env_steps:
@@ -247,11 +259,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if steps >= cfg.ppo.env_steps or it % cfg.checkpoint_every == 0:
                 _save(algo, out)
         progress.print()
-        sink.finish()
     finally:
         algo.stop()
-    _plot(out, variant)
-    return {"out": out, "variant": variant, "env_steps": steps, **row}
+    return {"out": out, "variant": variant, "env_steps": steps, **row}, it > it0
 
 
 def _plot(out: str, variant: str) -> None:

@@ -11,6 +11,7 @@ latest checkpoint when it holds an unfinished one, so running the job again cont
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -26,7 +27,7 @@ from lapo_ray.data.sources import ScanReport, Source
 from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
-from lapo_ray.train.metrics import MetricsSink, read_metrics
+from lapo_ray.train.metrics import MetricsSink, WandbRun, read_metrics
 from lapo_ray.train.stages import LabelSet, ProbeSet, Stage1Task, Stage2Task, SupervisedIDMTask
 from lapo_ray.train.trainer import fit_stage
 
@@ -143,6 +144,9 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
         pass  # keys this version does not know: compare as written, and name them below
     old.pop("allow_config_change", None)
     new.pop("allow_config_change")
+    # Where the logs go (wandb's mode, project, group) changes nothing the run computes.
+    old.pop("wandb", None)
+    new.pop("wandb", None)
     changes = config_changes(old, new)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
@@ -199,17 +203,20 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, prob
 
 
 def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, probe: ProbeSet | None,
-                 run_config: dict[str, Any]) -> str:
+                 run_config: dict[str, Any], wandb: WandbRun | None = None) -> str:
     """Fit stage 1 in ``<cfg.out>/stage1`` to ``cfg.stage1``'s budget and return its last
     checkpoint. Training resumes from the latest checkpoint there, a finished one included: a
     run whose step or time budget has since been raised trains on from where it stopped, on the
-    same schedule a run given that budget from the start would have followed."""
-    result = fit_stage(
-        stage1_task(cfg, source, scan, spec, probe), cfg.stage1, cfg.data,
-        triplet_dataset(source, "train", cfg.data, scan.files, spec, weighted=True),
-        triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
-        cfg.out, run_config, MetricsSink(cfg.out, "stage1", cfg.wandb, run_config),
-    )
+    same schedule a run given that budget from the start would have followed. ``wandb``: the
+    stage's run, which follows the metrics rank 0 writes."""
+    sink = MetricsSink(cfg.out, "stage1")
+    with wandb.following(sink.path) if wandb is not None else contextlib.nullcontext():
+        result = fit_stage(
+            stage1_task(cfg, source, scan, spec, probe), cfg.stage1, cfg.data,
+            triplet_dataset(source, "train", cfg.data, scan.files, spec, weighted=True),
+            triplet_dataset(source, "val", _eval_pipeline(cfg.data), scan.files, spec),
+            cfg.out, run_config, sink,
+        )
     if result.error:
         raise RuntimeError(f"stage 1 failed: {result.error}")
     return latest_checkpoint(storage.join(cfg.out, "stage1"))
@@ -226,19 +233,22 @@ def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: S
                   run_config: dict[str, Any]) -> str:
     """Train the supervised IDM with stage 1's loop, data, batch size and step count into
     ``<home>/ceiling``, where home is ``--probe.ceiling-from`` or else ``--out`` (skipped when it
-    already holds a finished run, resumed when it holds an unfinished one);
-    returns its checkpoint. Its lr schedule spans ``steps``, where stage 1's spanned its
-    planned steps: the two differ only when stage 1 stopped on its time budget."""
+    already holds a finished run, resumed when it holds an unfinished one), its metrics in
+    ``<home>/ceiling/metrics.jsonl`` and a wandb run of its own; returns its checkpoint. Its lr
+    schedule spans ``steps``, where stage 1's spanned its planned steps: the two differ only when
+    stage 1 stopped on its time budget."""
     home = cfg.probe.ceiling_from or cfg.out
     uri = storage.join(home, "ceiling")
     ckpt = _stage_done(uri)
     if ckpt is None:
         t0 = time.monotonic()
         stage = dataclasses.replace(cfg.stage1, steps=max(1, steps), time_budget_min=0.0)
-        result = fit_stage(SupervisedIDMTask(cfg.model), stage, cfg.data,
-                           triplet_dataset(source, "train", cfg.data, files, spec, weighted=True),
-                           triplet_dataset(source, "val", _eval_pipeline(cfg.data), files, spec),
-                           home, run_config)
+        sink = MetricsSink(home, "ceiling", path=storage.join(uri, "metrics.jsonl"))
+        with WandbRun(cfg.wandb, home, "ceiling", run_config) as wb, wb.following(sink.path):
+            result = fit_stage(SupervisedIDMTask(cfg.model), stage, cfg.data,
+                               triplet_dataset(source, "train", cfg.data, files, spec, weighted=True),
+                               triplet_dataset(source, "val", _eval_pipeline(cfg.data), files, spec),
+                               home, run_config, sink)
         if result.error:
             raise RuntimeError(f"ceiling (supervised IDM) failed: {result.error}")
         ckpt = latest_checkpoint(uri)
@@ -403,28 +413,39 @@ def _checked_input(cfg: PretrainConfig, policy_factories) -> tuple[Source, ScanR
 
 def _stage1_and_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: SplitSpec,
                       run_config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1 (unless finished), then the probe with its floor and ceiling (unless measured)."""
+    """Stage 1 (unless finished), then the probe with its floor and ceiling (unless measured).
+    Its wandb run ends with the probe's figures as summary and the latent map and training
+    curves as images."""
     out = cfg.out
     summary: dict[str, Any] = {}
     # --probe.triplets 0 turns the probe off altogether, during stage 1 too.
     probe = load_probe_set(source, cfg.data, cfg.probe.during_training if cfg.probe.triplets > 0 else 0,
                            scan.files, spec, cfg.model.frame_offset)
-    ckpt = _stage_done(storage.join(out, "stage1"))
-    if ckpt is None:
-        t0 = time.monotonic()
-        ckpt = train_stage1(cfg, source, scan, spec, probe, run_config)
-        summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
-    state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
-    summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
-    probe_uri = storage.join(out, "probe.json")
-    if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
-        report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
-        if isinstance(source, MultiSource):
-            report["per_source"] = probe_per_source(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
-        storage.write_json(probe_uri, report)
-        _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
-    if storage.exists(probe_uri):
-        summary["probe"] = storage.read_json(probe_uri)
+    with WandbRun(cfg.wandb, out, "stage1", run_config) as wb:
+        ckpt = _stage_done(storage.join(out, "stage1"))
+        trained = ckpt is None
+        if trained:
+            t0 = time.monotonic()
+            ckpt = train_stage1(cfg, source, scan, spec, probe, run_config, wandb=wb)
+            summary["stage1_seconds"] = round(time.monotonic() - t0, 1)
+            _save_png(_curves, out, "training_curves.png", read_metrics(out))
+        state = json.loads(storage.read_bytes(f"{ckpt}/state.json"))
+        summary["stage1"] = {"checkpoint": ckpt, "steps": state["step"], "train_seconds": state["train_seconds"]}
+        probe_uri = storage.join(out, "probe.json")
+        if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
+            report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
+            if isinstance(source, MultiSource):
+                report["per_source"] = probe_per_source(cfg, source, scan.files, spec, ckpt, state["step"],
+                                                        run_config)
+            storage.write_json(probe_uri, report)
+            _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
+            wb.log_summary(report, "probe")
+            trained = True
+        if trained:
+            wb.log_images([storage.join(out, "plots", n) for n in ("training_curves.png", "latent_map.png")],
+                          step=state["step"])
+        if storage.exists(probe_uri):
+            summary["probe"] = storage.read_json(probe_uri)
     return summary
 
 
@@ -436,14 +457,18 @@ def _stage2(cfg: PretrainConfig, run_config: dict[str, Any]) -> dict[str, Any]:
     ckpt = _stage_done(stage2_uri)
     if ckpt is None:
         t0 = time.monotonic()
-        result = fit_stage(
-            Stage2Task(cfg.model), cfg.stage2, cfg.data,
-            latents_dataset(out, "train", cfg.data), latents_dataset(out, "val", _eval_pipeline(cfg.data)),
-            out, run_config, MetricsSink(out, "stage2", cfg.wandb, run_config),
-        )
-        if result.error:
-            raise RuntimeError(f"stage 2 failed: {result.error}")
-        summary["stage2_seconds"] = round(time.monotonic() - t0, 1)
+        sink = MetricsSink(out, "stage2")
+        with WandbRun(cfg.wandb, out, "stage2", run_config) as wb:
+            with wb.following(sink.path):
+                result = fit_stage(
+                    Stage2Task(cfg.model), cfg.stage2, cfg.data,
+                    latents_dataset(out, "train", cfg.data), latents_dataset(out, "val", _eval_pipeline(cfg.data)),
+                    out, run_config, sink,
+                )
+            if result.error:
+                raise RuntimeError(f"stage 2 failed: {result.error}")
+            summary["stage2_seconds"] = round(time.monotonic() - t0, 1)
+            wb.log_images([_save_png(_curves, out, "training_curves.png", read_metrics(out))])
         ckpt = latest_checkpoint(stage2_uri)
     summary["stage2"] = {"checkpoint": ckpt}
     return summary
