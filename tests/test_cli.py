@@ -4,7 +4,6 @@ job command written in the README, docs/ and the jobs' own docstrings parsing ag
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import shlex
 import typing
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from test_jobs import _job
+
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
 from lapo_ray.config.cli import format_value, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _help(job: str, argv: list[str], capsys) -> str:

@@ -204,14 +204,8 @@ def preset_config(cls: type, presets: dict[str, Callable[[], Any]], preset: str,
     return config
 
 
-def build_parser(
-    cls: type,
-    presets: dict[str, Callable[[], Any]],
-    argv: list[str] | None = None,
-    description: str = "",
-    default_preset: str = "cpu",
-    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> ConfigArgumentParser:
+def build_parser(cls: type, presets: dict[str, Callable[[], Any]], argv: list[str] | None = None,
+                 description: str = "", default_preset: str = "cpu") -> ConfigArgumentParser:
     """The parser for ``cls``, its help showing the defaults of the preset ``argv`` picks."""
     parser = ConfigArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
@@ -221,25 +215,17 @@ def build_parser(
         # networks under the cpu preset's short schedule. --model.* flags still override it.
         parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None,
                             help="model sizes to use instead of --preset's (paper: the official LAPO networks)")
-    if extra_args:
-        extra_args(parser)
     parser.set_short_usage()
     add_grouped_config_args(parser, cls, preset_config(cls, presets, *chosen_presets(argv, presets, default_preset)))
     return parser
 
 
-def parse_config(
-    cls: type,
-    presets: dict[str, Callable[[], Any]],
-    argv: list[str] | None = None,
-    description: str = "",
-    default_preset: str = "cpu",
-    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> tuple[Any, argparse.Namespace]:
+def parse_config(cls: type, presets: dict[str, Callable[[], Any]], argv: list[str] | None = None,
+                 description: str = "", default_preset: str = "cpu") -> tuple[Any, argparse.Namespace]:
     """Build a parser for ``cls``, parse ``argv`` and return ``(config, namespace)``: the preset's
-    config with the flags given applied, validated. The namespace also carries ``preset``,
-    ``model_preset`` and the non-config flags added by ``extra_args``."""
-    parser = build_parser(cls, presets, argv, description, default_preset, extra_args)
+    config with the flags given applied, validated. The namespace also carries ``preset`` and
+    ``model_preset``."""
+    parser = build_parser(cls, presets, argv, description, default_preset)
     ns = parser.parse_args(argv)
     field_paths = set(_leaf_paths(cls))
     overrides = {k: v for k, v in vars(ns).items() if k in field_paths}
