@@ -5,7 +5,6 @@
     ray job submit --working-dir . -- python jobs/pretrain.py
 """
 
-import json
 import sys
 
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
@@ -25,7 +24,7 @@ def main(argv=None) -> int:
 
     def body():
         summary = run_pretrain(cfg, policy_factories=POLICY_FACTORIES)
-        print(json.dumps({k: summary[k] for k in ("out", "probe") if k in summary}, indent=2))
+        print(f"report: {summary['out']}/report.md (figures in probe.json, plots in plots/)")
 
     return run_job(body)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +19,17 @@ JOB_ENV = {
     # Ray Train turns a worker's print into a log record and, when wandb has wrapped stdout,
     # prints it as well: every progress line appeared twice in `ray job logs`.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # A job's console is its own progress. Ray Data's INFO lines (each dataset's plan, start and
+    # finish, tips) and progress bars came from every reader; its warnings still show, and a job
+    # started with RAY_DATA_LOG_LEVEL=INFO gets the plans back (a value the job was given wins).
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    # Ray Data's progress in a worker goes to its INFO log lines, not to tqdm bars sent to the
+    # driver (which warned once that tqdm is not installed). Turning the bars off instead warns
+    # once in every process that they are off.
+    "RAY_TQDM": "0",
+    # Ray's own deprecation notes, raised inside its actors by its own code (Ray Train sets
+    # ExecutionOptions.exclude_resources): nothing a user of lapo_ray can change.
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 
 
@@ -43,15 +55,23 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     for k, v in env.items():  # the driver reads some of them itself (Ray Train's state tracking)
         os.environ.setdefault(k, v)
     runtime_env = {"env_vars": env} if env else None
+    # The driver's INFO lines (a token written, a run restored) are Ray's; its warnings show.
+    quiet = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, runtime_env=runtime_env)
+        ctx = ray.init(log_to_driver=True, **quiet)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env)
+        # Ray's default turns token authentication on and says so on every start, as a warning
+        # (setting RAY_AUTH_MODE here is too late: Ray has read its config at import).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ctx = ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, dashboard_host="127.0.0.1",
+                       **quiet)
+        print(f"ray: a local instance of {ray.cluster_resources().get('CPU', 0):g} CPUs, dashboard at "
+              f"http://{ctx.dashboard_url}", flush=True)
     from ray.data import DataContext
 
-    # Plain log lines instead of terminal progress bars: they read well in `ray job logs`.
-    DataContext.get_current().enable_progress_bars = False
+    # The driver may have imported Ray Data before the variables above were set.
+    DataContext.get_current().use_ray_tqdm = False
+    logging.getLogger("ray.data").setLevel(os.environ.get("RAY_DATA_LOG_LEVEL", JOB_ENV["RAY_DATA_LOG_LEVEL"]))
 
 
 # Ray Data's read tasks take a whole CPU each; one must stay free beside a stage's own actors.

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -133,6 +134,9 @@ def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[s
     """Run the trials on Tune, or restore the sweep Tune left in ``<out>/tune``."""
     import ray.tune
 
+    # Tune's newer console prints a configuration box and TensorBoard hints even when silent;
+    # the older one honours verbose=0, and TrialProgress prints the sweep's own lines.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Memory, not only CPUs: Tune refuses an all-zero request, and the driver holds the probe's
     # triplets; with no CPU of its own a trial leaves a 2-CPU node its worker and one read task.
     trainable = ray.tune.with_resources(_trial_fn, {"CPU": cfg.trial_cpus, "memory": TRIAL_MEMORY})
@@ -182,6 +186,11 @@ class TrialProgress(Callback):
         self.metric, self.total = metric, total
         self._start, self._finished_before = time.monotonic(), None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune pickles its callbacks with the sweep; one saved by an older lapo_ray may lack a
+        # field this class has now (a restored recipe sweep failed every trial on ``total``).
+        self.__init__(state.get("metric", "gap_closed"), state.get("total", 0))
+
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         self._start, self._finished_before = time.monotonic(), None
 
@@ -191,10 +200,11 @@ class TrialProgress(Callback):
             self._finished_before = done - 1
         elapsed = time.monotonic() - self._start
         rate = (done - self._finished_before) / max(elapsed, 1e-9)
-        eta = format_duration((self.total - done) / rate) if rate > 0 else "?"
+        total = self.total or len(trials)
+        eta = format_duration((total - done) / rate) if rate > 0 else "?"
         name = trial.config["trial"]["name"]
         value = (trial.last_result or {}).get(self.metric, float("nan"))
-        print(f"sweep: trial {done}/{self.total} {name} s{trial.config['trial']['seed']}: {self.metric} "
+        print(f"sweep: trial {done}/{total} {name} s{trial.config['trial']['seed']}: {self.metric} "
               f"{value:.3f} | {rate * 3600:.1f} trials/h | elapsed {format_duration(elapsed)} | ETA {eta}",
               flush=True)
 

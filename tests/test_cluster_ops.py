@@ -37,6 +37,7 @@ from lapo_ray.data.sources import CorpusSource, open_source
 from lapo_ray.data.triplets import SplitSpec, iter_plain_batches
 from lapo_ray.train.checkpoint import latest_checkpoint, save_checkpoint
 from lapo_ray.train.metrics import MetricsSink, read_metrics
+from test_jobs import library_lines
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
@@ -629,6 +630,7 @@ def test_job_submission_runs_pretrain_to_remote_storage(job_head, tmp_path_facto
     assert status == "SUCCEEDED", f"job ended {status} after {time.monotonic() - t0:.0f}s:\n{logs[-6000:]}"
     progress = [line for line in logs.splitlines() if "] step " in line]
     assert progress and len(progress) == len(set(progress)), f"progress lines repeated:\n{progress}"
+    assert library_lines(logs) == []  # the console is the job's own progress, not Ray's commentary
 
     m = read_manifest(corpus)
     assert m.num_frames == 1200

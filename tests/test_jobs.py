@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,47 @@ def _job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Lines of Ray's that a job's console must not show: its INFO log records (a timestamp, then
+# INFO), Ray Train's and Ray Data's running commentary, Tune's configuration box, tips on how to
+# turn features on, and deprecation notes raised inside Ray's own actors.
+LIBRARY_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+INFO |\[State Transition\]|Reporting training result|"
+    r"Execution plan of Dataset|Starting execution of Dataset|Dataset \S+ execution finished|progress UI|"
+    r"Progress bars disabled|tqdm is not installed|Configuration for experiment|To visualize your results|"
+    r"Requesting resources|training worker group|Setting up process group|DeprecationWarning|"
+    r"Token authentication is enabled")
+
+
+def library_lines(console: str) -> list[str]:
+    """The lines of a job's console that are Ray's commentary rather than the job's own."""
+    return [line for line in console.splitlines() if LIBRARY_LINE.search(line)]
+
+
+def test_library_lines_are_told_from_the_jobs_own():
+    ours = ["ray: a local instance of 2 CPUs, dashboard at http://127.0.0.1:8265",
+            "\x1b[36m(RayTrainWorker pid=14992)\x1b[0m [stage1] step 50/150 (33%) train/wm_loss=0.09836 | ETA 1.6 min",
+            "probe: 174 triplets, 11s: probe_acc 0.155, floor_untrained_idm 0.172",
+            "sweep: trial 1/18 baseline s0: gap_closed 0.503 | 12.0 trials/h | elapsed 05:00 | ETA 1:25:00",
+            "labelling: 1/3 shards (33.3%) | 0.1 shards/s | elapsed 00:19 | ETA 00:38"]
+    # Seen in consoles of 2026-12-03, before the jobs quieted Ray.
+    theirs = [
+        "2026-12-03 11:50:14,301\tINFO tune_controller.py:448 -- Restoring the run from the latest experiment state",
+        "(TrainController pid=14846) [State Transition] INITIALIZING -> SCHEDULING.",
+        "(RayTrainWorker pid=14992) Reporting training result 1: TrainingReport(checkpoint=None, metrics={})",
+        "(RayTrainWorker pid=14992) Starting execution of Dataset val_0358Fx_0. Full logs are in /tmp/ray/x",
+        "(RayTrainWorker pid=14992) Execution plan of Dataset val_0358Fx_0: InputDataBuffer[Input] -> ...",
+        "(SplitCoordinator pid=15396) \u2714\ufe0f  Dataset train_0358Fy_0 execution finished in 15.27 seconds",
+        "(RayTrainWorker pid=14992) [dataset]: A new progress UI is available. To enable, set ...",
+        "2026-12-03 11:50:54,698\tWARNING tqdm_ray.py:319 -- tqdm is not installed. Progress bars will be disabled.",
+        "\u2502 Configuration for experiment     tune                  \u2502",
+        "(TrainController pid=14846) Requesting resources: {'CPU': 1.0} * 1",
+        "(TrainController pid=18135) execution_options.py:436: RayDeprecationWarning: `ExecutionOptions.exclude_resources`",
+        "2026-12-03 11:54:57,278\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this",
+    ]
+    assert library_lines("\n".join(ours)) == []
+    assert library_lines("\n".join(ours + theirs)) == theirs
 
 
 def _tree(folder: Path) -> dict[str, str]:

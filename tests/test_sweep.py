@@ -19,6 +19,7 @@ import pytest
 
 from lapo_ray.config.sweep import SWEEP_PRESETS, SweepConfig, config_name
 from lapo_ray.sweep import Trial, ceiling_folder, render_table, summarise, trial_config
+from test_jobs import library_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +134,7 @@ def test_a_killed_sweep_resumes_without_rerunning_its_finished_trial(tmp_path, r
         proc.wait(30)
     assert first.exists()
     assert not (out / "sweep.md").exists()
+    assert library_lines(log_path.read_text(errors="replace")) == []  # no Tune box, no Ray Train commentary
     ceilings = list((out / "ceilings").iterdir())
     kept = first.stat().st_mtime_ns
 

@@ -8,6 +8,7 @@ schedule, bf16 autocast, time budget, metrics, checkpoints and resuming after a 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import tempfile
@@ -157,6 +158,10 @@ def run_stage(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sink = config.get("sink") if rank == 0 else None
+    # Ray Train points the worker's root logger at the console at INFO, and its line for every
+    # report (all metrics, the checkpoint's path) comes from a logger outside ``ray.train``, so
+    # RunConfig's LoggingConfig does not reach it; this worker's own lines are prints.
+    logging.getLogger().setLevel(logging.WARNING)
     _seed_and_threads(cfg, ctx.get_local_world_size())
 
     device = ray.train.torch.get_device()

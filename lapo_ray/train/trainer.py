@@ -45,6 +45,8 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
             storage_filesystem=None if storage.is_local(out_uri) else fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (state transitions, every report) go to its log files only.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Validation batches are the same on every rank; only the training set is split. Ray Train
