@@ -167,7 +167,8 @@ def plot_sweep(summary: list[dict[str, Any]], metric: str, path: str) -> None:
     each configuration's floor-to-ceiling scale where the metric is the share of the gap."""
     plt = pyplot()
     rows = [e for e in summary if not np.isnan(e[metric])]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
+    # Constrained layout makes room for the configurations' names, which can be long.
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(summary), 2) + 1.4), layout="constrained")
     names = [e["configuration"] for e in rows]
     means = np.array([e[metric] for e in rows])
     halves = np.array([0.0 if np.isnan(e[f"{metric}_half"]) else e[f"{metric}_half"] for e in rows])
@@ -178,7 +179,9 @@ def plot_sweep(summary: list[dict[str, Any]], metric: str, path: str) -> None:
     if metric == "gap_closed":
         for x, label in ((0.0, "floor (untrained IDM)"), (1.0, "ceiling (supervised IDM)")):
             ax.axvline(x, color="grey", lw=0.8, ls="--")
-            ax.text(x, -0.7, label, fontsize=7, ha="center", color="grey")
+            # Along its line, so the two labels never overlap however close 0 and 1 are drawn.
+            ax.text(x, 0.98, f" {label}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="left",
+                    fontsize=7, color="grey")
     ax.set_xlabel(f"{metric}: mean over seeds, 95% t interval")
     missing = [e["configuration"] for e in summary if np.isnan(e[metric])]
     ax.set_title(f"{len(rows)} configurations" + (f" ({len(missing)} with no measurable {metric})" if missing else ""))
