@@ -127,9 +127,8 @@ def cpu_pretrain() -> PretrainConfig:
         # ceiling never train on) from a third of the default 60k-frame corpus. Stage 1's 400
         # steps of 64 draw 25.6k samples, fewer than the other two thirds hold.
         data=PipelineConfig(val_fraction=0.35),
-        # The stage-1 recipe options (docs/recipes.md) stay off: none was ahead on all three
-        # games measured, and single runs of one row disagreed by more than the options' effects
-        # (docs/results/recipes.md), so no row justifies a default.
+        # The stage-1 recipe options (docs/recipes.md) stay off: over 3 seeds no option's 95%
+        # interval excluded the baseline on any of three games (docs/results/recipes.md).
     )
 
 

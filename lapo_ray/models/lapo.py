@@ -29,7 +29,7 @@ class LatentDynamics(nn.Module):
         # Only with --stage1.action-labels (``num_actions`` > 0): a linear map from the latent the
         # world model sees to the actions, as in LAOM, so the few labels shape that latent itself.
         # It reads the quantised latent (straight-through): a head before quantisation pulled the
-        # action into directions the codes did not follow (docs/results/recipes.md).
+        # action into directions the codes did not follow (docs/results/earlier/recipes-single-seed.md).
         self.action_head = nn.Linear(cfg.latent_dim, num_actions) if num_actions > 0 else None
         # Conv weights in channels-last too, matching the input, so no convolution converts its
         # layout on every call (measured: docs/results/choices.md).
