@@ -705,8 +705,9 @@ def test_job_stop_ends_a_running_pretrain_cleanly(job_head, tmp_path_factory):
     _submit(job_head, job, "--collect.out", f"file://{base}/job-corpus", "--out", f"{base}/long-run",
             *TINY, "--stages", "stage1", "--stage1.steps", "1000000")
     deadline = time.monotonic() + 300
-    # Stopped once Ray Train holds its workers and placement group: the most there is to clean up.
-    while "Started training worker group" not in _job_logs(job_head, job):
+    # Stopped once Ray Train holds its workers and placement group, the most there is to clean
+    # up: when stage 1 reports its first steps (Ray Train's own lines stay off the console).
+    while "[stage1] step " not in _job_logs(job_head, job):
         assert _job_status(job_head, job) in ("PENDING", "RUNNING"), _job_logs(job_head, job)[-4000:]
         assert time.monotonic() < deadline, _job_logs(job_head, job)[-4000:]
         time.sleep(2)
