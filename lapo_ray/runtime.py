@@ -56,15 +56,15 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         os.environ.setdefault(k, v)
     runtime_env = {"env_vars": env} if env else None
     # The driver's INFO lines (a token written, a run restored) are Ray's; its warnings show.
-    quiet = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
+    common = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
     if os.environ.get("RAY_ADDRESS"):
-        ctx = ray.init(log_to_driver=True, **quiet)
+        ctx = ray.init(log_to_driver=True, **common)
     else:
         # Ray's default turns token authentication on and says so on every start, as a warning
         # (setting RAY_AUTH_MODE here is too late: Ray has read its config at import).
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ctx = ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, dashboard_host="127.0.0.1",
-                       **quiet)
+                       **common)
         print(f"ray: a local instance of {ray.cluster_resources().get('CPU', 0):g} CPUs, dashboard at "
               f"http://{ctx.dashboard_url}", flush=True)
     from ray.data import DataContext

@@ -294,10 +294,9 @@ def test_ray_job_submit_runs_the_label_job(trained, tmp_path):
     assert sorted(_shards(out)) == ["clip00.mp4.parquet", "clip01.mp4.parquet"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
 def test_an_actor_given_gpus_without_cuda_says_so():
     from lapo_ray.train.labelling import IDMLabeller
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="num-gpus-per-actor.*no CUDA device"):
         IDMLabeller("unused", None, "unused", use_gpu=True)
