@@ -84,20 +84,54 @@ def run_stage1(cfg, corpus, task=None, sink=None):
                      cfg.out, run_config, sink)
 
 
-@pytest.mark.slow
-def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus, tmp_path, ray_local):
-    cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=0.5, steps=3, report_every=3)
-    record = tmp_path / "record"
+# Each Ray Train run costs about 20 s of start-up here, so the runs below are made once per
+# module and read by every test that needs one: a 2-worker run that records what each rank saw,
+# and a 1-worker run stopped at step 3 and run again to step 6.
+
+
+@pytest.fixture(scope="module")
+def two_workers(corpus, tmp_path_factory, ray_local):
+    """Six steps on 2 workers, recording each rank's triplets per step and its weights at each
+    validation: (config, record folder, result)."""
+    base = tmp_path_factory.mktemp("two-workers")
+    cfg = tiny_config(str(base / "run"), num_workers=2, cpus_per_worker=0.5)
+    record = base / "record"
     record.mkdir()
-    result = run_stage1(cfg, corpus, RecordingStage1(cfg.model, str(record)))
+    return cfg, record, run_stage1(cfg, corpus, RecordingStage1(cfg.model, str(record)))
+
+
+@pytest.fixture(scope="module")
+def one_worker(corpus, tmp_path_factory, ray_local):
+    """A 1-worker run to step 3, then the same command with 6 steps, into a relative output folder
+    as `python jobs/pretrain.py` gives it (Ray's workers run in folders of their own, and rank 0's
+    metrics must still land in this one): {"root", "cfg" (with the absolute folder), "first",
+    "second"}."""
+    root = tmp_path_factory.mktemp("one-worker")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = tiny_config("run", steps=6, checkpoint_every=3)
+        sink = lambda: MetricsSink(cfg.out, "stage1", WandbConfig(mode="disabled"), {})  # noqa: E731
+        first = run_stage1(dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, steps=3)), corpus,
+                           sink=sink())
+        second = run_stage1(cfg, corpus, sink=sink())
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "cfg": dataclasses.replace(cfg, out=str(root / "run")), "first": first, "second": second}
+
+
+@pytest.mark.slow
+def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus, two_workers):
+    cfg, record, result = two_workers
     assert result.error is None
+    steps = cfg.stage1.steps
     ranks = [torch.load(record / f"state-rank{r}.pt") for r in (0, 1)]
     for key in ("idm.vq.embeddings", "idm.vq.ema_cluster_size", "idm.vq.ema_w"):
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=f"{key} differs across ranks")
 
     # One worker, the same initial weights, each step on the concatenation of both ranks' batches.
     per_rank = [[json.loads(line) for line in open(record / f"batches-rank{r}.jsonl")] for r in (0, 1)]
-    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    assert len(per_rank[0]) == len(per_rank[1]) == steps
     frames = {}
     for b in iter_batches(triplet_dataset(CorpusSource(corpus), "train", cfg.data), (64, 64, 3), 256, cfg.data):
         frames.update({(int(e), int(s)): f for e, s, f in zip(b["episode_id"], b["step"], b["frames"])})
@@ -106,7 +140,7 @@ def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus,
     opt = torch.optim.AdamW(single.parameters(), lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
     from lapo_ray.train.loop import lr_factor
 
-    for step in range(3):
+    for step in range(steps):
         keys = [tuple(k) for k in per_rank[0][step] + per_rank[1][step]]
         batch = torch.from_numpy(np.stack([frames[k] for k in keys]))
         for g in opt.param_groups:
@@ -127,11 +161,9 @@ def test_two_workers_hold_the_codebook_of_one_worker_on_the_global_batch(corpus,
 
 
 @pytest.mark.slow
-def test_one_and_two_workers_report_the_same_metrics(corpus, tmp_path, ray_local):
+def test_one_and_two_workers_report_the_same_metrics(two_workers, one_worker):
     names = {}
-    for n in (1, 2):
-        cfg = tiny_config(str(tmp_path / f"w{n}"), num_workers=n, cpus_per_worker=0.5)
-        result = run_stage1(cfg, corpus)
+    for n, result in ((1, one_worker["second"]), (2, two_workers[2])):
         assert result.error is None
         assert result.metrics["step"] == 6 and result.metrics["world_size"] == n
         names[n] = set(result.metrics)
@@ -144,20 +176,14 @@ def test_one_and_two_workers_report_the_same_metrics(corpus, tmp_path, ray_local
 
 
 @pytest.mark.slow
-def test_rerun_resumes_from_the_latest_checkpoint(corpus, tmp_path, ray_local, monkeypatch):
-    # A relative output folder, as `python jobs/pretrain.py` gives it: Ray's workers run in
-    # folders of their own, and rank 0's metrics must still land in this one.
-    monkeypatch.chdir(tmp_path)
-    cfg = tiny_config("run", steps=6, checkpoint_every=3)
-    sink = lambda: MetricsSink(cfg.out, "stage1", WandbConfig(mode="disabled"), {})  # noqa: E731
-    first = run_stage1(dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, steps=3)), corpus, sink=sink())
+def test_rerun_resumes_from_the_latest_checkpoint(one_worker):
+    first, second, run = one_worker["first"], one_worker["second"], one_worker["root"] / "run"
     assert first.metrics["step"] == 3
-    second = run_stage1(cfg, corpus, sink=sink())
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 6
-    state = json.load(open(os.path.join(latest_checkpoint(str(tmp_path / "run" / "stage1")), "state.json")))
+    state = json.load(open(os.path.join(latest_checkpoint(str(run / "stage1")), "state.json")))
     assert state["step"] == 6 and state["done"] is True
-    rows = read_metrics(str(tmp_path / "run"), "stage1")
+    rows = read_metrics(str(run), "stage1")
     assert [r["step"] for r in rows][-1] == 6 and 3 in [r["step"] for r in rows]
     assert [r["resumed_from_step"] for r in rows if r["step"] > 3] == [3] * sum(r["step"] > 3 for r in rows)
 
@@ -183,24 +209,23 @@ def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus,
 
 
 @pytest.mark.slow
-def test_probe_references_train_the_ceiling_in_the_stage_loop(corpus, tmp_path, ray_local):
+def test_probe_references_train_the_ceiling_in_the_stage_loop(corpus, one_worker):
     from lapo_ray.evaluation.probe import majority_rate, probe_halves
     from lapo_ray.train.checkpoint import load_supervised_idm
     from lapo_ray.train.pretrain import load_probe_set, probe_references
     from lapo_ray.train.stages import SupervisedIDMTask
 
-    cfg = tiny_config(str(tmp_path / "run"), steps=4, report_every=4, checkpoint_every=4)
+    cfg = one_worker["cfg"]
     cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, triplets=10_000, max_epochs=20, patience=3))
-    assert run_stage1(cfg, corpus).error is None
     src = CorpusSource(corpus)
     files = src.scan().files
     spec = SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)  # the split run_stage1 trained on
-    report, enc = probe_references(cfg, src, files, spec, latest_checkpoint(f"{cfg.out}/stage1"), 4)
+    report, enc = probe_references(cfg, src, files, spec, latest_checkpoint(f"{cfg.out}/stage1"), 6)
     # The supervised IDM ran in the shared stage loop: a finished checkpoint of its own, with
     # stage 1's step count, and weights that moved from the seeded initialisation.
     ceiling = latest_checkpoint(f"{cfg.out}/ceiling")
     state = json.load(open(os.path.join(ceiling, "state.json")))
-    assert state["done"] is True and state["step"] == 4 and state["stage"] == "ceiling"
+    assert state["done"] is True and state["step"] == 6 and state["stage"] == "ceiling"
     sup = load_supervised_idm(ceiling)
     torch.manual_seed(cfg.stage1.seed)
     init = SupervisedIDMTask(cfg.model).build()
