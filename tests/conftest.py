@@ -1,7 +1,10 @@
 import os
-import sys
 import secrets
+import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +63,46 @@ def ray_local():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The flags of the shared pretraining run: every stage, a few steps each, the probe with its
+# ceiling, wandb offline.
+PRETRAINED_FLAGS = ["--stages", "stage1,label,stage2", "--probe.triplets", "2000", "--probe.during-training", "0",
+                    "--probe.max-epochs", "5", "--probe.patience", "2", "--data.val-fraction", "0.2",
+                    "--data.local-shuffle-buffer", "0", "--data.global-shuffle", "none", "--wandb.mode", "offline"]
+for _stage in ("stage1", "stage2"):
+    PRETRAINED_FLAGS += [f"--{_stage}.batch-size", "16", f"--{_stage}.steps", "4", f"--{_stage}.warmup-steps", "1",
+                         f"--{_stage}.report-every", "2", f"--{_stage}.checkpoint-every", "4",
+                         f"--{_stage}.val-batches", "1", f"--{_stage}.precision", "fp32"]
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory):
+    """One small pretraining job, made once per pytest run for every test that needs a trained
+    run (labelling, wandb's records of a job): `python jobs/pretrain.py` with PRETRAINED_FLAGS on
+    a LAPO npz corpus of 2 x 130 frames, in a process of its own with its own local Ray instance
+    and HOME an empty folder, as a user on a new machine runs it. Tests read the folder and never
+    write into it. Returns {"out", "corpus", "home", "console"} (console: the job's stdout and
+    stderr)."""
+    from test_data import write_lapo_npz
+
+    base = tmp_path_factory.mktemp("pretrained")
+    write_lapo_npz(base / "npz", n_files=2, n=130)
+    home = base / "home"
+    home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="lr-", dir="/tmp")  # short: Unix socket paths live below it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), RAY_TMPDIR=ray_tmp)
+    out = base / "job-42"
+    try:
+        r = subprocess.run([sys.executable, "jobs/pretrain.py", "--corpus", str(base / "npz"), "--out", str(out),
+                            *PRETRAINED_FLAGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, f"the shared pretraining run failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return {"out": out, "corpus": base / "npz", "home": home, "console": r.stdout + r.stderr}
 
 
 _HOME_RAY = os.path.join(os.path.expanduser("~"), ".ray")

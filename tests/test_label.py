@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 import typing
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, WandbConfig
+from lapo_ray.config import PRETRAIN_PRESETS
 from lapo_ray.config.label import LABEL_PRESETS, LabelJobConfig
 from test_data import encode_video, moving_square_frames, write_lapo_npz
 
@@ -146,21 +145,10 @@ def test_the_model_comes_from_the_checkpoint_and_a_frame_size_mismatch_is_pretra
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local):
-    """A pretrain run folder with a real (tiny) stage 1: 2 steps on an npz corpus."""
-    from lapo_ray.train.pretrain import run_pretrain
-
-    base = tmp_path_factory.mktemp("label-run")
-    write_lapo_npz(base / "train-npz", n_files=2, n=130)
-    cfg = PRETRAIN_PRESETS["cpu"]()
-    stage = dataclasses.replace(cfg.stage1, batch_size=16, steps=2, warmup_steps=1, report_every=2,
-                                checkpoint_every=2, val_batches=0, precision="fp32")
-    cfg = dataclasses.replace(
-        cfg, out=str(base / "run"), corpus=str(base / "train-npz"), stages="stage1", stage1=stage,
-        probe=dataclasses.replace(cfg.probe, triplets=0, ceiling=False), wandb=WandbConfig(mode="disabled"),
-        data=PipelineConfig(val_fraction=0.2, local_shuffle_buffer=0, global_shuffle="none"))
-    run_pretrain(cfg)
-    return base / "run"
+def trained(pretrained_run):
+    """The shared pretraining run's folder (conftest.pretrained_run): a real stage 1 of 4 steps on
+    an npz corpus."""
+    return pretrained_run["out"]
 
 
 def _read(out: Path):
@@ -176,7 +164,7 @@ def _read(out: Path):
 
 
 @pytest.mark.slow
-def test_label_a_video_folder_and_an_npz_corpus(trained, tmp_path, capsys):
+def test_label_a_video_folder_and_an_npz_corpus(trained, tmp_path, capsys, ray_local):
     from lapo_ray.data.sources import open_source
     from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 
@@ -267,31 +255,6 @@ def test_a_killed_job_resumes_without_rewriting_finished_shards(trained, tmp_pat
     shards = _shards(out)
     assert len(shards) == 10 and not list((out / "latents").glob(".*tmp-*"))
     assert {name: (shards[name].stat().st_mtime_ns, _hash(shards[name])) for name in kept} == kept
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_label_job(trained, tmp_path):
-    from test_cluster_ops import LocalHead, _job_logs, _wait_job
-
-    videos = _videos(tmp_path / "videos", [50, 60])
-    out = tmp_path / "out"
-    head = LocalHead(num_cpus=2)
-    head.start()
-    try:
-        job = f"lapo-label-{uuid.uuid4().hex[:6]}"
-        r = head.cli("job", "submit", "--address", head.dashboard, "--working-dir", str(REPO),
-                     "--submission-id", job, "--no-wait", "--", "python", "jobs/label.py",
-                     "--checkpoint", str(trained), "--corpus", f"file://{videos}", "--out", f"file://{out}",
-                     timeout=120)
-        assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
-        status = _wait_job(head, job, timeout=300)
-        logs = _job_logs(head, job)
-        assert status == "SUCCEEDED", logs[-6000:]
-        assert "ETA" in logs and '"rows": 106' in logs, logs[-3000:]
-    finally:
-        head.stop()
-    assert json.loads((out / "latents" / "manifest.json").read_text())["rows"] == 48 + 58
-    assert sorted(_shards(out)) == ["clip00.mp4.parquet", "clip01.mp4.parquet"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")

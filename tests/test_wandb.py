@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, WandbConfig
+from lapo_ray.config import PRETRAIN_PRESETS, WandbConfig
 from lapo_ray.train.metrics import MetricsSink, WandbRun, read_metrics, wandb_mode
-from test_data import write_lapo_npz
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -238,28 +237,13 @@ def test_an_experiment_groups_all_its_runs_and_logging_is_no_config_change(tmp_p
 
 
 @pytest.mark.slow
-def test_pretraining_offline_is_one_run_per_stage_with_its_metrics_and_plots(tmp_path, empty_home, ray_local,
-                                                                            capfd):
-    from lapo_ray.train.pretrain import run_pretrain
-
-    write_lapo_npz(tmp_path / "npz", n_files=2, n=130)
-    cfg = PRETRAIN_PRESETS["cpu"]()
-    stage = dataclasses.replace(cfg.stage1, batch_size=16, steps=4, warmup_steps=1, report_every=2,
-                                checkpoint_every=4, val_batches=1, precision="fp32")
-    cfg = dataclasses.replace(
-        cfg, out=str(tmp_path / "job-42"), corpus=str(tmp_path / "npz"), stages="stage1,label,stage2",
-        stage1=stage, stage2=dataclasses.replace(cfg.stage2, batch_size=16, steps=4, warmup_steps=1,
-                                                 report_every=2, checkpoint_every=4, val_batches=1,
-                                                 precision="fp32"),
-        probe=dataclasses.replace(cfg.probe, triplets=2000, during_training=0, max_epochs=5, patience=2),
-        data=PipelineConfig(val_fraction=0.2, local_shuffle_buffer=0, global_shuffle="none"),
-        wandb=WandbConfig(mode="offline"))
-    run_pretrain(cfg)
-    check_pretraining_runs(cfg.out)
-
-    captured = capfd.readouterr()
-    assert not [line for line in (captured.out + captured.err).splitlines() if line.startswith("wandb")], captured
-    assert _wandb_files_in(empty_home) == []
+def test_pretraining_offline_is_one_run_per_stage_with_its_metrics_and_plots(pretrained_run):
+    """The shared pretraining job (conftest.PRETRAINED_FLAGS: every stage, wandb offline), run as
+    `python jobs/pretrain.py` with HOME an empty folder."""
+    check_pretraining_runs(str(pretrained_run["out"]))
+    console = pretrained_run["console"].splitlines()
+    assert not [line for line in console if line.startswith("wandb")], console
+    assert _wandb_files_in(pretrained_run["home"]) == []
 
 
 def check_pretraining_runs(out: str) -> None:
@@ -270,7 +254,7 @@ def check_pretraining_runs(out: str) -> None:
     job = os.path.basename(out)
     for stage, run in runs.items():
         assert run.run.run_group == job and run.run.display_name == f"{job}-{stage}"
-        assert run.config["stage1"]["steps"] == 4  # the job's config
+        assert run.config["stage1"]["steps"] == 4  # the job's config (conftest.PRETRAINED_FLAGS)
         if stage == "ceiling":
             rows = [json.loads(line) for line in open(os.path.join(out, "ceiling", "metrics.jsonl"))]
         else:
