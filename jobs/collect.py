@@ -10,7 +10,7 @@ from lapo_ray.config import CollectConfig
 from lapo_ray.config.cli import parse_config
 from lapo_ray.data.collect import collect
 from lapo_ray.rl.evaluate import POLICY_FACTORIES
-from lapo_ray.runtime import init_ray
+from lapo_ray.runtime import run_job
 
 
 def parse_args(argv=None):
@@ -21,11 +21,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     cfg, _ = parse_args(argv)
-    init_ray()
-    m = collect(cfg, policy_factories=POLICY_FACTORIES)
-    print(f"corpus {cfg.out}: {m.num_frames:,} frames, {m.num_episodes:,} episodes, "
-          f"{m.num_triplets:,} triplets in {len(m.shards)} shards")
-    return 0
+
+    def body():
+        m = collect(cfg, policy_factories=POLICY_FACTORIES)
+        print(f"corpus {cfg.out}: {m.num_frames:,} frames, {m.num_episodes:,} episodes, "
+              f"{m.num_triplets:,} triplets in {len(m.shards)} shards")
+
+    return run_job(body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.rl import DECODE_PRESETS, DecodeConfig
 from lapo_ray.rl.decode import decode_offline
-from lapo_ray.runtime import init_ray, run_job
+from lapo_ray.runtime import run_job
 
 
 def parse_args(argv=None):
@@ -20,7 +20,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     cfg, _ = parse_args(argv)
-    init_ray()
     return run_job(lambda: print(json.dumps(decode_offline(cfg), indent=2, default=str)))
 
 

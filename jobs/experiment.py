@@ -13,7 +13,7 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.experiment import EXPERIMENT_PRESETS, ExperimentConfig
 from lapo_ray.experiment import run_experiment
-from lapo_ray.runtime import init_ray, run_job
+from lapo_ray.runtime import run_job
 
 
 def parse_args(argv=None):
@@ -23,7 +23,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     cfg, ns = parse_args(argv)
-    init_ray()
     return run_job(lambda: (run_experiment(cfg, ns.preset), print(f"report: {cfg.out}/report.md")))
 
 

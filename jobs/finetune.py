@@ -12,7 +12,7 @@ import sys
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.rl import FINETUNE_PRESETS, FinetuneConfig
 from lapo_ray.rl.algo import finetune
-from lapo_ray.runtime import init_ray, run_job
+from lapo_ray.runtime import run_job
 
 
 def parse_args(argv=None):
@@ -22,7 +22,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     cfg, _ = parse_args(argv)
-    init_ray()
     return run_job(lambda: print(json.dumps(finetune(cfg), indent=2, default=str)))
 
 

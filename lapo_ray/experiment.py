@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lapo_ray import storage
+from lapo_ray import UsageError, storage
 from lapo_ray.config.experiment import ExperimentConfig
 from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
 
@@ -60,7 +60,9 @@ def versions() -> dict[str, str]:
 
 def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]:
     """Run every unfinished step of the experiment in order (with ``cfg.report_only``, none), then
-    write its report from all finished steps."""
+    write its report from all finished steps. Ray starts in the first step that needs it (the
+    library's collect, run_pretrain, finetune and decode_offline start it after checking their
+    input), so a report-only pass never starts it."""
     c = cfg.resolved()
     out = cfg.out
     storage.makedirs(out)
@@ -82,7 +84,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     if missing:
         basics = [name for name in ("demonstrator", "random", "collect", "pretrain") if name in missing]
         if basics:
-            raise ValueError(f"{out}: nothing to report yet: step(s) {', '.join(basics)} not finished; run "
+            raise UsageError(f"{out}: nothing to report yet: step(s) {', '.join(basics)} not finished; run "
                              "without --report-only to run them")
         results["missing_steps"] = missing
     write_report(cfg, results)

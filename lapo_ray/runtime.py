@@ -1,4 +1,4 @@
-"""Connecting to Ray the same way from every job."""
+"""Connecting to Ray the same way from every job, and ending a job on bad input with one line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+
+from lapo_ray import UsageError
 
 # What every process of a lapo_ray job needs (the driver, Ray Train's controller, Ray Data's
 # coordinators): set for the job's runtime environment; a value the job was given wins.
@@ -94,7 +96,7 @@ def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None
     total = float(ray.cluster_resources().get("CPU", 0.0))
     need = actors * cpus_each
     if need + READ_CPUS > total + 1e-9:
-        raise ValueError(
+        raise UsageError(
             f"{what}: {actors} x {cpus_each:g} CPUs plus {READ_CPUS:g} for Ray Data's reads is "
             f"{need + READ_CPUS:g} CPUs, but the cluster has {total:g}; {fix}"
         )
@@ -110,18 +112,19 @@ def check_spread(what: str, workers: int, cpus_each: float, gpus_each: float, fi
     fits = [n for n in ray.nodes() if n.get("Alive")
             and n["Resources"].get("CPU", 0.0) + 1e-9 >= cpus_each and n["Resources"].get("GPU", 0.0) + 1e-9 >= gpus_each]
     if len(fits) < workers:
-        raise ValueError(f"{what}: STRICT_SPREAD places each of the {workers} workers on a node of its own, but "
+        raise UsageError(f"{what}: STRICT_SPREAD places each of the {workers} workers on a node of its own, but "
                          f"{len(fits)} node(s) of the cluster can hold a worker of {cpus_each:g} CPUs"
                          + (f" and {gpus_each:g} GPUs" if gpus_each else "") + f"; {fix}")
 
 
 def run_job(body: Callable[[], object]) -> int:
-    """Run a job's body. Bad input (a missing folder or file, a value that makes no sense) ends it
-    with one line naming the input and exit status 2 instead of a traceback; LAPO_DEBUG=1 shows
-    the traceback too."""
+    """Run a job's body. Bad input (a ``UsageError``: a missing folder or file, a value that makes
+    no sense) ends it with one line naming the input and exit status 2 instead of a traceback;
+    LAPO_DEBUG=1 shows the traceback too. Any other exception is a bug: it propagates with its
+    traceback, and the job's ``sys.exit(main())`` never runs, so Python exits with status 1."""
     try:
         body()
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except UsageError as e:
         if os.environ.get("LAPO_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from lapo_ray import UsageError
+
 _PYARROW_SCHEMES = {"", "file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
 
 
@@ -70,6 +72,11 @@ def local_path(uri: str | os.PathLike) -> str | None:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def makedirs(uri: str) -> None:
@@ -147,7 +154,9 @@ def read_json(uri: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not valid JSON ({e})") from e
+        # Every JSON file lapo_ray writes is written whole (atomic_output): one that does not parse
+        # was damaged or written by something else, and the fix lies with whoever named it.
+        raise UsageError(f"{uri}: not valid JSON ({e})") from e
 
 
 def append_line(uri: str, line: str) -> None:

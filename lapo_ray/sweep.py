@@ -2,10 +2,11 @@
 
 A trial is one pretraining run (stage 1 and the probe) of one configuration and one seed, in a
 folder of its own: ``<out>/trials/<configuration>/s<seed>``. The supervised ceiling is trained
-once per corpus, before any trial, into ``<out>/ceilings/<key>`` and every trial of that corpus
-reuses it, so the trials differ only in what the sweep varies. Tune schedules the trials by
-resources, keeps its state in ``<out>/tune`` and, run again, restores the sweep there: finished
-trials are not run again, and an interrupted trial continues from its run's own checkpoints.
+once per corpus and settings it reads (``ceiling_key``), before any trial, into
+``<out>/ceilings/<hash>`` and every trial of those reuses it, so the trials differ only in what the
+sweep varies. Tune schedules the trials by resources, keeps its state in ``<out>/tune`` and, run
+again, restores the sweep there: finished trials are not run again, and an interrupted trial
+continues from its run's own checkpoints.
 
 The table gives, per configuration, the mean of each probe figure over seeds with its 95% t
 interval (``evaluation.stats.mean_interval``): one run per configuration cannot rank recipes.
@@ -63,16 +64,38 @@ def trial_config(base: PretrainConfig, trial: Trial, out: str) -> PretrainConfig
     return dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, ceiling_from=ceiling_folder(cfg, out)))
 
 
+# The fields of the resolved config's data, model and stage-1 sections that the ceiling's training
+# (train.pretrain.train_ceiling: SupervisedIDMTask on evaluation.ceiling.SupervisedIDM, stage 1's
+# loop and data) does not read. Everything else in them is in the ceiling's key, so a field added
+# later keeps ceilings apart until it is listed here. The seeds are the trial's, which the sweep
+# sets: the ceiling is trained once, with the first trial's, and shared by every seed.
+NOT_READ_BY_CEILING = {
+    "data": {"shuffle_seed"},
+    # The supervised IDM has the IDM's encoder and a latent layer of the latent's width, no world
+    # model or VQ; the latent policy is stage 2's.
+    "model": {"wm", "vq", "policy"},
+    # The recipe options (Stage1Task only), and the time budget, which the ceiling runs without.
+    "stage1": {"seed", "time_budget_min", "action_labels", "action_label_weight", "action_label_batch",
+               "change_weight", "change_baseline", "augment", "shift_pad"},
+}
+
+
+def ceiling_key(cfg: PretrainConfig) -> dict[str, Any]:
+    """Every field of ``cfg`` the supervised IDM's training reads: the corpus (the collected one
+    when none is given), and the data, model and stage-1 sections less ``NOT_READ_BY_CEILING``."""
+    key: dict[str, Any] = {"corpus": cfg.corpus or cfg.collect.out}
+    for section, skip in NOT_READ_BY_CEILING.items():
+        key[section] = {k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items() if k not in skip}
+    key["model"]["latent_dim"] = cfg.model.latent_dim
+    return key
+
+
 def ceiling_folder(cfg: PretrainConfig, out: str) -> str:
-    """Where the ceiling of ``cfg``'s corpus lives, under ``--pretrain.probe.ceiling-from`` if given
-    (sweeps that share ceilings) or the sweep's folder: keyed by what the supervised IDM depends on
-    (corpus, split, networks, stage-1 budget), never by the seed or a stage-1 recipe option."""
-    model = dataclasses.asdict(cfg.model)
-    model.pop("vq")
-    key = {"corpus": cfg.corpus, "data": {k: getattr(cfg.data, k) for k in ("val_fraction", "split_seed")},
-           "model": model, "stage1": {k: getattr(cfg.stage1, k) for k in (
-               "steps", "batch_size", "lr", "warmup_steps", "final_lr_frac", "num_workers")}}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    """Where the ceiling of ``cfg`` lives, under ``--pretrain.probe.ceiling-from`` if given (sweeps
+    that share ceilings) or the sweep's folder: named by a hash of ``ceiling_key``, so trials that
+    differ in a seed or a stage-1 recipe option share one, and a ceiling trained under any other
+    setting it reads is never reused."""
+    digest = hashlib.sha1(json.dumps(ceiling_key(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return storage.join(storage.absolute(cfg.probe.ceiling_from or out), "ceilings", digest)
 
 

@@ -1,10 +1,12 @@
-"""The map of the code is true: every room of lapo_ray imports only rooms below it, and
-docs/architecture.md's table of rooms names exactly what each room imports."""
+"""The map of the code is true: every room of lapo_ray imports only rooms below it,
+docs/architecture.md's table of rooms names exactly what each room imports, and no two files of
+lapo_ray import each other, directly or through a loop."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,26 +31,91 @@ def room_of(module: str) -> str | None:
     return parts[1] if parts[0] == "lapo_ray" and len(parts) > 1 else None
 
 
+def package_modules(package: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every file of ``package`` (a package is its __init__.py)."""
+    modules = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_names(node: ast.AST, home: str, modules: dict[str, Path]) -> list[str]:
+    """What one import statement names, in a module whose package is ``home``: ``from p import n``
+    names the submodule p.n where there is one, else p; relative imports are resolved."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        up = home.split(".")[: len(home.split(".")) - node.level + 1]
+        base = ".".join([*up, base] if base else up)
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` its code imports, at module level or inside functions.
+
+    Only written imports count. Python runs a package's __init__ before any submodule of it, but
+    that implicit import is no edge here: a package that re-exports its submodules is not a cycle
+    with them. A submodule that itself imports its package, whose __init__ imports it, is."""
+    modules = package_modules(package)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        home = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            for target in imported_names(node, home, modules):
+                while target not in modules and "." in target:  # ``import p.m.attr`` imports p.m
+                    target = target.rpartition(".")[0]
+                if target in modules and target != name:
+                    deps.add(target)
+    return graph
+
+
+def shortest_loop(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """The shortest chain of imports from ``start`` back to itself, or None."""
+    came: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        module = queue.popleft()
+        for dep in sorted(graph[module]):
+            if dep == start:
+                chain = [module]
+                while chain[-1] != start:
+                    chain.append(came[chain[-1]])
+                return [*reversed(chain), start]
+            if dep not in came:
+                came[dep] = module
+                queue.append(dep)
+    return None
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One loop per set of modules that import each other, as ``a, b, ..., a``."""
+    loops, seen = [], set()
+    for module in sorted(graph):
+        loop = shortest_loop(graph, module)
+        if loop and frozenset(loop) not in seen:
+            seen.add(frozenset(loop))
+            loops.append(loop)
+    return loops
+
+
 def imports_by_room() -> dict[str, dict[str, set[str]]]:
     """room -> imported room -> the files that import it (imports inside functions count too)."""
+    modules = package_modules(PACKAGE)
     found: dict[str, dict[str, set[str]]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(REPO)
-        own = rel.parts[1].removesuffix(".py")
-        if own == "__init__":
+    for module, deps in import_graph(PACKAGE).items():
+        own = room_of(module)
+        if own is None:
             continue
-        deps = found.setdefault(own, {})
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = ([f"lapo_ray.{a.name}" for a in node.names] if node.module == "lapo_ray"
-                         else [node.module])
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                room = room_of(name)
-                if room and room != own:
-                    deps.setdefault(room, set()).add(str(rel))
+        rooms = found.setdefault(own, {})
+        for dep in deps:
+            room = room_of(dep)
+            if room and room != own:
+                rooms.setdefault(room, set()).add(str(modules[module].relative_to(REPO)))
     return found
 
 
@@ -64,6 +131,34 @@ def test_imports_point_down_only():
               for dep, files in deps.items() if LAYER[dep] >= LAYER[room]
               for f in sorted(files)]
     assert not upward, "\n".join(upward)
+
+
+def test_no_two_files_of_lapo_ray_import_each_other():
+    loops = import_cycles(import_graph(PACKAGE))
+    assert not loops, "import cycles:\n" + "\n".join(" -> ".join(loop) for loop in loops)
+
+
+def test_the_cycle_check_finds_loops_through_functions_submodules_and_packages(tmp_path):
+    files = {
+        "__init__.py": "from pkg.a import f\n",  # a re-export: no cycle with pkg.a
+        "a.py": "import os\n\ndef f():\n    from pkg import b\n",  # b is a submodule: pkg.b
+        "b.py": "import pkg.c.thing\n",
+        "c.py": "from pkg.a import f\n",
+        "r.py": "from . import s\n",
+        "s.py": "from .r import z\n",
+        "sub/__init__.py": "from pkg.sub.x import h\n",
+        "sub/x.py": "from pkg.sub import y\n",  # the submodule pkg.sub.y, not the package
+        "sub/y.py": "",
+        "d/__init__.py": "from pkg.d.e import k\n",
+        "d/e.py": "from pkg.d import other\n",  # a name of its own package's __init__
+    }
+    for rel, text in files.items():
+        (tmp_path / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / rel).write_text(text)
+    graph = import_graph(tmp_path / "pkg")
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.sub.x"] == {"pkg.sub.y"} and graph["pkg"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.d", "pkg.d.e", "pkg.d"],
+                                    ["pkg.r", "pkg.s", "pkg.r"]]
 
 
 def documented_imports() -> dict[str, set[str]]:

@@ -1,17 +1,150 @@
-"""lapo_ray.benchmarks: the Ray-private APIs it reads are still there (checked without starting
-Ray), and the parts of its benchmarks that run without Ray give sane figures on tiny inputs.
+"""lapo_ray.benchmarks: the registry and the job's flags, the Ray-private APIs it reads are still
+there (checked without starting Ray), and the parts of its benchmarks that run without Ray give
+sane figures on tiny inputs.
 
 The benchmarks themselves need a Ray instance (Ray Data, Ray Train, RLlib) and minutes; they are
-run by ``jobs/benchmark.py``, and the streaming one by ``tests/test_large_corpus.py``."""
+run by ``jobs/benchmark.py``, and the streaming one by ``tests/test_large_corpus.py``. The step
+benchmark alone runs here, on tiny batches, where Ray and pyarrow cannot be imported."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+import os
 import subprocess
 import sys
 
 import pytest
+from test_jobs import _job
+from test_step import BLOCK_RAY
 
-from lapo_ray.benchmarks import ray_internals
+from lapo_ray import MissingPathError
+from lapo_ray.benchmarks import BENCHMARKS, Benchmark, ray_internals, registry, run_benchmark
+from lapo_ray.config import (
+    DataBenchConfig,
+    EnvRunnersBenchConfig,
+    LabelBenchConfig,
+    Stage1BenchConfig,
+    StepBenchConfig,
+    StreamBenchConfig,
+)
+from lapo_ray.config.cli import format_value
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A config per benchmark with every field away from its default, so each field's flag is tested.
+NON_DEFAULT = {
+    "data": DataBenchConfig(json="d.json", num_cpus=1, corpus="c", frames=10, batch_size=8),
+    "stage1": Stage1BenchConfig(json="s.json", num_cpus=2, corpus="c", preset="paper", steps=60, batch_size=4,
+                                rounds=3),
+    "step": StepBenchConfig(json="t.json", preset="paper", device="cuda:1", batch_sizes=(2, 4), precisions=("bf16",),
+                            steps=3, warmup=0, compile=True, compile_mode="reduce-overhead", threads=1,
+                            peak_tflops=1.5),
+    "envrunners": EnvRunnersBenchConfig(json="e.json", num_cpus=3, envs_per_runner=2, rollout_length=8, iterations=1,
+                                        rounds=2, epochs=1, cpus=4),
+    "stream": StreamBenchConfig(json="m.json", num_cpus=2, corpus="c", object_store_mb=150, store_factor=3.2,
+                                batch_size=16, model="cpu", workers=2, block_mb=8.0, local_shuffle_buffer=0,
+                                consumer="task", prefetch_blocks=2),
+    "label": LabelBenchConfig(json="l.json", num_cpus=2, corpus="c", frames=100, actors=(3,)),
+}
+
+
+def _flags(cfg) -> list[str]:
+    return [word for f in dataclasses.fields(cfg)
+            for word in (f"--{f.name.replace('_', '-')}", *format_value(getattr(cfg, f.name)).split(" "))]
+
+
+def test_every_benchmark_is_registered_with_its_config_and_a_run_and_report_of_that_config():
+    assert set(BENCHMARKS) == set(NON_DEFAULT) == {"data", "stage1", "step", "envrunners", "stream", "label"}
+    for name, bench in BENCHMARKS.items():
+        run, report = bench.functions()
+        assert inspect.signature(run).parameters["cfg"].annotation == bench.config.__name__, name
+        assert len(inspect.signature(report).parameters) == 1, name
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT))
+def test_every_benchmarks_config_parses_from_its_flags(name):
+    job = _job("benchmark")
+    assert job.parse_args([name]) == (name, BENCHMARKS[name].config())
+    cfg = NON_DEFAULT[name]
+    default = type(cfg)()
+    same = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == getattr(default, f.name)]
+    assert not same, f"{name}: fields left at their default, so their flags go untested: {same}"
+    assert job.parse_args([name, *_flags(cfg)]) == (name, cfg)
+
+
+def test_a_bad_benchmark_flag_value_is_one_usage_line_and_the_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _job("benchmark").parse_args(["label", "--actors", "2", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 2, err
+    assert err[0].startswith("usage: ") and " label [-h] " in err[0], err  # the benchmark's own usage
+    assert err[1].endswith("--actors must be positive, got 2 0"), err
+    with pytest.raises(SystemExit):
+        _job("benchmark").parse_args(["stream", "--stage1.lr", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert " stream [-h] " in err[0] and err[1].endswith("unrecognized arguments: --stage1.lr 1"), err
+
+
+def test_the_job_runs_the_named_benchmark_through_the_registry(monkeypatch, capsys):
+    job = _job("benchmark")
+    seen = []
+    monkeypatch.setattr(job, "run_benchmark", lambda name, cfg: seen.append((name, cfg)))
+    assert job.main(["stream", "--num-cpus", "2", "--object-store-mb", "150"]) == 0
+    assert seen == [("stream", StreamBenchConfig(num_cpus=2, object_store_mb=150))]
+
+    def bad_input(name, cfg):
+        raise MissingPathError(f"{cfg.corpus}: no corpus")
+
+    monkeypatch.setattr(job, "run_benchmark", bad_input)
+    assert job.main(["data", "--corpus", "nowhere"]) == 2
+    assert capsys.readouterr().err == "error: nowhere: no corpus\n"
+
+
+def test_run_benchmark_starts_ray_only_for_ray_benchmarks_with_their_cpus_and_store(monkeypatch, tmp_path, capsys):
+    started = []
+    monkeypatch.setattr(registry, "init_ray", lambda num_cpus, object_store_memory: started.append(
+        (num_cpus, object_store_memory)))
+    monkeypatch.setattr(Benchmark, "functions", lambda self: (lambda cfg: {"module": self.module, "steps": 3},
+                                                              lambda r: f"report of {r['module']}"))
+    out = tmp_path / "figures.json"
+    assert run_benchmark("stream", StreamBenchConfig(num_cpus=2, object_store_mb=150, json=str(out))) == {
+        "module": "stream", "steps": 3}
+    assert started == [(2, 150 * 2**20)]
+    assert capsys.readouterr().out == "report of stream\n"
+    assert json.loads(out.read_text()) == {"module": "stream", "steps": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # no temporary file left
+    run_benchmark("envrunners", EnvRunnersBenchConfig())
+    assert started[-1] == (None, None)  # Ray's default object store
+    run_benchmark("step", StepBenchConfig())
+    assert len(started) == 2, "the step benchmark started Ray"
+    with pytest.raises(TypeError, match="benchmark 'stream' takes a StreamBenchConfig, got a DataBenchConfig"):
+        run_benchmark("stream", DataBenchConfig())
+
+
+def test_the_step_benchmark_runs_from_the_job_without_ray_or_pyarrow(tmp_path):
+    out = tmp_path / "step.json"
+    argv = ["jobs/benchmark.py", "step", "--batch-sizes", "2", "--precisions", "fp32", "--steps", "2", "--warmup",
+            "1", "--threads", "1", "--json", str(out)]
+    script = BLOCK_RAY + f"""
+import runpy
+sys.argv = {argv!r}
+try:
+    runpy.run_path("jobs/benchmark.py", run_name="__main__")
+finally:
+    assert not [m for m in sys.modules if m.split(".")[0] in ("ray", "pyarrow", "wandb")]
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert (figures["preset"], figures["device"], figures["steps"], figures["warmup"], figures["threads"]) == (
+        "cpu", "cpu", 2, 1, 1)
+    [row] = figures["rows"]
+    assert (row["precision"], row["batch_size"]) == ("fp32", 2)
+    assert row["samples_per_s"] > 0 and row["gflop_per_sample"] > 0 and row["mfu"] is None
+    assert "stage-1 step, cpu preset on cpu" in r.stdout and "n/a" in r.stdout.splitlines()[-1]
 
 
 def test_the_ray_private_apis_the_benchmarks_read_are_still_there():
@@ -40,7 +173,7 @@ def test_a_ray_api_gone_is_named_in_full(monkeypatch):
 
 @pytest.fixture(scope="module")
 def noise_corpus(tmp_path_factory):
-    from lapo_ray.benchmarks import write_noise_corpus
+    from lapo_ray.benchmarks.corpora import write_noise_corpus
 
     return write_noise_corpus(str(tmp_path_factory.mktemp("noise")), 1200, episode_frames=512, shard_frames=512)
 
@@ -48,7 +181,7 @@ def noise_corpus(tmp_path_factory):
 def test_the_noise_corpus_is_laid_out_as_asked_and_written_once(noise_corpus):
     import numpy as np
 
-    from lapo_ray.benchmarks import write_noise_corpus
+    from lapo_ray.benchmarks.corpora import write_noise_corpus
     from lapo_ray.data.sources import CorpusSource
     from lapo_ray.envs import NUM_ACTIONS
 

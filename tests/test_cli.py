@@ -37,6 +37,7 @@ def _dataclasses_under(cls: type, seen: set[type]) -> None:
 
 
 def test_every_config_field_a_job_takes_has_a_one_line_help():
+    from lapo_ray.benchmarks import BENCHMARKS
     from lapo_ray.config import CollectConfig
     from lapo_ray.config.experiment import ExperimentConfig
     from lapo_ray.config.label import LabelJobConfig
@@ -45,7 +46,7 @@ def test_every_config_field_a_job_takes_has_a_one_line_help():
 
     classes: set[type] = set()
     for top in (CollectConfig, PretrainConfig, FinetuneConfig, DecodeConfig, EvaluateConfig, ExperimentConfig,
-                SweepConfig, LabelJobConfig):
+                SweepConfig, LabelJobConfig, *(b.config for b in BENCHMARKS.values())):
         _dataclasses_under(top, classes)
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
                if f.init and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])

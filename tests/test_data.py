@@ -21,8 +21,8 @@ from lapo_ray.data.corpus import (
     write_corpus,
 )
 from lapo_ray.data.sources import CorpusSource, LapoNpzSource, VideoFolderSource, open_source
+from lapo_ray.data.splits import SplitSpec
 from lapo_ray.data.triplets import (
-    SplitSpec,
     TripletBatcher,
     iter_batches,
     iter_plain_batches,

@@ -1,10 +1,13 @@
 """The jobs as a first-time user meets them: bad input ends in one line naming it, exit status 2,
-no traceback, and nothing already in the artifact folder changes."""
+no traceback, and nothing already in the artifact folder changes; an error that is not the input's
+keeps its traceback and exits 1."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,6 +145,72 @@ def test_pretrain_error_is_one_line_in_a_fresh_process(bad_inputs, tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert str(corpus) in r.stderr
     assert not out.exists()
+
+
+# A job whose library call is replaced by one that raises ``{raise_}``: the job runs as
+# `python jobs/evaluate.py` does, in a fresh process, so Python itself sets the exit status.
+INJECTED = """
+import runpy, sys
+import numpy as np
+import lapo_ray.rl.evaluate
+from lapo_ray import UsageError
+
+def evaluate_agent(cfg):
+    {raise_}
+
+lapo_ray.rl.evaluate.evaluate_agent = evaluate_agent
+sys.argv = ["jobs/evaluate.py", "--agent", "artifacts/finetune"]
+runpy.run_path("jobs/evaluate.py", run_name="__main__")
+"""
+
+
+def _evaluate_raising(raise_: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", INJECTED.format(raise_=raise_)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "LAPO_DEBUG"})
+
+
+def test_an_internal_error_in_a_job_keeps_its_traceback_and_exits_1():
+    """A ValueError from numpy is a bug, not bad input: no one-line "error:", the traceback, exit 1."""
+    r = _evaluate_raising("np.zeros(3).reshape(2, 2)")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback (most recent call last)" in r.stderr and "evaluate_agent" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "ValueError: cannot reshape array of size 3 into shape (2,2)"
+    assert "error: " not in r.stderr
+    r = _evaluate_raising("raise UsageError('--agent artifacts/finetune: no trained agent')")
+    assert r.returncode == 2 and r.stderr == "error: --agent artifacts/finetune: no trained agent\n", r.stderr
+
+
+def test_a_missing_agent_folder_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LAPO_DEBUG", raising=False)
+    assert _job("evaluate").main(["--agent", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'nothing'}: not a finetune or decode artifact folder (no config.json)\n"
+
+
+def test_a_pretrain_folder_without_checkpoints_fails_before_ray_and_before_out(tmp_path):
+    out = tmp_path / "ft"
+    r = subprocess.run([sys.executable, "jobs/finetune.py", "--pretrain", str(tmp_path / "run"), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"error: {tmp_path / 'run'}: no stage1 checkpoint; run `python jobs/pretrain.py --out "
+                        f"{tmp_path / 'run'}` first (or pass --scratch true for PPO from scratch)\n"), r.stderr
+    assert "ray: a local instance" not in r.stdout and not out.exists()
+
+
+def _starts_ray(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return any(a.name == "init_ray" for a in node.names)
+    return (isinstance(node, ast.Attribute) and node.attr == "init" and isinstance(node.value, ast.Name)
+            and node.value.id == "ray")
+
+
+def test_no_job_starts_ray_itself():
+    """The library call of each job starts Ray once its input is checked (docs/architecture.md)."""
+    starters = [f"{p.name}:{node.lineno}" for p in sorted((REPO / "jobs").glob("*.py"))
+                for node in ast.walk(ast.parse(p.read_text())) if _starts_ray(node)]
+    assert starters == []
+    assert _starts_ray(ast.parse("from lapo_ray.runtime import init_ray").body[0])
+    assert _starts_ray(ast.parse("ray.init()").body[0].value.func)
 
 
 @pytest.mark.slow

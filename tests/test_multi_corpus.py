@@ -21,7 +21,8 @@ from lapo_ray.data.mixture import (
     parse_corpus,
 )
 from lapo_ray.data.sources import CorpusSource
-from lapo_ray.data.triplets import SplitSpec, iter_batches, iter_segments, triplet_dataset
+from lapo_ray.data.splits import SplitSpec
+from lapo_ray.data.triplets import iter_batches, iter_segments, triplet_dataset
 
 SHAPE = (8, 8, 3)
 EPISODES, LENGTH = 12, 40  # per source: 38 triplets an episode
@@ -130,7 +131,7 @@ def test_each_source_is_split_on_its_own_with_the_single_source_rule(games):
     scan = src.scan()
     assert scan.episodes == 2 * EPISODES and scan.triplets == 2 * EPISODES * (LENGTH - 2)
     assert len(set(scan.episode_ids)) == 2 * EPISODES  # both sources' ids 0..11, moved apart
-    spec = src.split(PIPE.val_fraction, PIPE.split_seed)
+    spec = src.split(scan, PIPE.val_fraction, PIPE.split_seed)
     for i, g in enumerate(games):
         alone = SplitSpec.for_episodes(CorpusSource(g).scan().episode_ids, PIPE.val_fraction, PIPE.split_seed)
         # The very episodes the source would validate on alone, round(0.2 * 12) = 2 of them.
@@ -139,6 +140,28 @@ def test_each_source_is_split_on_its_own_with_the_single_source_rule(games):
     counts = src.source_counts(spec)
     assert [(c["source"], c["episodes"], c["val_episodes"], c["train_triplets"], c["val_triplets"])
             for c in counts] == [(g, EPISODES, 2, 10 * 38, 2 * 38) for g in games]
+    # Each part as the probe per source reads it: its own files, names and split.
+    parts = src.source_parts(scan.files, spec)
+    assert [p.label for p in parts] == list(games)
+    for i, (p, g) in enumerate(zip(parts, games)):
+        alone = CorpusSource(g)
+        assert p.files == alone.scan_files() and len(p.files) == EPISODES // 2
+        assert p.spec == alone.split(alone.scan(), PIPE.val_fraction, PIPE.split_seed)
+        assert p.source is src.parts[i]
+
+
+def test_one_source_splits_and_orders_itself_and_has_no_parts(games):
+    src = CorpusSource(games[0])
+    scan = src.scan()
+    spec = src.split(scan, PIPE.val_fraction, PIPE.split_seed)
+    assert spec == SplitSpec.for_episodes(scan.episode_ids, PIPE.val_fraction, PIPE.split_seed)
+    assert len(spec.val_episodes) == 2
+    assert src.source_parts(scan.files, spec) == [] and src.source_counts(spec) == []
+    # No seed: the files as given; a seed: a seeded order of each file once, weighted or not.
+    assert src.stream_files(scan.files, spec, "train", None) == scan.files
+    order = src.stream_files(scan.files, spec, "train", 3, weighted=True)
+    assert order == [scan.files[i] for i in np.random.default_rng(3).permutation(EPISODES // 2)]
+    assert order != scan.files and sorted(order) == sorted(scan.files)
 
 
 def train_triplets_per_source(src: MultiSource, files, spec) -> Counter:
@@ -162,7 +185,7 @@ def train_triplets_per_source(src: MultiSource, files, spec) -> Counter:
 def test_the_training_stream_holds_the_sources_in_their_weights(games, weights, want):
     src = multi(games, weights)
     scan = src.scan()
-    spec = src.split(PIPE.val_fraction, PIPE.split_seed)
+    spec = src.split(scan, PIPE.val_fraction, PIPE.split_seed)
     files = src.stream_files(scan.files, spec, "train", seed=0, weighted=True)
     got = train_triplets_per_source(src, files, spec)
     total = sum(got.values())
@@ -216,7 +239,7 @@ def test_the_report_gives_counts_and_probe_per_source():
 def test_both_games_are_read_in_the_stated_proportions_and_never_mixed(games, ray_local):
     src = multi(games, (0.75, 0.25))
     scan = src.scan()
-    spec = src.split(PIPE.val_fraction, PIPE.split_seed)
+    spec = src.split(scan, PIPE.val_fraction, PIPE.split_seed)
     cfg = dataclasses.replace(PIPE, local_shuffle_buffer=64)
     ds = triplet_dataset(src, "train", cfg, scan.files, spec, weighted=True)
     per_batch, seen = [], Counter()

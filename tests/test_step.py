@@ -151,7 +151,7 @@ def test_models_and_step_run_without_ray_pyarrow_or_wandb():
         import dataclasses, sys
         import torch
         import lapo_ray.models
-        import lapo_ray.train.speed  # the raw-step benchmark, for machines with PyTorch only
+        import lapo_ray.benchmarks.step  # the raw-step benchmark, for machines with PyTorch only
         from lapo_ray.config import PRETRAIN_PRESETS
         from lapo_ray.train.stages import Stage1Task
         from lapo_ray.train.step import StageStep, make_optimizer, to_channels_last

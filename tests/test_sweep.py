@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from lapo_ray.config import PretrainConfig
 from lapo_ray.config.sweep import SWEEP_PRESETS, SweepConfig, config_name
-from lapo_ray.sweep import Trial, ceiling_folder, render_table, summarise, trial_config
+from lapo_ray.sweep import (
+    NOT_READ_BY_CEILING,
+    Trial,
+    ceiling_folder,
+    ceiling_key,
+    render_table,
+    summarise,
+    trial_config,
+)
 from test_jobs import library_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +52,22 @@ def test_the_grid_gives_every_combination_in_order_and_random_search_a_fixed_dra
     assert set(map(str, draw.configurations())) <= set(map(str, cfg.configurations()))
     assert SweepConfig(pretrain=cfg.pretrain).configurations() == [{}]
     assert config_name({}) == "baseline"
-    assert config_name({"corpus": "/data/recipes/ninja/", "stage1.augment": "shift"}) == "corpus=ninja,augment=shift"
+    # The corpus's last folder and a hash of its whole path (sha1 of "/data/recipes/ninja").
+    assert (config_name({"corpus": "/data/recipes/ninja/", "stage1.augment": "shift"})
+            == "corpus=ninja-8aef2f,augment=shift")
+
+
+def test_two_corpora_of_one_name_get_trial_folders_of_their_own(tmp_path):
+    names = [config_name({"corpus": c}) for c in ("data/a/coinrun", "data/b/coinrun")]
+    assert names[0] != names[1] and all(re.fullmatch(r"corpus=coinrun-[0-9a-f]{6}", n) for n in names), names
+    assert config_name({"corpus": "data/a/coinrun/"}) == names[0]  # a trailing slash names the same folder
+    base = SWEEP_PRESETS["cpu"]().pretrain
+    base.corpus = "c"
+    outs = [trial_config(base, Trial({"corpus": c}, 0), str(tmp_path)).out
+            for c in ("data/a/coinrun", "data/b/coinrun")]
+    assert outs == [str(tmp_path / "trials" / n / "s0") for n in names]
+    several = config_name({"corpus": "s3://b/x/coinrun?region=eu=0.7,data/bigfish=0.3"})
+    assert re.fullmatch(r"corpus=coinrun_region=eu=0\.7\+bigfish=0\.3-[0-9a-f]{6}", several), several
 
 
 @pytest.mark.parametrize("change,message", [
@@ -87,6 +112,71 @@ def test_one_ceiling_per_corpus_whatever_the_seed_or_recipe(tmp_path):
     assert ceiling_folder(other, str(tmp_path)) != first and ceiling_folder(longer, str(tmp_path)) != first
     shared = dataclasses.replace(base, probe=dataclasses.replace(base.probe, ceiling_from=str(tmp_path / "shared")))
     assert ceiling_folder(shared, str(tmp_path)).startswith(str(tmp_path / "shared" / "ceilings"))
+
+
+def _changed(value):
+    """Another value of a config leaf's type (the key hashes values; it does not validate them)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return (*value, 1)
+    return f"{value}x"
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+
+def _replaced(cfg, path: str, value):
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _replaced(getattr(cfg, head), rest, value)})
+
+
+def _get(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("path", ["stage1.weight_decay", "stage1.grad_clip", "model.frame_offset",
+                                  "model.vq.emb_dim", "data.global_shuffle", "corpus"])
+def test_the_ceiling_key_changes_with_what_the_ceiling_reads(path):
+    base = SWEEP_PRESETS["cpu"]().pretrain
+    base.corpus = "c"
+    assert ceiling_key(_replaced(base, path, _changed(_get(base, path)))) != ceiling_key(base)
+
+
+def test_the_ceiling_key_changes_with_the_precision_and_not_with_what_it_does_not_read():
+    base = SWEEP_PRESETS["cpu"]().pretrain
+    base.corpus = "c"
+    for precision in ("bf16", "fp32"):
+        other = _replaced(base, "stage1.precision", precision)
+        assert ceiling_key(other) != ceiling_key(base)
+        assert ceiling_folder(other, "/s") != ceiling_folder(base, "/s")
+    for path, value in (("stage2.lr", 0.5), ("wandb.mode", "online"), ("wandb.project", "p"), ("out", "/x"),
+                        ("stages", "stage1,label"), ("probe.triplets", 7), ("label.num_actors", 5),
+                        ("stage1.augment", "shift"), ("stage1.seed", 9), ("data.shuffle_seed", 9),
+                        ("model.vq.enabled", False), ("model.wm.base_channels", 3)):
+        assert ceiling_folder(_replaced(base, path, value), "/s") == ceiling_folder(base, "/s"), path
+
+
+def test_every_data_model_and_stage1_field_is_in_the_ceiling_key_unless_listed_as_not_read():
+    base = PretrainConfig(corpus="c")
+    leaves = [p for section in NOT_READ_BY_CEILING for p in _leaves(dataclasses.asdict(getattr(base, section)),
+                                                                      f"{section}.")]
+    assert len(leaves) > 50
+    # Each listed field names a field (a stale entry would hide nothing, but would mislead).
+    assert all(hasattr(getattr(base, s), k) for s, skip in NOT_READ_BY_CEILING.items() for k in skip)
+    moved = {p for p in leaves if ceiling_key(_replaced(base, p, _changed(_get(base, p)))) != ceiling_key(base)}
+    unread = {p for p in leaves if p.split(".")[1] in NOT_READ_BY_CEILING[p.split(".")[0]]}
+    # The VQ's width decides the supervised IDM's latent layer, its other fields nothing of it.
+    assert unread & moved == {"model.vq.num_codebooks", "model.vq.num_discrete_latents", "model.vq.emb_dim"}
+    assert set(leaves) - unread <= moved
 
 
 def test_the_table_gives_mean_and_t_interval_over_seeds():

@@ -60,7 +60,7 @@ def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
                 init_ray()
                 source = open_corpus(base)
                 scan = source.scan(on_bad=base.data.on_bad_files)
-                spec = split_spec(scan, base.data)
+                spec = split_spec(scan, base.data, source)
                 during = load_probe_set(source, base.data, base.probe.during_training, scan.files, spec,
                                         base.model.frame_offset)
                 ready = True

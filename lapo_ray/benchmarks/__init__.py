@@ -1,10 +1,12 @@
 """Throughput benchmarks that print figures (speed targets live here, not in timed tests), run
-by ``jobs/benchmark.py``. One module a benchmark, each with its ``bench_*`` function and the
-``report_*`` text the job prints:
+by ``jobs/benchmark.py NAME``. ``BENCHMARKS`` names each with its config class (in
+``lapo_ray.config.benchmark``) and its module, whose ``run`` measures and ``report`` writes what
+the job prints; ``run_benchmark`` runs one (``registry``). One module a benchmark:
 
 * ``data``: triplets/s of the Ray Data pipeline vs a plain numpy reader;
 * ``stage1``: stage-1 samples/s, Ray Train with 1 and 2 workers vs a plain PyTorch loop;
-* ``env_runners``: RLlib env steps/s with 1 and 2 env runners vs the raw vector env;
+* ``step``: the stage-1 training step alone on one device, without Ray: samples/s, MFU;
+* ``env_runners`` (``envrunners``): RLlib env steps/s with 1 and 2 env runners vs the raw vector env;
 * ``stream``: an epoch of a corpus larger than the object store: memory, spilled bytes, triplets/s;
 * ``label``: latent labelling rows/s with 1, 2 and 4 actors.
 
@@ -12,33 +14,20 @@ What several use: ``corpora`` (the benchmark corpus and the noise-corpus writer)
 ``process_memory`` (peak memory of every process of a node, from /proc) and ``ray_internals``
 (the one place Ray-private APIs are read, and why). Measured figures and their history:
 docs/results/benchmark-notes.md.
+
+This package imports neither Ray nor pyarrow until a benchmark that needs them runs: the step
+benchmark runs on machines that have PyTorch alone.
 """
 
-from lapo_ray.benchmarks.corpora import ensure_bench_corpus, write_noise_corpus
-from lapo_ray.benchmarks.data import bench_data, report_data
-from lapo_ray.benchmarks.env_runners import bench_env_runners, report_env_runners
-from lapo_ray.benchmarks.label import bench_label, report_label
 from lapo_ray.benchmarks.process_memory import ProcessMemory, format_processes, role
-from lapo_ray.benchmarks.ray_internals import object_store_stats
-from lapo_ray.benchmarks.stage1 import bench_stage1, report_stage1
-from lapo_ray.benchmarks.stream import StreamTask, bench_stream, report_stream
+from lapo_ray.benchmarks.registry import BENCHMARKS, Benchmark, run_benchmark, write_figures
 
 __all__ = [
+    "BENCHMARKS",
+    "Benchmark",
     "ProcessMemory",
-    "StreamTask",
-    "bench_data",
-    "bench_env_runners",
-    "bench_label",
-    "bench_stage1",
-    "bench_stream",
-    "ensure_bench_corpus",
     "format_processes",
-    "object_store_stats",
-    "report_data",
-    "report_env_runners",
-    "report_label",
-    "report_stage1",
-    "report_stream",
     "role",
-    "write_noise_corpus",
+    "run_benchmark",
+    "write_figures",
 ]

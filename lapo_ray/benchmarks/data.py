@@ -7,7 +7,7 @@ import time
 from typing import Any, Iterable
 
 from lapo_ray.benchmarks.corpora import ensure_bench_corpus
-from lapo_ray.config import PipelineConfig
+from lapo_ray.config import DataBenchConfig, PipelineConfig
 
 SHUFFLE_MODES = ("files", "none", "segments")
 
@@ -50,7 +50,11 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
     return results
 
 
-def report_data(r: dict[str, Any]) -> str:
+def run(cfg: DataBenchConfig) -> dict[str, Any]:
+    return bench_data(cfg.corpus, cfg.frames, cfg.batch_size)
+
+
+def report(r: dict[str, Any]) -> str:
     """What ``jobs/benchmark.py data`` prints: the figures as JSON, then a line a reader."""
     plain = r["plain"]["triplets_per_s"]
     lines = [json.dumps(r, indent=2), "",

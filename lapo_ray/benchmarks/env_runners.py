@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any
 
+from lapo_ray.config import EnvRunnersBenchConfig
+
 
 def raw_vector_env_steps_per_s(num_envs: int, steps: int) -> float:
     """Steps/s of the Procgen vector env alone, random actions, in this process: the ceiling."""
@@ -104,7 +106,12 @@ def bench_env_runners(envs_per_runner: int = 16, rollout_length: int = 64, itera
     return out
 
 
-def report_env_runners(r: dict[str, Any]) -> str:
+def run(cfg: EnvRunnersBenchConfig) -> dict[str, Any]:
+    return bench_env_runners(cfg.envs_per_runner, cfg.rollout_length, cfg.iterations, cpus=cfg.cpus,
+                             rounds=cfg.rounds, num_epochs=cfg.epochs)
+
+
+def report(r: dict[str, Any]) -> str:
     """What ``jobs/benchmark.py envrunners`` prints: the figures as JSON, then a line a mode."""
     raw = r["raw_vector_env_steps_per_s"]
     lines = [json.dumps(r, indent=2), "",

@@ -9,6 +9,7 @@ from typing import Any
 
 from lapo_ray import storage
 from lapo_ray.benchmarks.corpora import has_corpus, write_noise_corpus
+from lapo_ray.config import LabelBenchConfig
 
 
 def bench_label(corpus: str, actors: tuple[int, ...] = (1, 2, 4), frames: int = 16_384,
@@ -56,7 +57,11 @@ def bench_label(corpus: str, actors: tuple[int, ...] = (1, 2, 4), frames: int = 
     return out
 
 
-def report_label(r: dict[str, Any]) -> str:
+def run(cfg: LabelBenchConfig) -> dict[str, Any]:
+    return bench_label(cfg.corpus, cfg.actors, cfg.frames)
+
+
+def report(r: dict[str, Any]) -> str:
     """What ``jobs/benchmark.py label`` prints: the figures as JSON, then a line an actor count."""
     lines = [json.dumps(r, indent=2), "",
              f"labelling {r['corpus_triplets']:,} steps in {r['files']} files"

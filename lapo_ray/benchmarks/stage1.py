@@ -1,5 +1,5 @@
 """Stage-1 samples/s: a plain single-process PyTorch loop vs Ray Train with 1 and 2 workers
-(``jobs/benchmark.py stage1``; the step alone, without Ray, is ``lapo_ray.train.speed``)."""
+(``jobs/benchmark.py stage1``; the step alone, without Ray, is ``jobs/benchmark.py step``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import time
 from typing import Any
 
+from lapo_ray import UsageError
 from lapo_ray.benchmarks.corpora import ensure_bench_corpus
+from lapo_ray.config import Stage1BenchConfig
 
 RAY_WORKERS = (1, 2)
 
@@ -105,7 +107,7 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     from lapo_ray.train.step import use_bf16
 
     if steps <= warmup or window <= 0 or rounds < 1:
-        raise ValueError(f"stage-1 benchmark: steps ({steps}) must exceed warmup ({warmup}); "
+        raise UsageError(f"stage-1 benchmark: steps ({steps}) must exceed warmup ({warmup}); "
                          f"window ({window}) and rounds ({rounds}) must be positive")
     ensure_bench_corpus(corpus, frames)
     src = CorpusSource(corpus)
@@ -135,7 +137,11 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     return results
 
 
-def report_stage1(r: dict[str, Any]) -> str:
+def run(cfg: Stage1BenchConfig) -> dict[str, Any]:
+    return bench_stage1(cfg.corpus, cfg.preset, cfg.steps, cfg.batch_size, rounds=cfg.rounds)
+
+
+def report(r: dict[str, Any]) -> str:
     """What ``jobs/benchmark.py stage1`` prints: the summary as JSON (not every window), then a
     line a mode."""
     plain = r["plain"]["median"]

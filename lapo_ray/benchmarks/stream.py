@@ -11,11 +11,11 @@ import threading
 import time
 from typing import Any
 
-from lapo_ray import storage
+from lapo_ray import UsageError, storage
 from lapo_ray.benchmarks.corpora import has_corpus, write_noise_corpus
 from lapo_ray.benchmarks.process_memory import ProcessMemory, format_processes
 from lapo_ray.benchmarks.ray_internals import object_store_stats
-from lapo_ray.config import PipelineConfig
+from lapo_ray.config import PipelineConfig, StreamBenchConfig
 
 FRAME_BYTES = 64 * 64 * 3
 
@@ -116,7 +116,7 @@ def _stream_corpus(corpus: str, store: int, store_factor: float, frames: int | N
     disk = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in src.scan_files())
     decoded = src.manifest.num_frames * FRAME_BYTES
     if decoded < store_factor * store:
-        raise ValueError(f"{corpus}: {decoded / 2**20:.0f} MiB of frames is less than {store_factor:g} x the "
+        raise UsageError(f"{corpus}: {decoded / 2**20:.0f} MiB of frames is less than {store_factor:g} x the "
                          f"object store ({store / 2**20:.0f} MiB); give another --corpus or remove this one")
     return src, disk, decoded
 
@@ -270,7 +270,13 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
     }
 
 
-def report_stream(r: dict[str, Any]) -> str:
+def run(cfg: StreamBenchConfig) -> dict[str, Any]:
+    return bench_stream(cfg.corpus, cfg.store_factor, cfg.batch_size, cfg.model, cfg.workers, block_mb=cfg.block_mb,
+                        local_shuffle_buffer=cfg.local_shuffle_buffer, prefetch_blocks=cfg.prefetch_blocks,
+                        consumer=cfg.consumer)
+
+
+def report(r: dict[str, Any]) -> str:
     """What ``jobs/benchmark.py stream`` prints: the figures as JSON (less the process table),
     a paragraph of what they mean, then every process's peak memory."""
     procs = r["processes"]

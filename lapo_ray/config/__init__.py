@@ -1,6 +1,7 @@
 """Typed configuration of every stage, with named presets and command-line overrides.
 
-This package imports nothing else of lapo_ray: every other room reads it.
+This package imports nothing else of lapo_ray but the package's own UsageError (what its checks
+raise): every other room reads it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lapo_ray import UsageError
+from lapo_ray.config.benchmark import (
+    BenchConfig,
+    DataBenchConfig,
+    EnvRunnersBenchConfig,
+    LabelBenchConfig,
+    RayBenchConfig,
+    Stage1BenchConfig,
+    StepBenchConfig,
+    StreamBenchConfig,
+)
 from lapo_ray.config.data import PROCGEN_GAMES, CollectConfig, PipelineConfig
 from lapo_ray.config.models import (
     IDMConfig,
@@ -25,7 +37,9 @@ from lapo_ray.config.train import LabelConfig, ProbeConfig, StageConfig, WandbCo
 __all__ = [
     "PROCGEN_GAMES", "CollectConfig", "PipelineConfig", "IDMConfig", "ModelConfig", "PolicyConfig",
     "VQConfig", "WorldModelConfig", "LabelConfig", "ProbeConfig", "StageConfig", "WandbConfig",
-    "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict", "config_to_dict",
+    "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict", "config_to_dict", "BenchConfig", "RayBenchConfig",
+    "DataBenchConfig", "Stage1BenchConfig", "StepBenchConfig", "EnvRunnersBenchConfig", "StreamBenchConfig",
+    "LabelBenchConfig",
 ]
 
 
@@ -58,7 +72,7 @@ class PretrainConfig:
     def validate(self) -> None:
         unknown = set(self.stage_list()) - {"stage1", "label", "stage2"}
         if unknown:
-            raise ValueError(f"--stages: unknown stage(s) {sorted(unknown)}; use stage1, label, stage2")
+            raise UsageError(f"--stages: unknown stage(s) {sorted(unknown)}; use stage1, label, stage2")
         self.collect.validate()
         self.data.validate()
         self.model.validate()
@@ -90,7 +104,7 @@ def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+        raise UsageError(f"unknown keys for {cls.__name__}: {sorted(unknown)}")
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue

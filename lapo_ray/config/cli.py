@@ -14,7 +14,8 @@ example commands stay one per line. A misspelt flag, a value of the wrong type o
 fails ``validate`` prints one usage line and the error naming it, exit status 2.
 
 ``build_parser`` builds without parsing (the jobs' ``parse_args`` and the docs check use it
-through ``parse_config``); ``parse_config`` returns ``(config, namespace)``.
+through ``parse_config``); ``parse_config`` returns ``(config, namespace)``. A job whose first
+argument names one of several configs (``jobs/benchmark.py``) parses with ``parse_command``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
+from lapo_ray import UsageError
 from lapo_ray.config.models import MODEL_PRESETS, ModelConfig, model_preset
 
 
@@ -227,15 +229,40 @@ def parse_config(cls: type, presets: dict[str, Callable[[], Any]], argv: list[st
     ``model_preset``."""
     parser = build_parser(cls, presets, argv, description, default_preset)
     ns = parser.parse_args(argv)
+    base = preset_config(cls, presets, ns.preset, getattr(ns, "model_preset", None))
+    return _configured(parser, cls, base, ns), ns
+
+
+def parse_command(commands: dict[str, type], argv: list[str] | None = None,
+                  description: str = "") -> tuple[str, Any]:
+    """``(name, config)`` for a job whose first argument names a command (``benchmark.py stream
+    ...``): the flags after the name are those of its config class in ``commands``, whose defaults
+    are the class's own (no presets); the first paragraph of the class's docstring is the
+    command's help. Errors and a failed ``validate`` are reported as ``parse_config`` reports
+    them."""
+    parser = ConfigArgumentParser(description=description, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="NAME")
+    parsers = {}
+    for name, cls in commands.items():  # the class's summary heads its group of flags
+        parsers[name] = sub.add_parser(name, help=_summary(cls), formatter_class=HelpFormatter)
+        parsers[name].set_short_usage()
+        add_grouped_config_args(parsers[name], cls, cls())
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # named under the command's usage, not the job's
+        parsers[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return ns.command, _configured(parsers[ns.command], commands[ns.command], commands[ns.command](), ns)
+
+
+def _configured(parser: argparse.ArgumentParser, cls: type, base: Any, ns: argparse.Namespace) -> Any:
+    """``base`` with the flags in ``ns`` applied, validated; a failed validate is a usage error."""
     field_paths = set(_leaf_paths(cls))
-    overrides = {k: v for k, v in vars(ns).items() if k in field_paths}
-    config = apply_overrides(preset_config(cls, presets, ns.preset, getattr(ns, "model_preset", None)), overrides)
+    config = apply_overrides(base, {k: v for k, v in vars(ns).items() if k in field_paths})
     if hasattr(config, "validate"):
         try:
             config.validate()
-        except ValueError as e:
+        except UsageError as e:
             parser.error(str(e))
-    return config, ns
+    return config
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lapo_ray import UsageError
+
 # The one list of Procgen games; the envs room and every config that names a game check here.
 PROCGEN_GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
@@ -14,7 +16,7 @@ PROCGEN_GAMES = (
 
 def check_game(game: str, flag: str = "--game") -> None:
     if game not in PROCGEN_GAMES:
-        raise ValueError(f"{flag} {game!r} is not a Procgen game; choose one of {', '.join(PROCGEN_GAMES)}")
+        raise UsageError(f"{flag} {game!r} is not a Procgen game; choose one of {', '.join(PROCGEN_GAMES)}")
 
 
 @dataclass
@@ -66,13 +68,13 @@ class CollectConfig:
         check_game(self.game)
         for name in ("frames", "num_workers", "envs_per_worker", "shard_frames"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"--epsilon must be in [0, 1], got {self.epsilon}")
+            raise UsageError(f"--epsilon must be in [0, 1], got {self.epsilon}")
         if not 0.0 <= self.noise_hold < 1.0:
-            raise ValueError(f"--noise-hold must be in [0, 1), got {self.noise_hold}")
+            raise UsageError(f"--noise-hold must be in [0, 1), got {self.noise_hold}")
         if self.max_segment_frames < 3:
-            raise ValueError(f"--max-segment-frames must be >= 3, got {self.max_segment_frames}")
+            raise UsageError(f"--max-segment-frames must be >= 3, got {self.max_segment_frames}")
 
 
 @dataclass
@@ -116,4 +118,4 @@ class PipelineConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise UsageError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lapo_ray import UsageError
 from lapo_ray.config import PretrainConfig, config_to_dict, cpu_pretrain, paper_pretrain
 from lapo_ray.config.data import CollectConfig, check_game
 from lapo_ray.config.rl import (
@@ -60,11 +61,11 @@ class ExperimentConfig:
         check_game(self.game)
         unknown = set(self.variant_list()) - set(VARIANTS)
         if unknown:
-            raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+            raise UsageError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
         if self.seeds < 1:
-            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+            raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
         if not self.decode_k or min(self.decode_k) <= 0:
-            raise ValueError("--decode-k needs positive frame counts")
+            raise UsageError("--decode-k needs positive frame counts")
         self.resolved().finetune.validate()
         self.resolved().demonstrator.validate()
 

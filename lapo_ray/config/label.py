@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lapo_ray import UsageError
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.config.models import config_to_dict
 from lapo_ray.config.train import LabelConfig
@@ -27,11 +28,11 @@ class LabelJobConfig:
 
     def validate(self) -> None:
         if not self.checkpoint.strip():
-            raise ValueError("--checkpoint is required: a pretrain run folder or a stage-1 checkpoint (path or URI)")
+            raise UsageError("--checkpoint is required: a pretrain run folder or a stage-1 checkpoint (path or URI)")
         if not self.corpus.strip():
-            raise ValueError("--corpus is required: the corpus, LAPO npz folder or video folder to label")
+            raise UsageError("--corpus is required: the corpus, LAPO npz folder or video folder to label")
         if not self.out.strip():
-            raise ValueError("--out must name a destination folder")
+            raise UsageError("--out must name a destination folder")
         self.data.validate()
         self.label.validate()
 

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lapo_ray import UsageError
+
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The one way a config becomes JSON-able data (``config_from_dict`` reads it back): nested
@@ -121,7 +123,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.frame_offset < 1:
-            raise ValueError(f"--model.frame-offset must be at least 1, got {self.frame_offset}")
+            raise UsageError(f"--model.frame-offset must be at least 1, got {self.frame_offset}")
+        if self.frame_size < 4 or self.frame_size & (self.frame_size - 1):
+            raise UsageError(f"--model.frame-size must be a power of two >= 4 (the world model's U-Net halves it "
+                             f"down to 2x2), got {self.frame_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -166,4 +171,4 @@ def model_preset(name: str) -> ModelConfig:
     try:
         return MODEL_PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
+        raise UsageError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None

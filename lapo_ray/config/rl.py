@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lapo_ray import UsageError
 from lapo_ray.config.data import check_game
 from lapo_ray.config.models import PolicyConfig, cpu_model_config
 from lapo_ray.config.train import WandbConfig
@@ -204,12 +205,12 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.num_env_runners < 0 or self.envs_per_runner <= 0 or self.ppo.rollout_length <= 0:
-            raise ValueError("--num-env-runners must be >= 0; --envs-per-runner and --ppo.rollout-length positive")
+            raise UsageError("--num-env-runners must be >= 0; --envs-per-runner and --ppo.rollout-length positive")
         if self.train_batch % self.ppo.num_minibatches:
-            raise ValueError(f"train batch {self.train_batch} (runners x envs x rollout length) is not "
+            raise UsageError(f"train batch {self.train_batch} (runners x envs x rollout length) is not "
                              f"divisible by --ppo.num-minibatches {self.ppo.num_minibatches}")
         if self.ppo.env_steps <= 0:
-            raise ValueError("--ppo.env-steps must be positive")
+            raise UsageError("--ppo.env-steps must be positive")
         check_game(self.env.game, "--env.game")
 
 
@@ -231,7 +232,7 @@ class DecodeConfig:
 
     def validate(self) -> None:
         if not 1 <= self.decoder.k <= 1_000_000:
-            raise ValueError(f"--decoder.k must be a positive number of labelled frames, got {self.decoder.k}")
+            raise UsageError(f"--decoder.k must be a positive number of labelled frames, got {self.decoder.k}")
         check_game(self.env.game, "--env.game")
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lapo_ray import UsageError
 from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
 
 
@@ -39,12 +42,12 @@ class SweepConfig:
 
     def validate(self) -> None:
         if self.seeds < 1:
-            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+            raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
         if self.search == "random" and self.samples < 1:
-            raise ValueError(f"--samples must be at least 1, got {self.samples}")
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
         axes = self.axes()  # parses --grid
         if not self.pretrain.corpus and "corpus" not in axes:
-            raise ValueError("a sweep needs --pretrain.corpus (or --grid corpus=...): collect it first with "
+            raise UsageError("a sweep needs --pretrain.corpus (or --grid corpus=...): collect it first with "
                              "jobs/collect.py, so every trial reads the same frames")
         self.pretrain.validate()
 
@@ -54,9 +57,9 @@ class SweepConfig:
         for item in self.grid:
             path, sep, values = item.partition("=")
             if not sep or not path or not values:
-                raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+                raise UsageError(f"--grid {item!r}: expected FIELD=V1,V2,...")
             if path in axes:
-                raise ValueError(f"--grid: {path} given twice")
+                raise UsageError(f"--grid: {path} given twice")
             axes[path] = [v.strip() for v in values.split(",") if v.strip()]
         return axes
 
@@ -76,9 +79,18 @@ def config_name(values: dict[str, str]) -> str:
         return "baseline"
     parts = []
     for path, value in values.items():
-        short = value.rstrip("/").split("/")[-1] if path == "corpus" else value
+        short = corpus_name(value) if path == "corpus" else value
         parts.append(f"{path.split('.')[-1]}={short}")
     return ",".join(parts).replace(" ", "")
+
+
+def corpus_name(corpus: str) -> str:
+    """``--corpus`` as a folder name: each source's last folder (``+`` between several) and a hash
+    of the whole value, since two corpora may share a last folder (``data/a/coinrun``,
+    ``data/b/coinrun``)."""
+    entries = [e.strip().rstrip("/") for e in corpus.split(",")]
+    digest = hashlib.sha1(",".join(entries).encode()).hexdigest()[:6]
+    return re.sub(r"[^\w.=+-]", "_", "+".join(e.split("/")[-1] for e in entries)) + f"-{digest}"
 
 
 def cpu_sweep() -> SweepConfig:

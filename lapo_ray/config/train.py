@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lapo_ray import UsageError
+
 
 @dataclass
 class StageConfig:
@@ -101,17 +103,17 @@ class StageConfig:
 
     def validate(self, name: str) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
-            raise ValueError(f"{name}: steps, batch_size and num_workers must be positive")
+            raise UsageError(f"{name}: steps, batch_size and num_workers must be positive")
         if self.action_labels < 0 or self.change_weight < 0 or self.shift_pad < 0:
-            raise ValueError(f"{name}: action_labels, change_weight and shift_pad must not be negative")
+            raise UsageError(f"{name}: action_labels, change_weight and shift_pad must not be negative")
         if self.change_baseline != "last" and self.change_weight == 0:
-            raise ValueError(f"{name}: change_baseline {self.change_baseline!r} has no effect without change_weight "
+            raise UsageError(f"{name}: change_baseline {self.change_baseline!r} has no effect without change_weight "
                              "(--stage1.change-weight alpha > 0)")
         if self.action_labels > 0 and self.action_label_batch <= 0:
-            raise ValueError(f"{name}: action_label_batch must be positive with action_labels, "
+            raise UsageError(f"{name}: action_label_batch must be positive with action_labels, "
                              f"got {self.action_label_batch}")
         if self.batch_size % self.num_workers:
-            raise ValueError(
+            raise UsageError(
                 f"{name}: batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"
             )
 
@@ -130,12 +132,12 @@ class LabelConfig:
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.num_actors <= 0:
-            raise ValueError(f"--label.batch-size and --label.num-actors must be positive, got {self.batch_size} "
+            raise UsageError(f"--label.batch-size and --label.num-actors must be positive, got {self.batch_size} "
                              f"and {self.num_actors}")
         if self.cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
-            raise ValueError("--label.cpus-per-actor and --label.num-gpus-per-actor must not be negative")
+            raise UsageError("--label.cpus-per-actor and --label.num-gpus-per-actor must not be negative")
         if self.num_gpus_per_actor > 1 and self.num_gpus_per_actor != int(self.num_gpus_per_actor):
-            raise ValueError(f"--label.num-gpus-per-actor {self.num_gpus_per_actor:g}: above 1 it must be a whole "
+            raise UsageError(f"--label.num-gpus-per-actor {self.num_gpus_per_actor:g}: above 1 it must be a whole "
                              "number of GPUs")
 
 

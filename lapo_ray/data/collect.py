@@ -33,6 +33,7 @@ from lapo_ray.data.corpus import (
 )
 from lapo_ray.envs import OBS_SHAPE
 from lapo_ray.progress import Progress
+from lapo_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def _check_resume(cfg: CollectConfig) -> bool:
 
 def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories=None) -> Manifest:
     """Collect ``cfg.frames`` frames on ``cfg.num_workers`` Ray actors and return the manifest.
+    Ray is joined or started (``runtime.init_ray``) only once the config and ``cfg.out`` pass.
 
     ``policy_factories`` maps a ``--collect.policy`` prefix to a factory for policies that live
     above the data layer (the jobs pass ``{"agent": rl.evaluate.AgentPolicy}``); see
@@ -216,6 +218,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
 
     cfg.validate()
     resuming = _check_resume(cfg)
+    init_ray()
     storage.makedirs(storage.join(cfg.out, SHARD_DIR))
     if not resuming:
         storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lapo_ray import storage
+from lapo_ray import MissingPathError, UsageError, storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ SEGMENT_SCHEMA = pa.schema(
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError):
     """Bad or inconsistent input data. The message always names the offending file."""
 
 
@@ -199,7 +199,7 @@ class Manifest:
 def read_manifest(corpus_uri: str) -> Manifest:
     uri = storage.join(corpus_uri, MANIFEST)
     if not storage.exists(corpus_uri):
-        raise FileNotFoundError(f"{corpus_uri}: corpus directory does not exist")
+        raise MissingPathError(f"{corpus_uri}: corpus directory does not exist")
     if not storage.exists(uri):
         raise CorpusError(
             f"{corpus_uri}: no {MANIFEST}; this is not a finished lapo_ray corpus "

@@ -14,9 +14,10 @@ always one source). One entry is one source exactly as before.
   two sources never meet; the first source keeps its own ids.
 * **Files** are named ``<file>#<index>`` (two corpora both hold ``shards/w000-00000.parquet``),
   so every file, and the latent shard labelling writes for it, is the file of one source.
-* **Splits** are made per source, by the same rule and seed as for one source
-  (``SplitSpec.for_episodes``): every source validates on its own share of its own episodes, the
-  very episodes it would validate on alone.
+* **Splits** are made per source (``MultiSource.split``), by the same rule and seed as for one
+  source (``SplitSpec.for_episodes``): every source validates on its own share of its own
+  episodes, the very episodes it would validate on alone. ``source_parts`` and ``source_counts``
+  give each source back with its files, split and counts (the per-source probe and report).
 * **Triplets** are cut within a segment, a segment lies within one file, a file within one
   source: no triplet mixes sources.
 * **The training stream** (``stream_files(..., weighted=True)``) is one epoch of files: the
@@ -40,9 +41,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from lapo_ray import UsageError
 from lapo_ray.data.corpus import SEGMENT_SCHEMA
-from lapo_ray.data.sources import OnBad, ScanReport, Source, open_source
-from lapo_ray.data.triplets import SplitSpec
+from lapo_ray.data.sources import OnBad, ScanReport, Source, SourcePart, open_source
+from lapo_ray.data.splits import SplitSpec
 
 SOURCE_BITS = 56
 MAX_SOURCES = 64  # ids stay below 2**62
@@ -59,36 +61,36 @@ def parse_corpus(text: str) -> list[CorpusEntry]:
     """``--corpus`` as a list of sources with optional weights (see the module's doc)."""
     text = text.strip()
     if not text:
-        raise ValueError("--corpus: empty")
+        raise UsageError("--corpus: empty")
     if ("," not in text and "=" not in text) or ("://" not in text and os.path.exists(text)):
         return [CorpusEntry(text)]  # a local folder that exists as written is one, whatever its name
     entries = []
     for item in text.split(","):
         item = item.strip()
         if not item:
-            raise ValueError(f"--corpus {text}: an empty entry (a comma too many)")
+            raise UsageError(f"--corpus {text}: an empty entry (a comma too many)")
         uri, weight = item, None
         head, sep, tail = item.rpartition("=")
         if sep and _WEIGHT.fullmatch(tail.strip()):
             uri, weight = head.strip(), float(tail)
             if not uri:
-                raise ValueError(f"--corpus {text}: '{item}' is a weight without a source")
+                raise UsageError(f"--corpus {text}: '{item}' is a weight without a source")
             if not (math.isfinite(weight) and weight > 0):
-                raise ValueError(f"--corpus {text}: {uri} has weight {tail.strip()}; a weight is a positive "
+                raise UsageError(f"--corpus {text}: {uri} has weight {tail.strip()}; a weight is a positive "
                                  "number (DIR=0.7)")
         entries.append(CorpusEntry(uri, weight))
     weighted = [e.uri for e in entries if e.weight is not None]
     if weighted and len(weighted) != len(entries):
         missing = [e.uri for e in entries if e.weight is None]
-        raise ValueError(f"--corpus {text}: give every source a weight or none ({', '.join(missing)} has none)")
+        raise UsageError(f"--corpus {text}: give every source a weight or none ({', '.join(missing)} has none)")
     seen: set[str] = set()
     for e in entries:
         key = e.uri.rstrip("/")
         if key in seen:
-            raise ValueError(f"--corpus {text}: {e.uri} is given twice")
+            raise UsageError(f"--corpus {text}: {e.uri} is given twice")
         seen.add(key)
     if len(entries) > MAX_SOURCES:
-        raise ValueError(f"--corpus: {len(entries)} sources; at most {MAX_SOURCES}")
+        raise UsageError(f"--corpus: {len(entries)} sources; at most {MAX_SOURCES}")
     return entries
 
 
@@ -126,7 +128,7 @@ class MultiSource(Source):
         shape = tuple(parts[0].frame_shape)
         for p in parts[1:]:
             if tuple(p.frame_shape) != shape:
-                raise ValueError(f"--corpus: {parts[0].name} has frames {shape} but {p.name} has "
+                raise UsageError(f"--corpus: {parts[0].name} has frames {shape} but {p.name} has "
                                  f"{tuple(p.frame_shape)} (H, W, C); every source must have the same frame shape")
         if weights is not None:
             if len(weights) != len(parts) or any(not (math.isfinite(w) and w > 0) for w in weights):
@@ -147,7 +149,7 @@ class MultiSource(Source):
         scans = [p.scan(on_bad) for p in self.parts]
         for p, s in zip(self.parts, scans):
             if s.episode_ids and not (0 <= min(s.episode_ids) and max(s.episode_ids) < 2**SOURCE_BITS):
-                raise ValueError(f"{p.name}: episode ids must lie in [0, 2**{SOURCE_BITS}) to be combined "
+                raise UsageError(f"{p.name}: episode ids must lie in [0, 2**{SOURCE_BITS}) to be combined "
                                  "with other sources")
         self.scans = scans
         return ScanReport(
@@ -166,10 +168,14 @@ class MultiSource(Source):
             self.scan()
         return self.scans
 
-    def split(self, val_fraction: float, seed: int) -> SplitSpec:
-        """Each source split by episode on its own (``SplitSpec.for_episodes``), in one spec."""
-        val = [int(global_id(i, e)) for i, s in enumerate(self._scans())
-               for e in SplitSpec.for_episodes(s.episode_ids, val_fraction, seed).val_episodes]
+    def split(self, scan: ScanReport, val_fraction: float, seed: int) -> SplitSpec:
+        """Each source's episodes in ``scan`` (this source's scan) split on their own, in its own
+        ids, by ``SplitSpec.for_episodes``: one spec of all the sources' validation episodes."""
+        ids = np.asarray(scan.episode_ids, np.int64)
+        val = []
+        for i in range(len(self.parts)):
+            own = ids[(ids >> SOURCE_BITS) == i] - (np.int64(i) << np.int64(SOURCE_BITS))
+            val += [int(global_id(i, e)) for e in SplitSpec.for_episodes(own, val_fraction, seed).val_episodes]
         return SplitSpec(val_fraction, seed, tuple(sorted(val)))
 
     def part_spec(self, index: int, spec: SplitSpec) -> SplitSpec:
@@ -183,6 +189,10 @@ class MultiSource(Source):
     def part_files(self, index: int, files: Sequence[str]) -> list[str]:
         """The files of source ``index`` among ``files``, as that source names them."""
         return [self._files[f][1] for f in files if self._files[f][0] == index]
+
+    def source_parts(self, files: list[str], spec: SplitSpec) -> list[SourcePart]:
+        return [SourcePart(label, part, self.part_files(i, files), self.part_spec(i, spec))
+                for i, (part, label) in enumerate(zip(self.parts, self.labels))]
 
     def source_counts(self, spec: SplitSpec) -> list[dict[str, Any]]:
         """Per source: files, episodes and triplets, in all and per split."""
@@ -216,7 +226,7 @@ class MultiSource(Source):
         if weighted and self.weights is not None:
             for i, (fs, t) in enumerate(zip(by_part, totals)):
                 if fs and t <= 0:
-                    raise ValueError(f"{self.parts[i].name}: no {split} triplets to weigh")
+                    raise UsageError(f"{self.parts[i].name}: no {split} triplets to weigh")
             live = [i for i, fs in enumerate(by_part) if fs]
             epoch = max(totals[i] / self.weights[i] for i in live)
             quotas = [self.weights[i] * epoch if by_part[i] else 0.0 for i in range(len(self.parts))]

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lapo_ray import UsageError
 from lapo_ray.envs import NUM_ACTIONS
 
 
@@ -49,7 +50,7 @@ class StickyRandomPolicy(RandomPolicy):
 
     def __init__(self, num_envs: int, repeat_prob: float, seed: int = 0, num_actions: int = NUM_ACTIONS):
         if not 0.0 <= repeat_prob < 1.0:
-            raise ValueError(f"sticky policy repeat probability must be in [0, 1), got {repeat_prob}")
+            raise UsageError(f"sticky policy repeat probability must be in [0, 1), got {repeat_prob}")
         super().__init__(num_envs, seed, num_actions)
         self.repeat_prob = repeat_prob
         self.last = self.rng.integers(0, num_actions, size=num_envs, dtype=np.int64)
@@ -128,16 +129,16 @@ def make_policy(spec: str, num_envs: int, seed: int = 0,
         try:
             p = float(spec.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"policy {spec!r}: expected 'sticky:P' with P a number in [0, 1)") from None
+            raise UsageError(f"policy {spec!r}: expected 'sticky:P' with P a number in [0, 1)") from None
         return StickyRandomPolicy(num_envs, p, seed)
     if prefix == "agent":
-        raise ValueError(f"policy {spec!r}: a trained agent collects only through a job (jobs/collect.py, "
+        raise UsageError(f"policy {spec!r}: a trained agent collects only through a job (jobs/collect.py, "
                          "jobs/pretrain.py, jobs/experiment.py), which passes collect() its agent loader")
     if ":" in spec:
         module, _, name = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"policy {spec!r}: cannot load {name!r} from {module!r} ({e})") from e
+            raise UsageError(f"policy {spec!r}: cannot load {name!r} from {module!r} ({e})") from e
         return factory(num_envs=num_envs, seed=seed)
-    raise ValueError(f"policy {spec!r}: expected 'random', 'sticky:P', 'agent:PATH' or 'module:factory'")
+    raise UsageError(f"policy {spec!r}: expected 'random', 'sticky:P', 'agent:PATH' or 'module:factory'")

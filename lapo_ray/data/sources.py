@@ -8,7 +8,9 @@
 
 Every source first ``scan``s its files (in parallel Ray tasks for npz and video) so that bad
 input is found before training starts and is reported by file name; with ``on_bad="skip"`` bad
-files are left out, counted and listed in the ``ScanReport`` instead.
+files are left out, counted and listed in the ``ScanReport`` instead. A source also splits itself
+by episode (``split``) and orders its files for a stream (``stream_files``); a source of several
+(``data.mixture.MultiSource``) does both per source and gives its parts back (``source_parts``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 import pyarrow as pa
 
-from lapo_ray import storage
+from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.envs import OBS_SHAPE
 from lapo_ray.data.corpus import (
     CorpusError,
@@ -32,6 +34,7 @@ from lapo_ray.data.corpus import (
     read_manifest,
     rows_to_table,
 )
+from lapo_ray.data.splits import Split, SplitSpec
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 OnBad = Literal["raise", "skip"]
@@ -86,6 +89,39 @@ class Source:
         """The segment rows of one file as Arrow tables, read in this process without Ray (a
         labelling actor reads its file itself and writes one output shard for it)."""
         raise NotImplementedError
+
+    def split(self, scan: ScanReport, val_fraction: float, seed: int) -> SplitSpec:
+        """The validation episodes of ``scan`` (this source's scan), by ``SplitSpec.for_episodes``."""
+        return SplitSpec.for_episodes(scan.episode_ids, val_fraction, seed)
+
+    def stream_files(self, files: list[str], spec: SplitSpec, split: Split, seed: int | None,
+                     weighted: bool = False) -> list[str]:
+        """The order in which ``files`` are read for ``split``: as given, or a random order seeded
+        by ``seed``. A source of several weighs its parts here (``weighted``); one source reads
+        every file once whatever the split."""
+        if seed is None:
+            return list(files)
+        return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+
+    def source_parts(self, files: list[str], spec: SplitSpec) -> list[SourcePart]:
+        """The sources this one reads as one, each with its share of ``files`` and ``spec``; none
+        for a single source, which is all of itself."""
+        return []
+
+    def source_counts(self, spec: SplitSpec) -> list[dict[str, Any]]:
+        """Per part (``source_parts``): files, episodes and triplets, in all and per split."""
+        return []
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    """One source of several read as one: ``files`` and ``spec`` as it names its own files and
+    episodes, ``label`` as ``--corpus`` names it."""
+
+    label: str
+    source: Source
+    files: list[str]
+    spec: SplitSpec
 
 
 def _episodes_file_id(file_index: int, episode_index: int) -> int:
@@ -415,7 +451,9 @@ def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | No
                 split: str = "train") -> Source:
     """Pick the source type from what the folder holds."""
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no such directory")
+        raise MissingPathError(f"{uri}: no such directory")
+    if not storage.is_dir(uri):
+        raise UsageError(f"{uri}: not a directory; give the folder that holds the corpus, .npz or video files")
     if storage.exists(storage.join(uri, "manifest.json")) or storage.exists(storage.join(uri, "shards")):
         return CorpusSource(uri)
     names = [posixpath.basename(p) for p in storage.list_files(uri)]

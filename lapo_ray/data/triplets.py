@@ -15,9 +15,8 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,62 +25,7 @@ from lapo_ray import telemetry
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.data.corpus import decode_frames
 from lapo_ray.data.sources import Source
-
-Split = Literal["train", "val", "all"]
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """Assigns whole episodes to train or validation by a seeded hash of the episode id.
-
-    Without ``val_episodes`` an episode is validation when its hash falls below the fraction:
-    stable and streaming, but on a handful of episodes it can put all of them on one side (four
-    videos once gave validation three). When a scan has listed every episode id,
-    ``for_episodes`` fixes the validation side to the ``round(fraction * n)`` episodes of lowest
-    hash, at least one and never all, so any corpus of two or more episodes trains and validates.
-    """
-
-    val_fraction: float = 0.05
-    seed: int = 0
-    val_episodes: tuple[int, ...] | None = None
-
-    @classmethod
-    def for_episodes(cls, episode_ids, val_fraction: float, seed: int) -> "SplitSpec":
-        ids = np.unique(np.asarray(list(episode_ids), dtype=np.int64))
-        k = int(round(val_fraction * len(ids)))
-        if val_fraction > 0 and len(ids) >= 2:
-            k = min(max(k, 1), len(ids) - 1)
-        elif len(ids) < 2:
-            k = 0  # one episode: it trains; the probe falls back to halves in time
-        order = np.argsort(cls(val_fraction, seed).episode_hash(ids), kind="stable")
-        return cls(val_fraction, seed, tuple(sorted(int(i) for i in ids[order[:k]])))
-
-    def is_val(self, episode_ids: np.ndarray) -> np.ndarray:
-        if self.val_episodes is not None:
-            return np.isin(np.asarray(episode_ids, dtype=np.int64), np.asarray(self.val_episodes, dtype=np.int64))
-        return (self.episode_hash(episode_ids) % np.uint64(1_000_000)) < np.uint64(round(self.val_fraction * 1_000_000))
-
-    def episode_hash(self, episode_ids: np.ndarray) -> np.ndarray:
-        # splitmix64: a fixed, well-mixed hash, so the split is stable across runs and machines.
-        with np.errstate(over="ignore"):
-            x = np.asarray(episode_ids, dtype=np.uint64) + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            return x ^ (x >> np.uint64(31))
-
-    def keep(self, episode_ids: np.ndarray, split: Split) -> np.ndarray:
-        if split == "all":
-            return np.ones(len(episode_ids), bool)
-        val = self.is_val(episode_ids)
-        return val if split == "val" else ~val
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SplitSpec":
-        eps = d.get("val_episodes")
-        return cls(d["val_fraction"], d["seed"], None if eps is None else tuple(eps))
+from lapo_ray.data.splits import Split, SplitSpec
 
 
 @dataclass
@@ -202,8 +146,9 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     """A streaming Ray Dataset of the episode segments of ``split``. Iterate it (or a Ray Train
     shard of it) with ``torch_batches``/``iter_batches``, which cut the triplets.
 
-    A source of several corpora (``data.mixture.MultiSource``) interleaves its sources' files;
-    ``weighted`` (the training streams) repeats them to its sources' weights. One source ignores it.
+    The source orders its files (``Source.stream_files``): a source of several corpora
+    (``data.mixture.MultiSource``) interleaves its sources' files and, when ``weighted`` (the
+    training streams), repeats them to its sources' weights; one source ignores ``weighted``.
 
     Global shuffling, seeded: ``files`` reads the files in a random order (streaming: the first
     batch arrives after one file is read); ``segments`` adds a full ``random_shuffle`` of the
@@ -211,16 +156,9 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     spilling to disk, before the first batch). The local shuffle over triplets happens in the
     consumer.
     """
-    files = list(files or source.scan_files())
-    from lapo_ray.data.mixture import MultiSource  # it builds on this module
-
-    if isinstance(source, MultiSource):
-        seed = cfg.shuffle_seed if cfg.global_shuffle in ("files", "segments") else None
-        files = source.stream_files(files, spec or SplitSpec(cfg.val_fraction, cfg.split_seed), split, seed,
-                                    weighted)
-    elif cfg.global_shuffle in ("files", "segments"):
-        files = [files[i] for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(files))]
-    ds = source.segments(files)
+    spec = spec or SplitSpec(cfg.val_fraction, cfg.split_seed)
+    seed = cfg.shuffle_seed if cfg.global_shuffle in ("files", "segments") else None
+    ds = source.segments(source.stream_files(list(files or source.scan_files()), spec, split, seed, weighted))
     # Imported here: the batcher, splits and segment decoding above run without Ray (the probe
     # on a machine with PyTorch and pyarrow alone).
     from lapo_ray.data.pacing import pace_scheduling
@@ -236,7 +174,6 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
     if cfg.block_mb > 0:
         ds.context.target_max_block_size = int(cfg.block_mb * 2**20)
     if split != "all":
-        spec = spec or SplitSpec(cfg.val_fraction, cfg.split_seed)
         # The CPU request of the read tasks (Ray Data's 1): Ray Data then fuses the filter into
         # them. As a task of its own (at 0.5 CPU) every block went through the object store
         # twice, read and filtered: with a 100 MB store that spilled twice the corpus to disk.

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lapo_ray import UsageError
 from lapo_ray.config import ProbeConfig
 from lapo_ray.data.triplets import SplitSpec
 
@@ -89,7 +90,7 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
     fit, val, te = (torch.as_tensor(train_idx[~val_in_train]), torch.as_tensor(train_idx[val_in_train]),
                     torch.as_tensor(np.flatnonzero(test_mask)))
     if len(fit) == 0 or len(val) == 0 or len(te) == 0:
-        raise ValueError(f"probe needs labelled triplets in fit/validation/test, got {len(fit)}/{len(val)}/{len(te)}")
+        raise UsageError(f"probe needs labelled triplets in fit/validation/test, got {len(fit)}/{len(val)}/{len(te)}")
     # Standardising by the fit split lets the probe compare latents of very different scales
     # (an untrained IDM's are tiny) on equal terms.
     mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6

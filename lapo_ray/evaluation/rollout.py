@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lapo_ray import UsageError
 from lapo_ray.config.rl import EnvConfig, EvalConfig
 from lapo_ray.envs import make_procgen_vector_env, normalize_return
 from lapo_ray.progress import Progress
@@ -23,7 +24,7 @@ def held_out_levels(env: EnvConfig, ev: EvalConfig) -> EnvConfig:
     """Levels the agent never saw: from ``held_out_start_level`` on (a training set of
     ``num_levels`` levels starting at ``start_level`` must not overlap it)."""
     if env.num_levels and env.start_level + env.num_levels > ev.held_out_start_level:
-        raise ValueError(
+        raise UsageError(
             f"training levels [{env.start_level}, {env.start_level + env.num_levels}) overlap the held-out "
             f"levels from {ev.held_out_start_level}; raise --eval.held-out-start-level"
         )

@@ -12,10 +12,11 @@ import tempfile
 import time
 from typing import Any
 
-from lapo_ray import storage, telemetry
+from lapo_ray import MissingPathError, storage, telemetry
 from lapo_ray.config.rl import FinetuneConfig
 from lapo_ray.envs import normalize_return, register_with_rllib
 from lapo_ray.progress import Progress
+from lapo_ray.runtime import init_ray
 from lapo_ray.train.checkpoint import latest_checkpoint
 from lapo_ray.train.metrics import MetricsSink, WandbRun
 
@@ -28,7 +29,7 @@ def pretrain_checkpoints(pretrain_uri: str) -> tuple[str, str]:
     for stage in ("stage1", "stage2"):
         ckpt = latest_checkpoint(storage.join(pretrain_uri, stage))
         if ckpt is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{pretrain_uri}: no {stage} checkpoint; run `python jobs/pretrain.py --out {pretrain_uri}` first "
                 f"(or pass --scratch true for PPO from scratch)"
             )
@@ -216,7 +217,11 @@ def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_st
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) PPO until ``cfg.ppo.env_steps``; checkpoint, metrics and curve in ``cfg.out``,
-    and a wandb run (job_type ``finetune-<variant>``, step: env steps) that ends with the curve."""
+    and a wandb run (job_type ``finetune-<variant>``, step: env steps) that ends with the curve.
+    A pretrain folder without checkpoints fails before Ray starts and before ``cfg.out`` is written."""
+    if not cfg.scratch:
+        pretrain_checkpoints(cfg.pretrain)
+    init_ray()
     out = cfg.out
     storage.makedirs(out)
     variant = "scratch" if cfg.scratch else ("rl+sl" if cfg.ppo.decoder_sl else "rl")

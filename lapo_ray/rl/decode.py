@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lapo_ray import storage
+from lapo_ray import UsageError, storage
 from lapo_ray.config import PipelineConfig, config_from_dict
 from lapo_ray.config.rl import DecodeConfig
 from lapo_ray.data.sources import open_source
@@ -29,6 +29,7 @@ from lapo_ray.evaluation.probe import encode_in_batches
 from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
 from lapo_ray.progress import Progress
 from lapo_ray.rl.algo import pretrain_checkpoints
+from lapo_ray.runtime import init_ray
 from lapo_ray.train.checkpoint import load_dynamics
 
 MODULE_DIR = "module"
@@ -47,7 +48,7 @@ def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: in
         if have >= n:
             break
     if not parts or have == 0:
-        raise ValueError(f"{source.uri}: no action-labelled triplets in the {split} split; offline decoding "
+        raise UsageError(f"{source.uri}: no action-labelled triplets in the {split} split; offline decoding "
                          f"needs a corpus that carries true actions")
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
@@ -85,7 +86,8 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
     pipe = config_from_dict(PipelineConfig, pre["data"])
     source = open_source(corpus)
     if not source.has_actions:
-        raise ValueError(f"{corpus}: this corpus has no true actions; offline decoding needs k labelled frames")
+        raise UsageError(f"{corpus}: this corpus has no true actions; offline decoding needs k labelled frames")
+    init_ray()  # for Ray Data's read of the labelled triplets, once the folder and corpus pass
     torch.manual_seed(cfg.seed)
     dc = cfg.decoder
     t0 = time.time()

@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any
 
-from lapo_ray import storage
+from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.config import config_from_dict
 from lapo_ray.config.rl import EnvConfig, EvaluateConfig
 from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
@@ -21,7 +21,7 @@ def load_agent(agent_uri: str):
 
     config_uri = storage.join(agent_uri, "config.json")
     if not storage.exists(config_uri):
-        raise FileNotFoundError(f"{agent_uri}: not a finetune or decode artifact folder (no config.json)")
+        raise MissingPathError(f"{agent_uri}: not a finetune or decode artifact folder (no config.json)")
     agent_cfg = storage.read_json(config_uri)
     if agent_cfg.get("variant") == "offline-decoded":
         module_uri = storage.join(agent_uri, MODULE_DIR)
@@ -33,7 +33,7 @@ def load_agent(agent_uri: str):
         module_uri = storage.join(agent_uri, CHECKPOINT_DIR, COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER,
                                   COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
     if not storage.exists(module_uri):
-        raise FileNotFoundError(f"{agent_uri}: no trained agent at {module_uri}; has the job finished a checkpoint?")
+        raise MissingPathError(f"{agent_uri}: no trained agent at {module_uri}; has the job finished a checkpoint?")
     fs, path = storage.resolve(module_uri)
     with tempfile.TemporaryDirectory() as d:
         if not storage.is_local(module_uri):
@@ -65,7 +65,7 @@ class AgentPolicy:
 
     def __init__(self, agent_uri: str, num_envs: int, seed: int = 0):
         if not agent_uri:
-            raise ValueError("policy 'agent:': give the agent folder, as agent:PATH")
+            raise UsageError("policy 'agent:': give the agent folder, as agent:PATH")
         import torch
 
         from lapo_ray.rl.decode import agent_logits

@@ -37,6 +37,7 @@ from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
+from lapo_ray import UsageError
 from lapo_ray.config import PolicyConfig, config_from_dict
 from lapo_ray.models import LatentPolicy
 from lapo_ray.models.impala import frames_to_input
@@ -80,7 +81,7 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
 
             latent_policy, model_cfg = load_latent_policy(checkpoint)
             if (model_cfg.frame_size, model_cfg.channels) != (height, channels):
-                raise ValueError(
+                raise UsageError(
                     f"latent policy {checkpoint} was trained on {model_cfg.frame_size}x{model_cfg.frame_size}x"
                     f"{model_cfg.channels} frames, the env gives {height}x{width}x{channels}"
                 )

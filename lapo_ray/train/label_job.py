@@ -19,11 +19,12 @@ import json
 import time
 from typing import Any
 
-from lapo_ray import storage
+from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.config import ModelConfig, config_from_dict
 from lapo_ray.config.label import LabelJobConfig
 from lapo_ray.data.mixture import open_corpus_sources
 from lapo_ray.data.sources import Source
+from lapo_ray.runtime import init_ray
 from lapo_ray.train.checkpoint import latest_checkpoint
 from lapo_ray.train.labelling import LATENTS_DIR, label_corpus
 
@@ -35,23 +36,23 @@ def resolve_checkpoint(uri: str) -> str:
     latest ``checkpoint_*`` of ``<uri>/stage1`` or of ``uri``. Errors name ``uri``."""
     uri = storage.absolute(uri)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"--checkpoint {uri}: no such folder (give a pretrain run folder or a stage-1 "
+        raise MissingPathError(f"--checkpoint {uri}: no such folder (give a pretrain run folder or a stage-1 "
                                 "checkpoint)")
     if storage.exists(storage.join(uri, "model.pt")):
         ckpt = uri
     else:
         ckpt = latest_checkpoint(storage.join(uri, "stage1")) or latest_checkpoint(uri)
         if ckpt is None:
-            raise FileNotFoundError(f"--checkpoint {uri}: no stage-1 checkpoint in it (neither model.pt nor "
+            raise MissingPathError(f"--checkpoint {uri}: no stage-1 checkpoint in it (neither model.pt nor "
                                     "stage1/checkpoint_* nor checkpoint_*); train stage 1 first (jobs/pretrain.py)")
     for name in ("config.json", "state.json"):
         if not storage.exists(storage.join(ckpt, name)):
-            raise FileNotFoundError(f"--checkpoint {uri}: {storage.join(ckpt, name)} is missing; not a lapo_ray "
+            raise MissingPathError(f"--checkpoint {uri}: {storage.join(ckpt, name)} is missing; not a lapo_ray "
                                     "checkpoint")
     state = storage.read_json(storage.join(ckpt, "state.json"))
     stage = state.get("stage", "stage1") if isinstance(state, dict) else "stage1"
     if stage != "stage1":
-        raise ValueError(f"--checkpoint {uri}: {ckpt} is a {stage} checkpoint; labelling needs stage 1's IDM "
+        raise UsageError(f"--checkpoint {uri}: {ckpt} is a {stage} checkpoint; labelling needs stage 1's IDM "
                          "(the run folder or its stage1/ checkpoint)")
     return ckpt
 
@@ -61,18 +62,18 @@ def checkpoint_model_config(ckpt: str) -> ModelConfig:
     uri = storage.join(ckpt, "config.json")
     cfg = storage.read_json(uri)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
-        raise ValueError(f"{uri}: no model config in it; not a lapo_ray stage-1 checkpoint")
+        raise UsageError(f"{uri}: no model config in it; not a lapo_ray stage-1 checkpoint")
     try:
         return config_from_dict(ModelConfig, cfg["model"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{uri}: its model config does not fit this version of lapo_ray ({e})") from e
+        raise UsageError(f"{uri}: its model config does not fit this version of lapo_ray ({e})") from e
 
 
 def check_frame_shape(source: Source, model: ModelConfig, ckpt: str) -> None:
     """Pretraining's frame check, naming the checkpoint whose model sets the shape."""
     want = (model.frame_size, model.frame_size, model.channels)
     if tuple(source.frame_shape) != want:
-        raise ValueError(f"{source.name}: frames are {tuple(source.frame_shape)} (H, W, C) but the model expects "
+        raise UsageError(f"{source.name}: frames are {tuple(source.frame_shape)} (H, W, C) but the model expects "
                          f"{want} (--model.frame-size {model.frame_size}, --model.channels {model.channels} of the "
                          f"checkpoint {ckpt})")
 
@@ -89,8 +90,6 @@ def open_label_input(cfg: LabelJobConfig) -> tuple[str, ModelConfig, Source]:
 def run_label(cfg: LabelJobConfig) -> dict[str, Any]:
     """Label every triplet centre of ``cfg.corpus`` with the checkpoint's IDM into
     ``<cfg.out>/latents/``; returns the manifest (also ``latents/manifest.json``)."""
-    from lapo_ray.runtime import init_ray
-
     ckpt, model, source = open_label_input(cfg)
     out = storage.absolute(cfg.out)
     init_ray()
@@ -98,7 +97,7 @@ def run_label(cfg: LabelJobConfig) -> dict[str, Any]:
     scan = source.scan(on_bad=cfg.data.on_bad_files)
     print(f"source {source.name}: {scan.summary()} (scanned in {time.monotonic() - t0:.0f}s)", flush=True)
     if not scan.files:
-        raise ValueError(f"{source.name}: no usable file to label")
+        raise UsageError(f"{source.name}: no usable file to label")
     print(f"labelling with {ckpt} (frames {model.frame_size}x{model.frame_size}x{model.channels}, latent "
           f"{model.latent_dim}, offset {model.frame_offset}) into {storage.join(out, LATENTS_DIR)}", flush=True)
     storage.makedirs(out)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lapo_ray import storage, telemetry
+from lapo_ray import MissingPathError, UsageError, storage, telemetry
 from lapo_ray.progress import Progress
 from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
@@ -147,7 +147,7 @@ def check_gpu_budget(cfg: LabelConfig) -> None:
     total = float(ray.cluster_resources().get("GPU", 0.0))
     need = cfg.num_actors * cfg.num_gpus_per_actor
     if need > total + 1e-9:
-        raise ValueError(f"labelling: {cfg.num_actors} actors x {cfg.num_gpus_per_actor:g} GPUs is {need:g} GPUs, "
+        raise UsageError(f"labelling: {cfg.num_actors} actors x {cfg.num_gpus_per_actor:g} GPUs is {need:g} GPUs, "
                          f"but the cluster has {total:g}; lower --label.num-gpus-per-actor (fractions share a "
                          "GPU) or --label.num-actors, or 0 GPUs to label on CPUs")
 
@@ -175,7 +175,7 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     started = time.monotonic()
     clashes = sorted(n for n, k in Counter(names).items() if k > 1)
     if clashes:
-        raise ValueError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
+        raise UsageError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
                          "rename them so each file name is unique")
     fs, path = storage.resolve(dest)
     if storage.exists(dest) and not (storage.exists(run_uri) and storage.read_json(run_uri) == run):
@@ -238,7 +238,7 @@ def latents_dataset(out_uri: str, split: str, pipe: PipelineConfig):
 
     dest = storage.join(out_uri, LATENTS_DIR)
     if not storage.exists(storage.join(dest, "manifest.json")):
-        raise FileNotFoundError(f"{dest}: no finished latent labels (run the 'label' stage first)")
+        raise MissingPathError(f"{dest}: no finished latent labels (run the 'label' stage first)")
     fs, path = storage.resolve(dest)
     # Stage 2 validates on the very episodes stage 1 validated on: the split pretraining wrote.
     split_uri = storage.join(out_uri, SPLIT_FILE)

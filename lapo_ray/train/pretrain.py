@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lapo_ray import storage
+from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.config import PipelineConfig, PretrainConfig
-from lapo_ray.data.mixture import MultiSource, open_corpus_sources
+from lapo_ray.data.mixture import open_corpus_sources
 from lapo_ray.data.sources import ScanReport, Source
 from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
+from lapo_ray.runtime import init_ray
 from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import MetricsSink, WandbRun, read_metrics
@@ -121,7 +122,7 @@ def open_corpus(cfg: PretrainConfig) -> Source | None:
 def check_frame_shape(source: Source, cfg: PretrainConfig) -> None:
     want = (cfg.model.frame_size, cfg.model.frame_size, cfg.model.channels)
     if tuple(source.frame_shape) != want:
-        raise ValueError(f"{source.name}: frames are {tuple(source.frame_shape)} (H, W, C) but the model expects "
+        raise UsageError(f"{source.name}: frames are {tuple(source.frame_shape)} (H, W, C) but the model expects "
                          f"{want} (--model.frame-size {cfg.model.frame_size}, --model.channels {cfg.model.channels})")
 
 
@@ -135,7 +136,7 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
         return
     old, new = storage.read_json(uri), cfg.to_dict()
     if not isinstance(old, dict):
-        raise ValueError(f"{uri}: not a lapo_ray config")
+        raise UsageError(f"{uri}: not a lapo_ray config")
     try:
         # A field the old config lacks is an option added since, at its default: the default
         # keeps the behaviour the run was made with, so it is no change.
@@ -150,7 +151,7 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
     changes = config_changes(old, new)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-        raise ValueError(f"{cfg.out} holds a run with another config ({shown}); give another --out, or pass "
+        raise UsageError(f"{cfg.out} holds a run with another config ({shown}); give another --out, or pass "
                          "--allow-config-change true to continue that run with this config")
 
 
@@ -165,7 +166,7 @@ def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec:
     from lapo_ray.train.recipes import triplet_hash_np
 
     if not source.has_actions:
-        raise ValueError(f"--stage1.action-labels: the corpus {source.name} has no actions to label with")
+        raise UsageError(f"--stage1.action-labels: the corpus {source.name} has no actions to label with")
     t0 = time.monotonic()
     frames, actions = [], []
     for b in _labelled_batches(source, pipe, files, spec, offset, split="train"):
@@ -174,7 +175,7 @@ def load_label_set(source: Source, pipe: PipelineConfig, files: list[str], spec:
             frames.append(b["frames"][keep])
             actions.append(b["action"][keep].astype(np.int64))
     if not actions:
-        raise ValueError(f"--stage1.action-labels: no labelled training triplet in {source.name} "
+        raise UsageError(f"--stage1.action-labels: no labelled training triplet in {source.name} "
                          f"(hash fraction {fraction:.3g})")
     labels = LabelSet(np.concatenate(frames), np.concatenate(actions), seed=seed)
     print(f"stage 1: {len(labels.actions)} labelled training triplets read in {time.monotonic() - t0:.0f}s",
@@ -191,7 +192,7 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, prob
     if cfg.stage1.action_labels > 0:
         need = cfg.stage1.action_labels * 3 * int(np.prod(source.frame_shape))
         if need > LABEL_SET_MAX_BYTES:
-            raise ValueError(
+            raise UsageError(
                 f"--stage1.action-labels {cfg.stage1.action_labels}: the labelled triplets would take "
                 f"{need / 2**30:.1f} GiB in every training worker's memory (at most "
                 f"{LABEL_SET_MAX_BYTES / 2**30:.0f} GiB); LAOM's few labels are a few thousand")
@@ -222,11 +223,12 @@ def train_stage1(cfg: PretrainConfig, source: Source, scan, spec: SplitSpec, pro
     return latest_checkpoint(storage.join(cfg.out, "stage1"))
 
 
-def split_spec(scan, pipe: PipelineConfig, source: Source | None = None) -> SplitSpec:
-    """Validation episodes by ``SplitSpec.for_episodes``; for several sources, per source."""
-    if isinstance(source, MultiSource):
-        return source.split(pipe.val_fraction, pipe.split_seed)
-    return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
+def split_spec(scan: ScanReport, pipe: PipelineConfig, source: Source | None = None) -> SplitSpec:
+    """Validation episodes by ``SplitSpec.for_episodes``; for several sources, per source
+    (``Source.split``). Without ``source``, ``scan`` is one source's."""
+    if source is None:
+        return SplitSpec.for_episodes(scan.episode_ids, pipe.val_fraction, pipe.split_seed)
+    return source.split(scan, pipe.val_fraction, pipe.split_seed)
 
 
 def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, steps: int,
@@ -259,11 +261,9 @@ def train_ceiling(cfg: PretrainConfig, source: Source, files: list[str], spec: S
 def train_reference_ceiling(cfg: PretrainConfig) -> str | None:
     """The supervised IDM that runs sharing ``cfg.probe.ceiling_from`` reuse (a sweep's trials of
     one corpus), trained there now unless it is already; None for a corpus without actions."""
-    from lapo_ray.runtime import init_ray
-
     source = open_corpus(cfg)
     if source is None:
-        raise ValueError("a shared ceiling needs --corpus: collect the corpus first (jobs/collect.py)")
+        raise UsageError("a shared ceiling needs --corpus: collect the corpus first (jobs/collect.py)")
     if not source.has_actions or not cfg.probe.ceiling:
         return None
     init_ray()
@@ -306,7 +306,7 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset)
     actions, episodes = enc["action"], enc["episode_id"]
     if len(actions) < 32:
-        raise ValueError(f"probe: only {len(actions)} labelled validation triplets")
+        raise UsageError(f"probe: only {len(actions)} labelled validation triplets")
     test = probe_halves(episodes)
     acc = {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg.probe, episode_ids=episodes)
            for name in encoders}
@@ -330,20 +330,21 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     return report, enc
 
 
-def probe_per_source(cfg: PretrainConfig, source: MultiSource, files: list[str], spec: SplitSpec, checkpoint: str,
+def probe_per_source(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec, checkpoint: str,
                      steps_done: int, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The probe of ``probe_references`` on each source's own validation episodes (the ceiling is
-    the one trained on all of them), keyed by the source as ``--corpus`` names it."""
+    the one trained on all of them), keyed by the source as ``--corpus`` names it; empty for one
+    source."""
     out: dict[str, Any] = {}
-    for i, (part, label) in enumerate(zip(source.parts, source.labels)):
-        if not part.has_actions:
-            out[label] = {"skipped": "no actions"}
+    for part in source.source_parts(files, spec):
+        if not part.source.has_actions:
+            out[part.label] = {"skipped": "no actions"}
             continue
         try:
-            out[label], _ = probe_references(cfg, part, source.part_files(i, files), source.part_spec(i, spec),
-                                             checkpoint, steps_done, run_config)
+            out[part.label], _ = probe_references(cfg, part.source, part.files, part.spec, checkpoint, steps_done,
+                                                  run_config)
         except ValueError as e:  # too few labelled validation triplets in this source
-            out[label] = {"skipped": str(e)}
+            out[part.label] = {"skipped": str(e)}
     return out
 
 
@@ -361,9 +362,10 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     scanned = {k: v for k, v in dataclasses.asdict(scan).items() if k not in ("file_triplets", "episode_triplets")}
     summary: dict[str, Any] = {"out": out, "source": {"name": source.name, **{
         k: v for k, v in scanned.items() if k not in ("files", "episode_ids")}}}
-    if isinstance(source, MultiSource):
-        summary["sources"] = scanned["sources"] = source.source_counts(spec)
-        for row in summary["sources"]:
+    counts = source.source_counts(spec)
+    if counts:
+        summary["sources"] = scanned["sources"] = counts
+        for row in counts:
             print(f"  {row['source']}: {row['train_triplets']} train / {row['val_triplets']} validation "
                   f"triplets ({row['val_episodes']} of {row['episodes']} episodes for validation)"
                   + ("" if row["weight"] is None else f", weight {row['weight']:.3g}"), flush=True)
@@ -377,7 +379,7 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
     if "label" in stages:
         ckpt = latest_checkpoint(storage.join(out, "stage1"))
         if ckpt is None:
-            raise FileNotFoundError(f"{storage.join(out, 'stage1')}: no stage-1 checkpoint to label with "
+            raise MissingPathError(f"{storage.join(out, 'stage1')}: no stage-1 checkpoint to label with "
                                     "(run stage1 first)")
         summary["latents"] = label_corpus(source, ckpt, out, cfg.label, files=scan.files)
     if "stage2" in stages:
@@ -393,8 +395,6 @@ def run_pretrain(cfg: PretrainConfig, policy_factories=None) -> dict[str, Any]:
 def _checked_input(cfg: PretrainConfig, policy_factories) -> tuple[Source, ScanReport, SplitSpec]:
     """The corpus (collected first when none is given), every file of it scanned, its split, and
     the artifact folder checked against the config: whatever fails, fails before a write."""
-    from lapo_ray.runtime import init_ray
-
     source = open_corpus(cfg)
     if source is None:
         check_artifact_folder(cfg)  # collecting takes minutes: refuse a mismatched --out before it
@@ -434,9 +434,9 @@ def _stage1_and_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spe
         probe_uri = storage.join(out, "probe.json")
         if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
             report, enc = probe_references(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
-            if isinstance(source, MultiSource):
-                report["per_source"] = probe_per_source(cfg, source, scan.files, spec, ckpt, state["step"],
-                                                        run_config)
+            per_source = probe_per_source(cfg, source, scan.files, spec, ckpt, state["step"], run_config)
+            if per_source:
+                report["per_source"] = per_source
             storage.write_json(probe_uri, report)
             _save_png(_latent_map, out, "latent_map.png", enc["trained/latent"], enc["action"])
             wb.log_summary(report, "probe")

@@ -1,7 +1,7 @@
 """One optimisation step of stages 1 and 2, in plain PyTorch.
 
 This is the step that every Ray Train worker runs (``loop.run_stage``) and that
-``jobs/benchmark.py stage1 --raw`` times on its own. It imports nothing of Ray, pyarrow or wandb,
+``jobs/benchmark.py step`` times on its own. It imports nothing of Ray, pyarrow or wandb,
 so a machine with PyTorch alone can run and measure it.
 
 No host sync inside a step: the loss and the metrics stay on the device and are summed there

@@ -1,20 +1,22 @@
-"""Speed of the stage-1 training step on one device, without Ray (``jobs/benchmark.py stage1 --raw``).
+"""Speed of the stage-1 training step on one device, without Ray (``jobs/benchmark.py step``).
 
-Times ``step.StageStep``, the code every Ray Train worker runs, on random uint8 triplets already
-on the device, so the figure is the step's own ceiling: what the data pipeline must keep up with.
-Imports PyTorch and lapo_ray's models only, for machines that have nothing else.
+Times ``train.step.StageStep``, the code every Ray Train worker runs, on random uint8 triplets
+already on the device, so the figure is the step's own ceiling: what the data pipeline must keep
+up with. Imports PyTorch, config, models and the step only, for machines that have nothing else
+(no Ray, no pyarrow: ``tests/test_step.py`` and ``tests/test_benchmarks.py`` check it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import resource
 import time
 from typing import Any
 
 import torch
 
-from lapo_ray.config import PRETRAIN_PRESETS
+from lapo_ray.config import PRETRAIN_PRESETS, StepBenchConfig
 from lapo_ray.train.stages import Stage1Task
 from lapo_ray.train.step import StageStep, compile_model, make_optimizer, to_channels_last
 
@@ -123,3 +125,15 @@ def format_rows(result: dict[str, Any]) -> str:
         lines.append(f"{r['precision']:>9} {r['batch_size']:>5} {r['samples_per_s']:>10,.1f} {r['step_ms']:>8.1f} "
                      f"{r['peak_memory_mib']:>9,.0f} {r['gflop_per_sample']:>9.2f} {r['tflop_per_s']:>8.3f} {mfu}")
     return "\n".join(lines)
+
+
+def run(cfg: StepBenchConfig) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return bench_step(cfg.preset, cfg.device, cfg.batch_sizes, cfg.precisions, cfg.steps, cfg.warmup, cfg.compile,
+                      cfg.compile_mode, cfg.peak_tflops)
+
+
+def report(r: dict[str, Any]) -> str:
+    """What ``jobs/benchmark.py step`` prints: the figures as JSON, then a line a row."""
+    return f"{json.dumps(r, indent=2)}\n\n{format_rows(r)}"
