@@ -12,7 +12,7 @@ import sys
 
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.experiment import EXPERIMENT_PRESETS, ExperimentConfig
-from lapo_ray.experiment import run_experiment
+from lapo_ray.pipelines.experiment import run_experiment
 from lapo_ray.runtime import run_job
 
 

@@ -14,8 +14,8 @@ import sys
 
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.label import LABEL_PRESETS, LabelJobConfig
+from lapo_ray.pipelines.label import run_label
 from lapo_ray.runtime import run_job
-from lapo_ray.train.label_job import run_label
 
 
 def parse_args(argv=None):

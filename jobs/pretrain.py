@@ -9,9 +9,9 @@ import sys
 
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
 from lapo_ray.config.cli import parse_config
+from lapo_ray.pipelines.pretrain import run_pretrain
 from lapo_ray.rl.evaluate import POLICY_FACTORIES
 from lapo_ray.runtime import run_job
-from lapo_ray.train.pretrain import run_pretrain
 
 
 def parse_args(argv=None):

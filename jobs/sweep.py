@@ -10,8 +10,8 @@ import sys
 
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.sweep import SWEEP_PRESETS, SweepConfig
+from lapo_ray.pipelines.sweep import run_sweep
 from lapo_ray.runtime import run_job
-from lapo_ray.sweep import run_sweep
 
 
 def parse_args(argv=None):

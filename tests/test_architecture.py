@@ -21,7 +21,7 @@ LAYERS = [
     {"evaluation"},
     {"train"},
     {"rl"},
-    {"experiment", "sweep", "benchmarks"},
+    {"pipelines", "benchmarks"},
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 

@@ -35,7 +35,7 @@ from lapo_ray.data.collect import existing_worker_state
 from lapo_ray.data.corpus import Episode, read_manifest, write_corpus
 from lapo_ray.data.sources import CorpusSource, open_source
 from lapo_ray.data.triplets import SplitSpec, iter_plain_batches
-from lapo_ray.train.checkpoint import latest_checkpoint, save_checkpoint
+from lapo_ray.train.checkpoint import Checkpoint, save_checkpoint
 from lapo_ray.train.metrics import MetricsSink, read_metrics
 from test_jobs import library_lines
 
@@ -156,7 +156,7 @@ def test_checkpoints_on_remote_storage(root, tmp_path):
     run_config = PRETRAIN_PRESETS["cpu"]().to_dict()
     stage = storage.join(root, "stage1")
     fs, stage_path = storage.resolve(stage)
-    assert latest_checkpoint(stage) is None
+    assert Checkpoint.latest(stage) is None
     models = {}
     for name, step in [("checkpoint_000000", 3), ("checkpoint_000001", 7), ("checkpoint_000002", 5)]:
         local = tmp_path / "local" / name
@@ -170,16 +170,18 @@ def test_checkpoints_on_remote_storage(root, tmp_path):
     with fs.open_output_stream(f"{stage_path}/checkpoint_000003/model.pt") as f:
         f.write(b"partial")
 
-    best = latest_checkpoint(stage)
-    assert best == storage.join(stage, "checkpoint_000001")
-    assert json.loads(storage.read_bytes(f"{best}/state.json")) == {"step": 7, "done": True}
-    loaded = load_dynamics(best)
+    best = Checkpoint.latest(stage)
+    assert best.uri == storage.join(stage, "checkpoint_000001")
+    assert json.loads(storage.read_bytes(f"{best.uri}/state.json")) == {"step": 7, "done": True}
+    assert (best.step, best.done, best.model_config()) == (7, True, PRETRAIN_PRESETS["cpu"]().model)
+    assert Checkpoint.finished(stage).uri == best.uri
+    loaded = load_dynamics(best.uri)
     for k, v in models[7].state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_artifacts_on_remote_storage(root):
-    from lapo_ray.train.pretrain import _curves, _save_png, write_report
+    from lapo_ray.pipelines.pretrain import save_curves, write_report
 
     out = storage.join(root, "run")
     sink = MetricsSink(out, "stage1", WandbConfig(mode="disabled"), {})
@@ -190,7 +192,7 @@ def test_artifacts_on_remote_storage(root):
     sink.finish()
     got = read_metrics(out, "stage1")
     assert [(r["step"], r["train/loss"]) for r in got] == [(5, 0.2), (10, 0.1)]
-    png = _save_png(_curves, out, "training_curves.png", got)
+    png = save_curves(out, got)
     assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
     write_report(out, {"source": {"name": "corpus:x", "frames": 1000, "episodes": 4, "triplets": 992}}, got)
     report = storage.read_bytes(storage.join(out, "report.md")).decode()
@@ -439,7 +441,7 @@ def _wait_job(head: LocalHead, job: str, timeout: float, until=("SUCCEEDED", "FA
         status = _job_status(head, job)
         if status in until or time.monotonic() > deadline:
             return status
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _job_logs(head: LocalHead, job: str) -> str:
@@ -644,10 +646,10 @@ def test_job_submission_runs_pretrain_to_remote_storage(job_head, tmp_path_facto
     rows = read_metrics(out)
     assert [(r["stage"], r["step"], r["done"]) for r in rows] == [("stage1", 5, True), ("stage2", 5, True)]
     for stage in ("stage1", "stage2"):
-        ckpt = latest_checkpoint(storage.join(out, stage))
-        assert ckpt is not None and ckpt.startswith(f"local://{art}/{stage}/checkpoint_"), ckpt
-        assert json.loads(storage.read_bytes(f"{ckpt}/state.json"))["step"] == 5
-        assert {"model.pt", "optimizer.pt", "config.json"} <= set(os.listdir(ckpt[len("local://"):]))
+        ckpt = Checkpoint.latest(storage.join(out, stage))
+        assert ckpt is not None and ckpt.uri.startswith(f"local://{art}/{stage}/checkpoint_"), ckpt
+        assert ckpt.step == 5 and ckpt.done
+        assert {"model.pt", "optimizer.pt", "config.json"} <= set(os.listdir(ckpt.uri[len("local://"):]))
     latents = json.load(open(f"{art}/latents/manifest.json"))
     assert latents["rows"] == m.num_triplets  # every triplet centre of the corpus labelled once
     report = open(f"{art}/report.md").read()
@@ -694,7 +696,7 @@ def test_job_submission_runs_pretrain_to_remote_storage(job_head, tmp_path_facto
         got = {k: _metric_sum(text, k[0], **dict([k[1]] if k[1] else [])) for k in want}
         if got == want or time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(1)
     assert got == want
     served = _metric_sum(text, "ray_lapo_triplets_served_total")
     assert served is not None and served >= 5 * 16
@@ -712,7 +714,7 @@ def test_job_stop_ends_a_running_pretrain_cleanly(job_head, tmp_path_factory):
     while "[stage1] step " not in _job_logs(job_head, job):
         assert _job_status(job_head, job) in ("PENDING", "RUNNING"), _job_logs(job_head, job)[-4000:]
         assert time.monotonic() < deadline, _job_logs(job_head, job)[-4000:]
-        time.sleep(2)
+        time.sleep(1)
 
     job_id = _job_id(job_head, job)
     running = {a.class_name for a in _actors(job_head, ("job_id", "=", job_id), ("state", "=", "ALIVE"))}
@@ -739,7 +741,7 @@ def test_job_stop_ends_a_running_pretrain_cleanly(job_head, tmp_path_factory):
         if not alive and not groups:
             break
         assert time.monotonic() < deadline, f"left running after stop: actors {alive}, placement groups {groups}"
-        time.sleep(2)
+        time.sleep(1)
 
 
 @pytest.mark.slow

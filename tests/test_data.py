@@ -159,7 +159,7 @@ def test_split_over_known_episodes_is_exact_and_never_empties_a_side(n, fraction
 def test_small_video_folders_train_and_validate(n_videos, tmp_path, ray_local):
     """A handful of videos under the default split: both sides get whole videos, and every
     triplet lands on exactly one side (the hash rule alone once gave training nothing)."""
-    from lapo_ray.train.pretrain import split_spec
+    from lapo_ray.pipelines.pretrain import split_spec
 
     for i in range(n_videos):
         encode_video(tmp_path / f"v{i}.avi", moving_square_frames(12 + i), "png", "rgb24")

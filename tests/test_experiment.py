@@ -220,7 +220,7 @@ def test_majority_action_counts_each_frame_once(tmp_path):
     import numpy as np
 
     from lapo_ray.data.corpus import Episode, read_actions, write_corpus
-    from lapo_ray.experiment import majority_action
+    from lapo_ray.pipelines.experiment import majority_action
 
     frames = np.zeros((10, 64, 64, 3), np.uint8)
     eps = [Episode(0, frames, actions=np.array([3] * 6 + [5] * 4)), Episode(1, frames, actions=np.array([5] * 10))]
@@ -246,7 +246,7 @@ def test_a_gap_within_noise_is_not_read_as_a_share_closed():
 
 def test_a_report_only_pass_runs_nothing_and_names_what_is_missing(tmp_path):
     from lapo_ray import storage
-    from lapo_ray.experiment import _step
+    from lapo_ray.pipelines.experiment import _step
 
     out = str(tmp_path)
     storage.write_json(storage.join(out, "steps", "done.json"), {"x": 1})
@@ -268,7 +268,7 @@ def test_a_report_only_pass_runs_nothing_and_names_what_is_missing(tmp_path):
 
 def test_report_only_rebuilds_the_report_from_step_markers_without_running_a_step(tmp_path):
     from lapo_ray import storage
-    from lapo_ray.experiment import run_experiment
+    from lapo_ray.pipelines.experiment import run_experiment
 
     cfg = cpu_experiment()
     cfg.out, cfg.report_only = str(tmp_path), True

@@ -166,9 +166,9 @@ def _read(out: Path):
 @pytest.mark.slow
 def test_label_a_video_folder_and_an_npz_corpus(trained, tmp_path, capsys, ray_local):
     from lapo_ray.data.sources import open_source
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
-    ckpt = latest_checkpoint(str(trained / "stage1"))
+    ckpt = Checkpoint.latest(str(trained / "stage1")).uri
     model = load_dynamics(ckpt)
     c = model.cfg
     job = _job()
@@ -248,7 +248,7 @@ def test_a_killed_job_resumes_without_rewriting_finished_shards(trained, tmp_pat
     assert 1 <= len(kept) < 10, (sorted(kept), log[-3000:])
     assert not (out / "latents" / "manifest.json").exists()
 
-    manifest = __import__("lapo_ray.train.label_job", fromlist=["run_label"]).run_label(
+    manifest = __import__("lapo_ray.pipelines.label", fromlist=["run_label"]).run_label(
         _job().parse_args(argv)[0])
     assert manifest["shards_kept_from_earlier_run"] == len(kept)
     assert manifest["rows"] == 10 * 118 and manifest["shards"] == 10

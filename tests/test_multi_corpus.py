@@ -286,7 +286,7 @@ def square_game_episode(eid: int, length: int, rng, colour) -> Episode:
 @pytest.mark.slow
 def test_pretraining_on_two_games_reports_counts_and_probe_per_source(tmp_path, ray_local):
     from lapo_ray.config import PRETRAIN_PRESETS
-    from lapo_ray.train.pretrain import run_pretrain
+    from lapo_ray.pipelines.pretrain import run_pretrain
 
     rng = np.random.default_rng(0)
     roots = []

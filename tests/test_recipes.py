@@ -205,7 +205,7 @@ def test_a_label_set_too_large_for_worker_memory_is_refused_before_reading():
     from types import SimpleNamespace
 
     from lapo_ray.config import cpu_pretrain
-    from lapo_ray.train.pretrain import stage1_task
+    from lapo_ray.train.stage1 import stage1_task
 
     cfg = cpu_pretrain()
     cfg.stage1.action_labels = 100_000  # 100k triplets of 3 x 64x64x3 bytes: 3.4 GiB

@@ -46,9 +46,9 @@ def pretrain_dir(tmp_path_factory) -> str:
 
 def build_module(pretrain_dir: str | None):
     from lapo_ray.rl.module import LapoAgentModule
-    from lapo_ray.train.checkpoint import latest_checkpoint
+    from lapo_ray.train.checkpoint import Checkpoint
 
-    stage2 = None if pretrain_dir is None else latest_checkpoint(os.path.join(pretrain_dir, "stage2"))
+    stage2 = None if pretrain_dir is None else Checkpoint.latest(os.path.join(pretrain_dir, "stage2")).uri
     return LapoAgentModule(
         observation_space=OBS_SPACE, action_space=ACT_SPACE,
         model_config={"latent_policy_checkpoint": stage2,
@@ -62,9 +62,9 @@ def random_obs(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_module_reproduces_the_latent_policy_exactly(pretrain_dir):
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_latent_policy
+    from lapo_ray.train.checkpoint import Checkpoint, load_latent_policy
 
-    policy, _ = load_latent_policy(latest_checkpoint(os.path.join(pretrain_dir, "stage2")))
+    policy, _ = load_latent_policy(Checkpoint.latest(os.path.join(pretrain_dir, "stage2")).uri)
     module = build_module(pretrain_dir)
     obs = random_obs(8)
     with torch.no_grad():
@@ -291,9 +291,9 @@ def _episode(frames: np.ndarray, lookback: int, terminated: bool):
 
 def test_idm_labels_cover_exactly_the_complete_triplets(pretrain_dir):
     from lapo_ray.rl.connectors import AddIDMLatentsToBatch, LabelTripletsWithIDM
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
-    idm = load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1")))
+    idm = load_dynamics(Checkpoint.latest(os.path.join(pretrain_dir, "stage1")).uri)
     frames = random_obs(7, seed=3).numpy()
     fresh_done = _episode(frames[1:], lookback=0, terminated=True)  # obs o1..o6, 5 steps, ended
     continued = _episode(frames, lookback=1, terminated=False)  # o0 in the lookback, 6 obs, 5 steps
@@ -329,9 +329,9 @@ def test_idm_labels_with_a_frame_offset_need_both_ends_in_the_chunk(pretrain_dir
     import copy
 
     from lapo_ray.rl.connectors import LabelTripletsWithIDM
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
-    idm = copy.deepcopy(load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1"))))
+    idm = copy.deepcopy(load_dynamics(Checkpoint.latest(os.path.join(pretrain_dir, "stage1")).uri))
     idm.cfg.frame_offset = 2
     frames = random_obs(9, seed=4).numpy()
     fresh_done = _episode(frames[1:], lookback=0, terminated=True)  # o1..o8, 7 steps, ended
@@ -488,12 +488,12 @@ def _supervised_step_alone(cfg, decoder, latents, actions):
 def test_decoder_takes_no_rl_gradient_and_learns_by_supervision_alone(pretrain_dir, tmp_path):
     from ray.rllib.core.columns import Columns
 
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
     cfg, learner, module, before, obs, actions = _one_learner_update(pretrain_dir, str(tmp_path))
     # The stored pairs: the IDM's latent of each complete triplet and the action taken there
     # (step 0 has no o[t-1]; the chunk did not end, so step 7's o[t+1] is real).
-    idm = load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1")))
+    idm = load_dynamics(Checkpoint.latest(os.path.join(pretrain_dir, "stage1")).uri)
     triplets = torch.from_numpy(np.stack([obs[t - 1:t + 2] for t in range(1, 8)]))
     latents = idm.encode(triplets)[0]
     pairs = learner._pairs
@@ -528,9 +528,9 @@ def test_decoder_rl_grad_flag_restores_the_joint_update(pretrain_dir, tmp_path):
     assert all(g.abs().sum() > 0 for g in grads)
     # The cross-entropy here is on the same 7 labelled steps, so PPO's gradient is what makes the
     # update differ from the supervised one: the default's exact match above has teeth.
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
-    idm = load_dynamics(latest_checkpoint(os.path.join(pretrain_dir, "stage1")))
+    idm = load_dynamics(Checkpoint.latest(os.path.join(pretrain_dir, "stage1")).uri)
     latents = idm.encode(torch.from_numpy(np.stack([obs[t - 1:t + 2] for t in range(1, 8)])))[0]
     expected = _supervised_step_alone(cfg, before, latents, torch.as_tensor(actions[1:8]))
     gap = max((got - want).abs().max().item() for got, want in zip(module.decoder.parameters(), expected.parameters()))

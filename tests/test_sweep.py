@@ -20,7 +20,7 @@ import pytest
 
 from lapo_ray.config import PretrainConfig
 from lapo_ray.config.sweep import SWEEP_PRESETS, SweepConfig, config_name
-from lapo_ray.sweep import (
+from lapo_ray.pipelines.sweep import (
     NOT_READ_BY_CEILING,
     Trial,
     ceiling_folder,
@@ -228,7 +228,7 @@ def test_a_killed_sweep_resumes_without_rerunning_its_finished_trial(tmp_path, r
     ceilings = list((out / "ceilings").iterdir())
     kept = first.stat().st_mtime_ns
 
-    from lapo_ray.sweep import run_sweep
+    from lapo_ray.pipelines.sweep import run_sweep
 
     result = run_sweep(_parse(argv))
     assert first.stat().st_mtime_ns == kept  # the finished trial did not run again

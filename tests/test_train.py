@@ -16,7 +16,7 @@ from lapo_ray.data.corpus import Episode, write_corpus
 from lapo_ray.data.sources import CorpusSource
 from lapo_ray.data.triplets import SplitSpec, iter_batches, triplet_dataset
 from lapo_ray.models import LatentDynamics
-from lapo_ray.train.checkpoint import latest_checkpoint
+from lapo_ray.train.checkpoint import Checkpoint
 from lapo_ray.train.metrics import MetricsSink, read_metrics
 from lapo_ray.train.stages import Stage1Task
 from lapo_ray.train.trainer import fit_stage
@@ -181,8 +181,10 @@ def test_rerun_resumes_from_the_latest_checkpoint(one_worker):
     assert first.metrics["step"] == 3
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 6
-    state = json.load(open(os.path.join(latest_checkpoint(str(run / "stage1")), "state.json")))
+    ckpt = Checkpoint.latest(str(run / "stage1"))
+    state = json.load(open(os.path.join(ckpt.uri, "state.json")))
     assert state["step"] == 6 and state["done"] is True
+    assert (ckpt.step, ckpt.done, ckpt.model_config()) == (6, True, one_worker["cfg"].model)
     rows = read_metrics(str(run), "stage1")
     assert [r["step"] for r in rows][-1] == 6 and 3 in [r["step"] for r in rows]
     assert [r["resumed_from_step"] for r in rows if r["step"] > 3] == [3] * sum(r["step"] > 3 for r in rows)
@@ -209,24 +211,27 @@ def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus,
 
 
 @pytest.mark.slow
-def test_probe_references_train_the_ceiling_in_the_stage_loop(corpus, one_worker):
+def test_the_probe_trains_the_ceiling_in_the_stage_loop(corpus, one_worker):
     from lapo_ray.evaluation.probe import majority_rate, probe_halves
+    from lapo_ray.evaluation.references import load_probe_set
+    from lapo_ray.pipelines.pretrain import measure_probe
     from lapo_ray.train.checkpoint import load_supervised_idm
-    from lapo_ray.train.pretrain import load_probe_set, probe_references
     from lapo_ray.train.stages import SupervisedIDMTask
 
     cfg = one_worker["cfg"]
     cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, triplets=10_000, max_epochs=20, patience=3))
     src = CorpusSource(corpus)
-    files = src.scan().files
+    scan = src.scan()
+    files = scan.files
     spec = SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)  # the split run_stage1 trained on
-    report, enc = probe_references(cfg, src, files, spec, latest_checkpoint(f"{cfg.out}/stage1"), 6)
+    report, enc = measure_probe(cfg, src, scan, spec, Checkpoint.latest(f"{cfg.out}/stage1"), cfg.to_dict())
+    assert report["stage1_steps"] == 6 and "per_source" not in report  # one source: no per-source probe
     # The supervised IDM ran in the shared stage loop: a finished checkpoint of its own, with
     # stage 1's step count, and weights that moved from the seeded initialisation.
-    ceiling = latest_checkpoint(f"{cfg.out}/ceiling")
-    state = json.load(open(os.path.join(ceiling, "state.json")))
+    ceiling = Checkpoint.latest(f"{cfg.out}/ceiling")
+    state = json.load(open(os.path.join(ceiling.uri, "state.json")))
     assert state["done"] is True and state["step"] == 6 and state["stage"] == "ceiling"
-    sup = load_supervised_idm(ceiling)
+    sup = load_supervised_idm(ceiling.uri)
     torch.manual_seed(cfg.stage1.seed)
     init = SupervisedIDMTask(cfg.model).build()
     assert not torch.allclose(sup.head.weight, init.head.weight)
@@ -255,7 +260,7 @@ def test_a_run_made_before_an_option_existed_continues_and_another_config_is_ref
     --data.block-mb existed: their defaults keep the old behaviour, so it is no change; a real
     change is still named."""
     from lapo_ray import storage
-    from lapo_ray.train.pretrain import check_artifact_folder
+    from lapo_ray.pipelines.pretrain import check_artifact_folder
 
     cfg = tiny_config(str(tmp_path / "run"))
     old = cfg.to_dict()
@@ -268,9 +273,83 @@ def test_a_run_made_before_an_option_existed_continues_and_another_config_is_ref
         check_artifact_folder(changed)
 
 
+def test_a_checkpoint_reads_its_config_once_and_names_one_that_does_not_fit(tmp_path, monkeypatch):
+    from lapo_ray import UsageError, storage
+    from lapo_ray.train.checkpoint import save_checkpoint
+
+    cfg = tiny_config(str(tmp_path / "run"))
+    stage = tmp_path / "run" / "stage1"
+    for name, step in (("checkpoint_000001", 6), ("checkpoint_000000", 3)):
+        state = {"step": step, "done": False, "stage": "stage1"}
+        save_checkpoint(str(stage / name), torch.nn.Linear(1, 1), None, state, cfg.to_dict())
+    reads = []
+    read_json = storage.read_json
+    monkeypatch.setattr(storage, "read_json", lambda uri: reads.append(os.path.basename(uri)) or read_json(uri))
+    ckpt = Checkpoint.latest(str(stage))
+    assert ckpt.uri == str(stage / "checkpoint_000001")
+    assert (ckpt.step, ckpt.done, ckpt.stage) == (6, False, "stage1")
+    assert ckpt.model_config() == cfg.model and ckpt.model_config() == cfg.model
+    assert reads == ["config.json"]  # state.json came with the listing; config.json is read once
+    assert Checkpoint.finished(str(stage)) is None  # the run stopped before its end
+    assert Checkpoint.latest(str(tmp_path / "run" / "stage2")) is None
+    (stage / "checkpoint_000001" / "config.json").write_text('{"model": {"no_such_field": 1}}')
+    with pytest.raises(UsageError, match=r"checkpoint_000001/config.json: its model config does not fit this version"):
+        Checkpoint(str(stage / "checkpoint_000001")).model_config()
+
+
+def test_fit_into_returns_the_stages_checkpoint_and_names_the_stage_that_failed(tmp_path, monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    from lapo_ray.train import trainer
+    from lapo_ray.train.checkpoint import save_checkpoint
+    from lapo_ray.train.stages import SupervisedIDMTask
+
+    cfg = tiny_config(str(tmp_path))
+    metrics = str(tmp_path / "ceiling" / "metrics.jsonl")
+    sinks, followed = [], []
+
+    def fit_stage(task, stage, pipe, train_ds, val_ds, out_uri, run_config, sink):
+        sinks.append(sink.path)
+        save_checkpoint(os.path.join(out_uri, task.name, "checkpoint_000000"), torch.nn.Linear(1, 1), None,
+                        {"step": stage.steps, "done": True}, run_config)
+        return SimpleNamespace(error=None)
+
+    wandb = SimpleNamespace(following=lambda path: followed.append(path) or contextlib.nullcontext())
+    monkeypatch.setattr(trainer, "fit_stage", fit_stage)
+    ckpt = trainer.fit_into(str(tmp_path), SupervisedIDMTask(cfg.model), cfg.stage1, cfg.data, None, None,
+                            cfg.to_dict(), wandb=wandb, metrics_path=metrics)
+    assert (ckpt.uri, ckpt.step, ckpt.done) == (str(tmp_path / "ceiling" / "checkpoint_000000"), 6, True)
+    assert sinks == followed == [metrics]
+    monkeypatch.setattr(trainer, "fit_stage", lambda *args: SimpleNamespace(error=RuntimeError("worker died")))
+    with pytest.raises(RuntimeError, match=r"^ceiling failed: worker died$"):
+        trainer.fit_into(str(tmp_path), SupervisedIDMTask(cfg.model), cfg.stage1, cfg.data, None, None, {})
+
+
+def test_stage1_reports_the_probe_it_is_given_on_its_idms_latents(tmp_path):
+    import pickle
+
+    from lapo_ray.evaluation.probe import ProbeSet, TrainingProbe, encode_in_batches, probe_accuracy, probe_halves
+
+    cfg = tiny_config(str(tmp_path))
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (64, 3, 64, 64, 3), dtype=np.uint8)
+    actions, episodes = rng.integers(0, 3, 64), np.arange(64) // 8
+    probe_cfg = dataclasses.replace(cfg.probe, hidden=(8,), max_epochs=3)
+    task = Stage1Task(cfg.model, TrainingProbe(ProbeSet(frames, actions, probe_halves(episodes), episodes), probe_cfg))
+    torch.manual_seed(0)
+    model = task.build().eval()
+    got = pickle.loads(pickle.dumps(task)).extra_metrics(model)  # as it travels to rank 0
+    acc = probe_accuracy(encode_in_batches(lambda f: model.encode(f)[0], frames), actions, probe_halves(episodes),
+                         probe_cfg, episode_ids=episodes)
+    assert got == {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"],
+                   "probe/best_epoch": float(acc["best_epoch"])}
+    assert Stage1Task(cfg.model).extra_metrics(model) == {}
+
+
 @pytest.mark.slow
 def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(corpus, tmp_path, ray_local):
-    from lapo_ray.train.pretrain import load_label_set, stage1_task
+    from lapo_ray.train.stage1 import load_label_set, stage1_task
     from lapo_ray.train.recipes import label_fraction, triplet_hash_np
 
     cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=0.5, steps=3, report_every=3,

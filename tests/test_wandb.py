@@ -216,7 +216,7 @@ def test_a_sink_with_a_wandb_config_pickles_unstarted_and_logs_where_it_runs(tmp
 
 def test_an_experiment_groups_all_its_runs_and_logging_is_no_config_change(tmp_path):
     from lapo_ray.config.experiment import cpu_experiment
-    from lapo_ray.train.pretrain import check_artifact_folder
+    from lapo_ray.pipelines.pretrain import check_artifact_folder
 
     exp = cpu_experiment()
     exp.out = str(tmp_path / "exp-coinrun")

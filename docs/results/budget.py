@@ -42,8 +42,8 @@ def _row(minutes: float, probe: dict) -> dict:
 
 
 def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
+    from lapo_ray.pipelines.pretrain import measure_probe, open_corpus, split_spec, train_stage1, training_probe
     from lapo_ray.runtime import init_ray
-    from lapo_ray.train.pretrain import load_probe_set, open_corpus, probe_references, split_spec, train_stage1
 
     pre = os.path.join(exp, "pretrain")
     base = config_from_dict(PretrainConfig, storage.read_json(os.path.join(pre, "config.json")))
@@ -61,8 +61,7 @@ def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
                 source = open_corpus(base)
                 scan = source.scan(on_bad=base.data.on_bad_files)
                 spec = split_spec(scan, base.data, source)
-                during = load_probe_set(source, base.data, base.probe.during_training, scan.files, spec,
-                                        base.model.frame_offset)
+                during = training_probe(base, source, scan, spec)
                 ready = True
             if not os.path.exists(os.path.join(run, "stage1")):
                 tmp = run + ".partial"
@@ -72,8 +71,7 @@ def measure(exp: str, out: str, minutes: list[float]) -> list[dict]:
                 os.replace(tmp, run)  # a copy is whole or absent
             print(f"budget: stage 1 to {m:g} min in {run}", flush=True)
             ckpt = train_stage1(cfg, source, scan, spec, during, cfg.to_dict())
-            steps = storage.read_json(os.path.join(ckpt, "state.json"))["step"]
-            report, _ = probe_references(cfg, source, scan.files, spec, ckpt, steps, cfg.to_dict())
+            report, _ = measure_probe(cfg, source, scan, spec, ckpt, cfg.to_dict())
             storage.write_json(probe_uri, report)
         rows.append(_row(m, storage.read_json(probe_uri)))
         prev = run

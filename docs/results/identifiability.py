@@ -32,9 +32,9 @@ from lapo_ray import storage
 from lapo_ray.config import PRETRAIN_PRESETS, ProbeConfig
 from lapo_ray.data.sources import CorpusSource
 from lapo_ray.data.triplets import iter_plain_batches
-from lapo_ray.evaluation.ceiling import SupervisedIDM
+from lapo_ray.envs import NUM_ACTIONS
 from lapo_ray.evaluation.probe import encode_in_batches, episode_split, majority_rate, probe_accuracy
-from lapo_ray.models import LatentDynamics
+from lapo_ray.models import LatentDynamics, SupervisedIDM
 from lapo_ray.train.recipes import random_shift
 
 
@@ -84,7 +84,8 @@ def run_corpus(corpus: str, args, device: torch.device, path: str) -> dict:
               "action_share": np.bincount(data["action"], minlength=15).tolist(),
               "preset": args.preset, "batch": args.batch, "evals": {}}
     torch.manual_seed(0)
-    models = {"ceiling": SupervisedIDM(cfg.model).to(device), "lapo": LatentDynamics(cfg.model).to(device)}
+    models = {"ceiling": SupervisedIDM(cfg.model, NUM_ACTIONS).to(device),
+              "lapo": LatentDynamics(cfg.model).to(device)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
             for k, m in models.items()}
     gen = torch.Generator(device=device).manual_seed(0)

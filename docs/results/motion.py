@@ -147,12 +147,12 @@ def world_model_use(model, frames: np.ndarray, seed: int = 0) -> dict:
 def ceiling_saliency(run: str, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """Where the ceiling (the IDM trained on the true actions) looks: mean |d log p(true action) /
     d pixel| over the triplets, summed over colour, per frame of the triplet: (3, H, W)."""
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_supervised_idm
+    from lapo_ray.train.checkpoint import Checkpoint, load_supervised_idm
 
-    ckpt = latest_checkpoint(os.path.join(run, "ceiling"))
+    ckpt = Checkpoint.latest(os.path.join(run, "ceiling"))
     if ckpt is None:
         raise FileNotFoundError(f"{run}/ceiling: no ceiling checkpoint")
-    sup = load_supervised_idm(ckpt).eval()
+    sup = load_supervised_idm(ckpt.uri).eval()
     total = np.zeros(frames.shape[1:4], np.float64)
     for f, a in zip(torch.from_numpy(frames).split(128), torch.from_numpy(actions).split(128)):
         x = f.float().requires_grad_(True)
@@ -167,7 +167,8 @@ def motion_through_probe(args) -> int:
     from lapo_ray.evaluation.probe import gap_closed, probe_accuracy, probe_halves
     from lapo_ray.runtime import init_ray
     from lapo_ray.data.triplets import SplitSpec
-    from lapo_ray.train.pretrain import encode_probe_triplets, open_corpus
+    from lapo_ray.evaluation.references import encode_probe_triplets
+    from lapo_ray.pipelines.pretrain import open_corpus
 
     cfg = config_from_dict(PretrainConfig, json.load(open(os.path.join(args.run, "config.json"))))
     # The run's own corpus, wherever it lies now (the README's default job collected into a
@@ -275,16 +276,17 @@ def main(argv=None) -> int:
     ap.add_argument("--agent", default=None, help="with --through-probe: the demonstrator's agent folder")
     args = ap.parse_args(argv)
     from lapo_ray.evaluation.probe import probe_halves
-    from lapo_ray.train.checkpoint import latest_checkpoint, load_dynamics
+    from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 
     torch.manual_seed(0)
     if args.run is None:
         return screen(args)
     if args.through_probe:
         return motion_through_probe(args)
-    ckpt = latest_checkpoint(os.path.join(args.run, "stage1"))
-    if ckpt is None:
+    latest = Checkpoint.latest(os.path.join(args.run, "stage1"))
+    if latest is None:
         raise FileNotFoundError(f"{args.run}/stage1: no stage-1 checkpoint")
+    ckpt = latest.uri
     val = set(json.load(open(os.path.join(args.run, "split.json")))["val_episodes"])
     frames, actions, episodes = sample_triplets(args.corpus, val, args.triplets)
     v_prev, v_next = two_shifts(frames)

@@ -18,8 +18,8 @@ from lapo_ray.config import PretrainConfig, config_from_dict
 
 
 def main(exp: str) -> None:
+    from lapo_ray.pipelines.pretrain import run_pretrain
     from lapo_ray.runtime import init_ray
-    from lapo_ray.train.pretrain import run_pretrain
 
     pre = os.path.join(exp, "pretrain")
     old = os.path.join(pre, "probe.json")
@@ -35,7 +35,7 @@ def main(exp: str) -> None:
         summary = run_pretrain(cfg)
     finally:
         storage.write_bytes(config_json, original)  # the run's own config stays the record
-    from lapo_ray.experiment import versions
+    from lapo_ray.pipelines.experiment import versions
 
     probe = {**summary["probe"], "remeasured_at_commit": versions()["lapo_ray_commit"]}
     storage.write_json(old, probe)

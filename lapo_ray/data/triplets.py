@@ -15,7 +15,7 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -194,6 +194,22 @@ def iter_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_las
     batcher = TripletBatcher(shape, batch_size, cfg.local_shuffle_buffer, seed=cfg.shuffle_seed + epoch,
                              drop_last=drop_last, offset=offset)
     return _counted(batcher.batches(segments))
+
+
+def eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
+    """``pipe`` with the same split and source order but no shuffling: for validation and probe sets."""
+    return replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
+
+
+def labelled_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int,
+                     split: Split = "val") -> Iterator[dict[str, np.ndarray]]:
+    """The labelled triplets (frame offset ``offset``) of ``split``'s episodes, in source order:
+    ``frames``, ``action``, ``episode_id`` and ``step`` of the rows whose action is known."""
+    ds = triplet_dataset(source, split, eval_pipeline(pipe), files, spec)
+    for b in iter_batches(ds, source.frame_shape, 512, eval_pipeline(pipe), offset=offset):
+        keep = b["action"] >= 0
+        if keep.any():
+            yield {k: b[k][keep] for k in ("frames", "action", "episode_id", "step")}
 
 
 def _counted(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:

@@ -20,6 +20,7 @@ say: pure-noise latents with dead-code splitting reach nearly the full perplexit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -145,6 +146,12 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
     }
 
 
+@torch.no_grad()
+def classifier_accuracy(logits: np.ndarray, actions: np.ndarray, test_mask: np.ndarray) -> float:
+    """The direct supervised classifier's accuracy on the probe's test half."""
+    return float(np.mean(np.asarray(logits)[test_mask].argmax(-1) == np.asarray(actions)[test_mask]))
+
+
 def majority_rate(actions: np.ndarray, test_mask: np.ndarray) -> float:
     """Accuracy on the test half of always answering the train half's most common action."""
     train_actions = np.asarray(actions)[~test_mask]
@@ -211,6 +218,33 @@ def encode_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], frames: np.nda
     for i in range(0, len(frames), batch_size):
         out.append(fn(torch.from_numpy(frames[i : i + batch_size])).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@dataclass
+class ProbeSet:
+    """Held-out labelled triplets for the probe, with the test half fixed once."""
+
+    frames: np.ndarray  # uint8 (N, 3, H, W, C)
+    actions: np.ndarray  # int64 (N,)
+    test_mask: np.ndarray  # bool (N,)
+    episode_ids: np.ndarray | None = None  # int64 (N,): the probe's validation split keeps episodes whole
+
+
+@dataclass
+class TrainingProbe:
+    """The probe stage 1 reports at each report (``probe/acc``), on a small ``ProbeSet`` that
+    travels with the stage's task to rank 0: ``train.stages.Stage1Task`` calls it with the IDM's
+    encoder."""
+
+    probe_set: ProbeSet
+    cfg: ProbeConfig
+
+    def __call__(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        ps = self.probe_set
+        acc = probe_accuracy(encode_in_batches(encode, ps.frames), ps.actions, ps.test_mask, self.cfg,
+                             episode_ids=ps.episode_ids)
+        return {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"],
+                "probe/best_epoch": float(acc["best_epoch"])}
 
 
 def gap_two_se(floor: float, n_test: int) -> float:

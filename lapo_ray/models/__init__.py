@@ -4,6 +4,7 @@ from lapo_ray.models.idm import IDM
 from lapo_ray.models.impala import ImpalaCNN, frames_to_input, stack_frames
 from lapo_ray.models.lapo import LatentDynamics, Models, build_models, num_params
 from lapo_ray.models.policy import FrameEncoder, LatentPolicy
+from lapo_ray.models.supervised_idm import SupervisedIDM, labelled_loss
 from lapo_ray.models.vq import VQEmbeddingEMA
 from lapo_ray.models.world_model import WorldModel
 
@@ -14,10 +15,12 @@ __all__ = [
     "LatentDynamics",
     "LatentPolicy",
     "Models",
+    "SupervisedIDM",
     "VQEmbeddingEMA",
     "WorldModel",
     "build_models",
     "frames_to_input",
+    "labelled_loss",
     "num_params",
     "stack_frames",
 ]

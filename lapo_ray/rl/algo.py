@@ -17,7 +17,7 @@ from lapo_ray.config.rl import FinetuneConfig
 from lapo_ray.envs import normalize_return, register_with_rllib
 from lapo_ray.progress import Progress
 from lapo_ray.runtime import init_ray
-from lapo_ray.train.checkpoint import latest_checkpoint
+from lapo_ray.train.checkpoint import Checkpoint
 from lapo_ray.train.metrics import MetricsSink, WandbRun
 
 CHECKPOINT_DIR = "checkpoint"
@@ -27,13 +27,13 @@ def pretrain_checkpoints(pretrain_uri: str) -> tuple[str, str]:
     """(stage-1, stage-2) checkpoint URIs of a pretrain artifact folder, or a clear error."""
     found = []
     for stage in ("stage1", "stage2"):
-        ckpt = latest_checkpoint(storage.join(pretrain_uri, stage))
+        ckpt = Checkpoint.latest(storage.join(pretrain_uri, stage))
         if ckpt is None:
             raise MissingPathError(
                 f"{pretrain_uri}: no {stage} checkpoint; run `python jobs/pretrain.py --out {pretrain_uri}` first "
                 f"(or pass --scratch true for PPO from scratch)"
             )
-        found.append(ckpt)
+        found.append(ckpt.uri)
     return found[0], found[1]
 
 

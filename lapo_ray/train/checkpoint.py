@@ -13,12 +13,16 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
-from lapo_ray import storage
+from lapo_ray import UsageError, storage
 from lapo_ray.config import ModelConfig, config_from_dict
+
+STATE_FILE, CONFIG_FILE = "state.json", "config.json"
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -27,51 +31,101 @@ def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.opt
     torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f, indent=2)
-    with open(os.path.join(directory, "config.json"), "w") as f:
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def load_checkpoint(directory: str, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load weights (and optimiser state) in place; return ``state.json``."""
+def load_weights(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a local checkpoint folder's weights (and optimiser state) in place."""
     model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True))
     opt_path = os.path.join(directory, "optimizer.pt")
     if optimizer is not None and os.path.exists(opt_path):
         optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
-    with open(os.path.join(directory, "state.json")) as f:
-        return json.load(f)
 
 
-def read_checkpoint_config(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)
+@dataclass
+class Checkpoint:
+    """One checkpoint folder (path or URI): where it is, how far its run got and what it was
+    trained with. ``state.json`` and ``config.json`` are each read once, when first asked for."""
 
+    uri: str
+    _state: dict[str, Any] | None = field(default=None, repr=False)
+    _config: dict[str, Any] | None = field(default=None, repr=False)
 
-def latest_checkpoint(stage_uri: str) -> str | None:
-    """The newest ``checkpoint_*`` folder that Ray Train wrote under a stage's run folder."""
-    if not storage.exists(stage_uri):
-        return None
-    fs, path = storage.resolve(stage_uri)
-    import pyarrow.fs as pafs
+    @classmethod
+    def latest(cls, stage_uri: str) -> Checkpoint | None:
+        """The ``checkpoint_*`` folder of highest step that Ray Train wrote under a stage's run
+        folder; None when there is none."""
+        if not storage.exists(stage_uri):
+            return None
+        fs, path = storage.resolve(stage_uri)
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
+                and os.path.basename(i.path).startswith("checkpoint_")]
+        best: tuple[str, dict[str, Any]] | None = None
+        for d in dirs:
+            try:
+                with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
+                    state = json.loads(f.read())
+                step = state["step"]
+            except (OSError, FileNotFoundError, KeyError, ValueError, TypeError):
+                continue  # a checkpoint still being uploaded or broken: skip it
+            if best is None or step > best[1]["step"]:
+                best = d, state
+        if best is None:
+            return None
+        # Built from the caller's URI, not from the filesystem's path: that keeps the URI's own
+        # spelling and any options in its query string (e.g. an S3 endpoint_override).
+        uri = best[0] if "://" not in stage_uri else storage.join(stage_uri, os.path.basename(best[0]))
+        return cls(uri, best[1])
 
-    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
-            and os.path.basename(i.path).startswith("checkpoint_")]
-    best, best_step = None, -1
-    for d in dirs:
+    @classmethod
+    def finished(cls, stage_uri: str) -> Checkpoint | None:
+        """The stage's latest checkpoint if its run finished there (``done``), else None."""
+        ckpt = cls.latest(stage_uri)
+        return ckpt if ckpt is not None and ckpt.done else None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """``state.json``: step, epoch, epoch_step, train_seconds, stage, done."""
+        if self._state is None:
+            uri = storage.join(self.uri, STATE_FILE)
+            state = storage.read_json(uri)
+            if not isinstance(state, dict):
+                raise UsageError(f"{uri}: not a lapo_ray checkpoint's state")
+            self._state = state
+        return self._state
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json``: the resolved PretrainConfig the checkpoint was trained with, as a dict."""
+        if self._config is None:
+            self._config = storage.read_json(storage.join(self.uri, CONFIG_FILE))
+        return self._config
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def done(self) -> bool:
+        return bool(self.state.get("done"))
+
+    @property
+    def stage(self) -> str | None:
+        """The stage that wrote it; None in checkpoints from before the field existed."""
+        return self.state.get("stage")
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig the checkpoint was trained with."""
+        uri = storage.join(self.uri, CONFIG_FILE)
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("model"), dict):
+            raise UsageError(f"{uri}: no model config in it; not a lapo_ray checkpoint")
         try:
-            with fs.open_input_stream(f"{d}/state.json") as f:
-                step = json.loads(f.read())["step"]
-        except (OSError, FileNotFoundError, KeyError, ValueError):
-            continue  # a checkpoint still being uploaded or broken: skip it
-        if step > best_step:
-            best, best_step = d, step
-    if best is None:
-        return None
-    # Built from the caller's URI, not from the filesystem's path: that keeps the URI's own
-    # spelling and any options in its query string (e.g. an S3 endpoint_override).
-    return best if "://" not in stage_uri else storage.join(stage_uri, os.path.basename(best))
+            return config_from_dict(ModelConfig, self.config["model"])
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{uri}: its model config does not fit this version of lapo_ray ({e})") from e
 
 
 @contextlib.contextmanager
@@ -93,11 +147,11 @@ def load_dynamics(uri: str):
     from lapo_ray.models import LatentDynamics
 
     with local_checkpoint(uri) as d:
-        cfg = read_checkpoint_config(d)
+        ckpt = Checkpoint(d)
         # A run with --stage1.action-labels saved its label head too.
-        head = int(cfg.get("stage1", {}).get("action_labels", 0) or 0) > 0
-        model = LatentDynamics(config_from_dict(ModelConfig, cfg["model"]), num_actions=NUM_ACTIONS if head else 0)
-        load_checkpoint(d, model)
+        head = int(ckpt.config.get("stage1", {}).get("action_labels", 0) or 0) > 0
+        model = LatentDynamics(ckpt.model_config(), num_actions=NUM_ACTIONS if head else 0)
+        load_weights(d, model)
     return model.eval()
 
 
@@ -106,17 +160,18 @@ def load_latent_policy(uri: str):
     from lapo_ray.models import LatentPolicy
 
     with local_checkpoint(uri) as d:
-        cfg = config_from_dict(ModelConfig, read_checkpoint_config(d)["model"])
+        cfg = Checkpoint(d).model_config()
         policy = LatentPolicy(cfg.policy, cfg.latent_dim, cfg.channels, cfg.frame_size)
-        load_checkpoint(d, policy)
+        load_weights(d, policy)
     return policy.eval(), cfg
 
 
 def load_supervised_idm(uri: str) -> torch.nn.Module:
     """The supervised IDM from its checkpoint alone (its config travels with it)."""
-    from lapo_ray.evaluation.ceiling import SupervisedIDM
+    from lapo_ray.envs import NUM_ACTIONS
+    from lapo_ray.models import SupervisedIDM
 
     with local_checkpoint(uri) as d:
-        model = SupervisedIDM(config_from_dict(ModelConfig, read_checkpoint_config(d)["model"]))
-        load_checkpoint(d, model)
+        model = SupervisedIDM(Checkpoint(d).model_config(), NUM_ACTIONS)
+        load_weights(d, model)
     return model.eval()

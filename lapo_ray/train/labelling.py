@@ -15,7 +15,7 @@ is kept as it is when asked again for the same checkpoint and files, and relabel
 for any other.
 
 Pretraining's ``label`` stage calls ``label_corpus``; ``jobs/label.py`` calls it through
-``train.label_job.run_label`` for any corpus and any trained stage-1 checkpoint. Actors given GPUs
+``pipelines.label.run_label`` for any corpus and any trained stage-1 checkpoint. Actors given GPUs
 (``--label.num-gpus-per-actor``, fractions share one) run the IDM on CUDA.
 """
 

@@ -213,13 +213,14 @@ def _resume(task: StageTask, model: torch.nn.Module, optimizer: torch.optim.Opti
     rewind rank 0's metrics to its step: rows past it belong to steps that run again."""
     import ray.train
 
-    from lapo_ray.train.checkpoint import load_checkpoint
+    from lapo_ray.train.checkpoint import Checkpoint, load_weights
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return _Position()
     with checkpoint.as_directory() as d:
-        state = load_checkpoint(d, model, optimizer)
+        load_weights(d, model, optimizer)
+        state = Checkpoint(d).state
     # Checkpoints written before epochs were tracked lack the epoch fields.
     pos = _Position(step=state["step"], epoch=state.get("epoch", 0), epoch_step=state.get("epoch_step", 0),
                     train_seconds=state.get("train_seconds", 0.0), resumed_from=state["step"])

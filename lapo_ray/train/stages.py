@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lapo_ray.config import ModelConfig, ProbeConfig, StageConfig
-from lapo_ray.evaluation.ceiling import SupervisedIDM, labelled_loss
-from lapo_ray.models import LatentDynamics, LatentPolicy
+from lapo_ray.config import ModelConfig, StageConfig
+from lapo_ray.envs import NUM_ACTIONS
+from lapo_ray.models import LatentDynamics, LatentPolicy, SupervisedIDM, labelled_loss
 from lapo_ray.models.impala import frames_to_input
 from lapo_ray.train.recipes import change_weights, random_shift
 
@@ -22,14 +23,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-@dataclass
-class ProbeSet:
-    """Held-out labelled triplets for the probe, with the test half fixed once."""
-
-    frames: np.ndarray  # uint8 (N, 3, H, W, C)
-    actions: np.ndarray  # int64 (N,)
-    test_mask: np.ndarray  # bool (N,)
-    episode_ids: np.ndarray | None = None  # int64 (N,): the probe's validation split keeps episodes whole
+# A measurement stage 1 reports as it trains, given the IDM's encoder (frames -> latents):
+# ``evaluation.probe.TrainingProbe``, built by the caller, since train imports no evaluation.
+TrainingMetric = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, float]]
 
 
 @dataclass
@@ -79,8 +75,7 @@ class Stage1Task:
     """IDM + world model: reconstruct o[t+1] through the VQ latent action."""
 
     model_cfg: ModelConfig
-    probe_cfg: ProbeConfig = field(default_factory=ProbeConfig)
-    probe_set: ProbeSet | None = None
+    probe: TrainingMetric | None = None
     name: str = "stage1"
     # The recipe options (StageConfig.action_labels, change_weight, augment; docs/recipes.md).
     # None: the plain LAPO objective.
@@ -89,8 +84,6 @@ class Stage1Task:
     label_set: LabelSet | None = None
 
     def build(self) -> torch.nn.Module:
-        from lapo_ray.envs import NUM_ACTIONS
-
         return LatentDynamics(self.model_cfg, num_actions=NUM_ACTIONS if self._labels() else 0)
 
     def _labels(self) -> bool:
@@ -138,17 +131,11 @@ class Stage1Task:
         return {"wm_loss": float(np.mean(losses))}
 
     def extra_metrics(self, model) -> dict[str, float]:
-        if self.probe_set is None:
+        if self.probe is None:
             return {}
-        from lapo_ray.evaluation.probe import encode_in_batches, probe_accuracy
-
         dyn = _unwrap(model)
         with torch.autocast("cpu", enabled=False):
-            latents = encode_in_batches(lambda f: dyn.encode(f)[0], self.probe_set.frames)
-        acc = probe_accuracy(latents, self.probe_set.actions, self.probe_set.test_mask, self.probe_cfg,
-                             episode_ids=self.probe_set.episode_ids)
-        return {"probe/acc": acc["probe_acc"], "probe/train_acc": acc["probe_train_acc"],
-                "probe/best_epoch": float(acc["best_epoch"])}
+            return self.probe(lambda f: dyn.encode(f)[0])
 
 
 @dataclass
@@ -191,7 +178,7 @@ class SupervisedIDMTask:
     name: str = "ceiling"
 
     def build(self) -> torch.nn.Module:
-        return SupervisedIDM(self.model_cfg)
+        return SupervisedIDM(self.model_cfg, NUM_ACTIONS)
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         from lapo_ray.data.triplets import torch_batches

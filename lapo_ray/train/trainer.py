@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, StageConfig
+from lapo_ray.train.checkpoint import Checkpoint
 from lapo_ray.train.loop import StageTask, run_stage
-from lapo_ray.train.metrics import MetricsSink
+from lapo_ray.train.metrics import MetricsSink, WandbRun
 
 
 def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds, val_ds,
@@ -58,3 +60,17 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
             execution_options={"train": train_ds.context.execution_options, "val": val_ds.context.execution_options}),
     )
     return trainer.fit()
+
+
+def fit_into(folder: str, task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds, val_ds,
+             run_config: dict[str, Any], wandb: WandbRun | None = None, metrics_path: str | None = None) -> Checkpoint:
+    """Fit ``task`` into ``<folder>/<task.name>`` (resumed from the latest checkpoint there) with
+    its metrics in ``<folder>/metrics.jsonl`` (or ``metrics_path``), which ``wandb``, when given,
+    follows; returns the stage's latest checkpoint. A failed fit raises RuntimeError naming the
+    stage: a failure inside Ray Train is lapo_ray's or the cluster's, not the user's input."""
+    sink = MetricsSink(folder, task.name, path=metrics_path)
+    with wandb.following(sink.path) if wandb is not None else contextlib.nullcontext():
+        result = fit_stage(task, cfg, pipe, train_ds, val_ds, folder, run_config, sink)
+    if result.error:
+        raise RuntimeError(f"{task.name} failed: {result.error}")
+    return Checkpoint.latest(storage.join(folder, task.name))

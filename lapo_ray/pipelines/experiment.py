@@ -18,6 +18,7 @@ import numpy as np
 from lapo_ray import UsageError, storage
 from lapo_ray.config.experiment import ExperimentConfig
 from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
+from lapo_ray.pipelines.pretrain import run_pretrain
 
 STEPS = ("demonstrator", "random", "collect", "majority", "pretrain", "finetune", "decode", "report")
 
@@ -147,8 +148,6 @@ def _collect(c: ExperimentConfig) -> dict[str, Any]:
 
 
 def _pretrain(c: ExperimentConfig) -> dict[str, Any]:
-    from lapo_ray.train.pretrain import run_pretrain
-
     summary = run_pretrain(c.pretrain)
     return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
 

@@ -30,6 +30,7 @@ from lapo_ray import storage
 from lapo_ray.config import PretrainConfig, config_from_dict
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.sweep import SweepConfig, config_name
+from lapo_ray.pipelines.pretrain import run_pretrain, train_reference_ceiling
 from lapo_ray.progress import format_duration
 
 # probe.json figures a trial reports to Tune and the table summarises.
@@ -65,7 +66,7 @@ def trial_config(base: PretrainConfig, trial: Trial, out: str) -> PretrainConfig
 
 
 # The fields of the resolved config's data, model and stage-1 sections that the ceiling's training
-# (train.pretrain.train_ceiling: SupervisedIDMTask on evaluation.ceiling.SupervisedIDM, stage 1's
+# (pipelines.pretrain.train_ceiling: SupervisedIDMTask on models.SupervisedIDM, stage 1's
 # loop and data) does not read. Everything else in them is in the ceiling's key, so a field added
 # later keeps ceilings apart until it is listed here. The seeds are the trial's, which the sweep
 # sets: the ceiling is trained once, with the first trial's, and shared by every seed.
@@ -122,8 +123,6 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
 def _train_ceilings(configs: list[PretrainConfig]) -> None:
     """One supervised IDM per ceiling folder, trained before the trials so no two trials race
     to train the same one."""
-    from lapo_ray.train.pretrain import train_reference_ceiling
-
     seen: dict[str, PretrainConfig] = {}
     for c in configs:
         seen.setdefault(c.probe.ceiling_from, c)
@@ -146,8 +145,6 @@ def _trial_fn(config: dict[str, Any]) -> None:
 
 
 def _pretrain_figures(pretrain: dict[str, Any]) -> dict[str, float]:
-    from lapo_ray.train.pretrain import run_pretrain
-
     summary = run_pretrain(config_from_dict(PretrainConfig, pretrain))
     probe = summary.get("probe") or {}
     return {k: _number(probe.get(k)) for k in FIGURES} | {"stage1_steps": summary["stage1"]["steps"]}

@@ -1,28 +1,24 @@
-"""The probe's ceiling: an IDM trained on the true actions, read by the same probe.
+"""The supervised IDM: an IDM trained on the true actions, the probe's ceiling.
 
 Same encoder as the latent IDM (IMPALA CNN over the three stacked frames) and the same linear
-layer to a ``latent_dim``-wide latent, then a linear head to the 15 actions instead of the VQ.
-Stage 1's shared loop trains it (``train.stages.SupervisedIDMTask`` under ``train.trainer.fit_stage``): the
-same data pipeline, batch size, number of steps, precision, device and checkpoints. The ceiling is
-the probe on its latent layer; its own head's accuracy is reported beside it as the direct
-supervised classifier.
+layer to a ``latent_dim``-wide latent, then a linear head to the actions instead of the VQ. Stage
+1's shared loop trains it (``train.stages.SupervisedIDMTask``): the same data pipeline, batch size,
+number of steps, precision, device and checkpoints. The ceiling is the probe on its latent layer;
+its own head's accuracy is reported beside it as the direct supervised classifier.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lapo_ray.config import ModelConfig
-from lapo_ray.envs import NUM_ACTIONS
-from lapo_ray.models import ImpalaCNN, frames_to_input, stack_frames
-
+from lapo_ray.models.impala import ImpalaCNN, frames_to_input, stack_frames
 
 
 class SupervisedIDM(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_actions: int = NUM_ACTIONS):
+    def __init__(self, cfg: ModelConfig, num_actions: int):
         super().__init__()
         c, s, i = cfg.channels, cfg.frame_size, cfg.idm
         self.encoder = ImpalaCNN(3 * c, s, i.impala_scale, i.impala_channels, i.impala_features)
@@ -34,7 +30,7 @@ class SupervisedIDM(nn.Module):
         return self.latent(self.encoder(stack_frames(frames_to_input(frames))))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames uint8 (B, 3, H, W, C) -> action logits (B, 15)."""
+        """frames uint8 (B, 3, H, W, C) -> action logits (B, num_actions)."""
         return self.head(self.features(frames))
 
 
@@ -48,9 +44,3 @@ def labelled_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Te
     loss = (per_row * labelled).sum() / n.clamp(min=1)
     correct = ((logits.argmax(-1) == actions) & labelled).sum()
     return loss, correct, n
-
-
-@torch.no_grad()
-def classifier_accuracy(logits: np.ndarray, actions: np.ndarray, test_mask: np.ndarray) -> float:
-    """The direct supervised classifier's accuracy on the probe's test half."""
-    return float(np.mean(np.asarray(logits)[test_mask].argmax(-1) == np.asarray(actions)[test_mask]))

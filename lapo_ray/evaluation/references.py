@@ -1,0 +1,147 @@
+"""The probe on a corpus's held-out triplets: a trained IDM against its references.
+
+The probe's data is read here (``load_probe_set`` for the small set stage 1 probes while it
+trains, ``encode_probe_triplets`` for the full probe), and ``probe_references`` measures probe.json:
+the trained IDM's probe against the majority rate, the floor (an untrained IDM) and the ceiling (a
+supervised IDM's latent layer) with the direct supervised classifier beside it, and the codes'
+NMI and perplexity. The models come in as encoders, already loaded: training the ceiling is the
+pretrain pipeline's step (``pipelines.pretrain.train_ceiling``), since this room sits below the
+stage loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lapo_ray import UsageError
+from lapo_ray.config import PipelineConfig, PretrainConfig
+from lapo_ray.data.sources import Source
+from lapo_ray.data.splits import SplitSpec
+from lapo_ray.data.triplets import labelled_batches
+from lapo_ray.evaluation.probe import (
+    ProbeSet,
+    classifier_accuracy,
+    code_action_nmi,
+    codebook_perplexity,
+    majority_rate,
+    probe_accuracy,
+    probe_halves,
+    probe_report,
+)
+
+# frames uint8 (B, 3, H, W, C) -> {"latent": ..., and "codes" or "logits"}: one model read by the probe.
+Encoder = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
+                   offset: int = 1) -> ProbeSet | None:
+    """Up to ``n`` labelled validation triplets, frames included (the probe during stage 1)."""
+    if not source.has_actions or n <= 0:
+        return None
+    parts, have = [], 0
+    for b in labelled_batches(source, pipe, files, spec, offset):
+        parts.append(b)
+        have += len(b["action"])
+        if have >= n:
+            break
+    if have < 32:
+        print(f"probe: only {have} labelled validation triplets; skipping the probe", flush=True)
+        return None
+    cat = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+    return ProbeSet(cat["frames"], cat["action"].astype(np.int64), probe_halves(cat["episode_id"]),
+                    cat["episode_id"].astype(np.int64))
+
+
+@torch.no_grad()
+def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
+                          encoders: dict[str, Encoder], offset: int = 1) -> dict[str, np.ndarray]:
+    """Up to ``n`` labelled validation triplets, streamed through ``encoders`` so only their
+    outputs are kept: 20k triplets of 64x64 frames are 0.7 GB. Returns ``action``,
+    ``episode_id`` and ``<name>/<key>`` arrays."""
+    out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
+    have = 0
+    for b in labelled_batches(source, pipe, files, spec, offset):
+        take = min(len(b["action"]), n - have)
+        frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
+        out["action"].append(b["action"][:take].astype(np.int64))
+        out["episode_id"].append(b["episode_id"][:take].astype(np.int64))
+        for name, fn in encoders.items():
+            for key, value in fn(frames).items():
+                out.setdefault(f"{name}/{key}", []).append(value.float().numpy() if value.is_floating_point()
+                                                          else value.numpy())
+        have += take
+        if have >= n:
+            break
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def idm_encoder(model: torch.nn.Module) -> Encoder:
+    """A latent IDM (``models.LatentDynamics``) as the probe reads it: its latent and its codes."""
+    return lambda f: dict(zip(("latent", "codes"), model.encode(f)))
+
+
+def supervised_encoder(model: torch.nn.Module) -> Encoder:
+    """The supervised IDM (``models.SupervisedIDM``): its latent layer, and its head's logits for
+    the direct classifier."""
+    return lambda f: {"latent": model.features(f), "logits": model.head(model.features(f))}
+
+
+def code_figures(enc: dict[str, np.ndarray], actions: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """Code-action NMI (of the whole code tuple and per codebook) and codebook perplexity of each
+    of ``names``' codes."""
+    codes = {}
+    for name in names:
+        cb = enc[f"{name}/codes"]
+        codes[name] = {"nmi": code_action_nmi(cb, actions), "perplexity": codebook_perplexity(cb)}
+        # Per codebook too: the whole tuple can have nearly as many values as there are triplets
+        # (16^4 in the cpu preset), which leaves the chance-corrected estimate little room.
+        codes[name]["nmi"]["per_codebook"] = [code_action_nmi(cb[:, c], actions)["nmi"] for c in range(cb.shape[1])]
+    return codes
+
+
+def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec,
+                     encoders: dict[str, Encoder], steps_done: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """probe.json: the probe of each of ``encoders`` ("trained", "untrained" and, for the
+    ceiling, "supervised") on the validation episodes of ``files`` under ``spec``, split in halves by
+    episode, reported against the majority rate, with code-action NMI and codebook perplexity for
+    the trained and untrained IDM. Also returns what the encoders gave on the probe's triplets."""
+    t0 = time.monotonic()
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset)
+    actions, episodes = enc["action"], enc["episode_id"]
+    if len(actions) < 32:
+        raise UsageError(f"probe: only {len(actions)} labelled validation triplets")
+    test = probe_halves(episodes)
+    acc = {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg.probe, episode_ids=episodes)
+           for name in encoders}
+    # Without VQ (--model.vq.enabled false) there are no codes: NMI and perplexity are n/a.
+    codes = code_figures(enc, actions, ("trained", "untrained") if cfg.model.vq.enabled else ())
+    direct = classifier_accuracy(enc["supervised/logits"], actions, test) if "supervised/logits" in enc else None
+    report = probe_report(acc["trained"], acc["untrained"], acc.get("supervised"), majority_rate(actions, test),
+                          direct_classifier=direct, codes=codes)
+    report["stage1_steps"] = steps_done
+    report["probe_set"] = ("validation episodes, split in halves by episode; the probe's epoch is picked on "
+                           f"{cfg.probe.val_fraction:.0%} of the training half's episodes")
+    print(f"probe: {len(actions)} triplets, {time.monotonic() - t0:.0f}s: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)), flush=True)
+    return report, enc
+
+
+def probe_per_source(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec,
+                     encoders: dict[str, Encoder], steps_done: int) -> dict[str, Any]:
+    """The probe of ``probe_references`` on each source's own validation episodes (the same
+    encoders: the ceiling is the one trained on all of them), keyed by the source as ``--corpus``
+    names it; empty for one source."""
+    out: dict[str, Any] = {}
+    for part in source.source_parts(files, spec):
+        if not part.source.has_actions:
+            out[part.label] = {"skipped": "no actions"}
+            continue
+        try:
+            out[part.label], _ = probe_references(cfg, part.source, part.files, part.spec, encoders, steps_done)
+        except ValueError as e:  # too few labelled validation triplets in this source
+            out[part.label] = {"skipped": str(e)}
+    return out
