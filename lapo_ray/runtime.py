@@ -15,14 +15,15 @@ from lapo_ray import UsageError
 JOB_ENV = {
     # The dashboard's Train view lists runs only with this on.
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
-    # Ray Data reads Parquet footers on a fresh pool of 32 actors for every dataset it plans;
-    # a one-shard pretrain job started 192 of them. A corpus's few footers need one.
+    # Ray Data reads Parquet footers on a fresh pool of 32 actors for every dataset it plans,
+    # 192 actors in a one-shard pretrain job (docs/results/choices.md); a corpus's few footers
+    # need one.
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     # Ray Train turns a worker's print into a log record and, when wandb has wrapped stdout,
-    # prints it as well: every progress line appeared twice in `ray job logs`.
+    # prints it as well, so every progress line would show twice in `ray job logs`.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # A job's console is its own progress. Ray Data's INFO lines (each dataset's plan, start and
-    # finish, tips) and progress bars came from every reader; its warnings still show, and a job
+    # finish, tips) and progress bars come from every reader; its warnings still show, and a job
     # started with RAY_DATA_LOG_LEVEL=INFO gets the plans back (a value the job was given wins).
     "RAY_DATA_LOG_LEVEL": "WARNING",
     # Ray Data's progress in a worker goes to its INFO log lines, not to tqdm bars sent to the
@@ -49,6 +50,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     Under ``ray job submit`` RAY_ADDRESS points at the cluster. A local instance keeps the
     dashboard on 127.0.0.1 and Ray 2.60's token authentication on.
     """
+    # lazy: every job imports this module, the step benchmark's included, which runs without Ray
     import ray
 
     if ray.is_initialized():
@@ -69,9 +71,10 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
                        **common)
         print(f"ray: a local instance of {ray.cluster_resources().get('CPU', 0):g} CPUs, dashboard at "
               f"http://{ctx.dashboard_url}", flush=True)
+    # The driver may have imported Ray Data before the variables above were set; this import
+    # stays after them in case it has not.
     from ray.data import DataContext
 
-    # The driver may have imported Ray Data before the variables above were set.
     DataContext.get_current().use_ray_tqdm = False
     logging.getLogger("ray.data").setLevel(os.environ.get("RAY_DATA_LOG_LEVEL", JOB_ENV["RAY_DATA_LOG_LEVEL"]))
 
@@ -89,7 +92,7 @@ def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None
     LAPO_AUTOSCALING=1) is judged by what it can become, not by what it has now, so the check
     is left out there.
     """
-    import ray
+    import ray  # lazy: as in init_ray
 
     if os.environ.get("LAPO_AUTOSCALING") == "1":
         return
@@ -105,7 +108,7 @@ def check_cpu_budget(what: str, actors: int, cpus_each: float, fix: str) -> None
 def check_spread(what: str, workers: int, cpus_each: float, gpus_each: float, fix: str) -> None:
     """Fail before a stage starts when a placement of one worker per node cannot be met: Ray
     would wait for the nodes without a word. Autoscaling clusters are left out, as above."""
-    import ray
+    import ray  # lazy: as in init_ray
 
     if os.environ.get("LAPO_AUTOSCALING") == "1":
         return

@@ -16,6 +16,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import fsspec
 import pyarrow.fs as pafs
 
 from lapo_ray import UsageError
@@ -35,8 +36,6 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         if scheme == "":
             return pafs.LocalFileSystem(), os.path.abspath(uri)
         return pafs.FileSystem.from_uri(uri)
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 

@@ -92,6 +92,7 @@ def _metric(name: str, spec: MetricSpec):
         with _lock:
             m = _instances.get(name)
             if m is None:
+                # lazy: telemetry sits below every room, on paths that run without Ray
                 from ray.util import metrics
 
                 cls = metrics.Counter if spec.kind == "counter" else metrics.Gauge

@@ -1,6 +1,7 @@
 """The map of the code is true: every room of lapo_ray imports only rooms below it,
 docs/architecture.md's table of rooms names exactly what each room imports, and no two files of
-lapo_ray import each other, directly or through a loop."""
+lapo_ray import each other, directly or through a loop. And the code stays readable: no
+function of the library is longer than a screen."""
 
 from __future__ import annotations
 
@@ -213,3 +214,37 @@ def test_the_private_import_check_finds_private_names_and_modules(tmp_path):
     script.write_text("from lapo_ray.evaluation.plots import _plt, save_figure\nimport lapo_ray.data._x\n"
                       "from lapo_ray.data import corpus\nimport os._private\n")
     assert private_imports(script) == ["s.py:1 imports _plt", "s.py:2 imports _x"]
+
+
+# A function longer than this reads as several steps without names: split it into named ones.
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(package: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``file:line name (N lines)`` for every function of ``package`` (methods and nested ones
+    included) whose body, docstring included, spans more than ``limit`` lines."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.body[0].lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(package.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_library_function_is_longer_than_60_lines():
+    found = long_functions(PACKAGE)
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(found)
+
+
+def test_the_length_check_names_long_functions_methods_and_coroutines(tmp_path):
+    def body(lines: int, indent: str = "    ") -> list[str]:
+        return [f"{indent}x{i} = {i}" for i in range(lines)]
+
+    source = ["def short():", *body(60),  # lines 1-61: 60 lines of body, at the limit
+              "def long():", '    """A docstring counts."""', *body(60),  # lines 62-123
+              "class C:", "    async def method(self):", *body(61, "        ")]  # lines 124-186
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("\n".join(source) + "\n")
+    assert long_functions(tmp_path / "pkg") == ["pkg/m.py:62 long (61 lines)", "pkg/m.py:125 method (61 lines)"]

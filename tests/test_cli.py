@@ -4,17 +4,22 @@ job command written in the README, docs/ and the jobs' own docstrings parsing ag
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import re
 import shlex
 import typing
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
 from test_jobs import _job
 
+import lapo_ray.config
+from lapo_ray.benchmarks import BENCHMARKS
 from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
-from lapo_ray.config.cli import format_value, parse_config
+from lapo_ray.config.cli import flag_name, format_value, get_path, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +42,6 @@ def _dataclasses_under(cls: type, seen: set[type]) -> None:
 
 
 def test_every_config_field_a_job_takes_has_a_one_line_help():
-    from lapo_ray.benchmarks import BENCHMARKS
     from lapo_ray.config import CollectConfig
     from lapo_ray.config.experiment import ExperimentConfig
     from lapo_ray.config.label import LabelJobConfig
@@ -111,6 +115,38 @@ def test_an_invalid_value_prints_one_usage_line_and_the_error(capsys):
     assert len(err) == 2 and "expected FIELD=V1,V2" in err[1], err
 
 
+def _refusal(job: str, argv: list[str], capsys) -> str:
+    """The error line of a job that refuses ``argv`` with exit status 2 and one usage line."""
+    with pytest.raises(SystemExit) as exit_:
+        _job(job).parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: "), err
+    return err[1]
+
+
+def test_the_stage1_recipe_options_are_flags_of_stage1_only(capsys):
+    from lapo_ray.config import STAGE1_ONLY_FIELDS, config_from_dict
+
+    cfg, _ = _job("pretrain").parse_args(["--stage1.augment", "shift", "--stage1.action-labels", "8"])
+    assert cfg.stage1.augment == "shift" and cfg.stage1.action_labels == 8
+    assert STAGE1_ONLY_FIELDS == {"action_labels", "action_label_weight", "action_label_batch", "change_weight",
+                                  "change_baseline", "augment", "shift_pad"}
+    assert _refusal("pretrain", ["--stage2.augment", "shift"], capsys).endswith(
+        "unrecognized arguments: --stage2.augment shift")
+    # A run's config.json from before they were stage 1's own still reads: stage 2's copies did nothing.
+    old = PRETRAIN_PRESETS["cpu"]().to_dict()
+    old["stage2"].update(augment="none", shift_pad=4)
+    assert config_from_dict(PretrainConfig, old) == PRETRAIN_PRESETS["cpu"]()
+
+
+def test_a_sweep_refuses_what_each_trial_sets(capsys):
+    base = ["--pretrain.corpus", "c"]
+    assert _refusal("sweep", [*base, "--pretrain.stage1.seed", "3"], capsys).endswith(
+        "--pretrain.stage1.seed is set by the sweep for each trial (--seeds)")
+    assert _refusal("sweep", [*base, "--grid", "data.shuffle_seed=1,2"], capsys).endswith(
+        "--grid data.shuffle_seed: each trial's data.shuffle_seed is set by the sweep (--seeds)")
+
+
 def test_flags_override_only_what_they_name_and_a_repeatable_flag_gathers():
     cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS, ["--preset", "paper", "--stage1.lr", "5e-4"])
     paper = PRETRAIN_PRESETS["paper"]()
@@ -158,3 +194,88 @@ def test_documented_command_parses(where, job, argv, capsys):
     except SystemExit as exit_:
         pytest.fail(f"{where}: python jobs/{job}.py {shlex.join(argv)} does not parse: "
                     f"{capsys.readouterr().err.strip().splitlines()[-1:]} (exit {exit_.code})")
+
+
+def test_every_config_with_presets_defaults_to_its_cpu_preset():
+    presets = {}
+    for info in pkgutil.iter_modules(lapo_ray.config.__path__, "lapo_ray.config."):
+        module = importlib.import_module(info.name)
+        presets.update({f"{info.name}.{k}": v for k, v in vars(module).items() if k.endswith("_PRESETS")})
+    presets.update({f"lapo_ray.config.{k}": v for k, v in vars(lapo_ray.config).items() if k.endswith("_PRESETS")})
+    assert len(presets) >= 8, sorted(presets)
+    for name, named in presets.items():
+        cls = type(named["cpu"]())
+        assert named["cpu"]() == cls(), f"{name}: {cls.__name__}() is not the cpu preset"
+        assert named["paper"]() != cls(), f"{name}: the paper preset is the cpu preset"
+
+
+# What a job needs besides its defaults to parse at all.
+REQUIRED = {"label": ["--checkpoint", "c", "--corpus", "d"], "sweep": ["--pretrain.corpus", "c"]}
+# Other values of fields whose next value by type would be invalid.
+OTHER = {"game": "ninja", "stages": "stage1", "variants": "rl", "grid": ("stage1.lr=0.1",)}
+
+
+def _other(name: str, tp: Any, value: Any) -> Any:
+    """A valid value of a field other than ``value``."""
+    if name in OTHER:
+        return OTHER[name]
+    if get_origin(tp) is Literal:
+        return next(choice for choice in get_args(tp) if choice != value)
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 1
+    if isinstance(value, (int, float)):  # halved floats stay in [0, 1); doubled ints stay powers of two
+        return (value * 2 or 1) if isinstance(value, int) else (value / 2 or 0.5)
+    if isinstance(value, tuple):
+        return value[:-1] if len(value) > 1 else (*value, *value)
+    return f"{value}x"
+
+
+def _leaf_fields(cls: type, prefix: str = ""):
+    """(dotted path, type) of every leaf field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def _job_configs():
+    """(job, argv before the flags, parse: argv -> the config the job runs) of every job in jobs/."""
+    for path in sorted((REPO / "jobs").glob("*.py")):
+        module = _job(path.stem)
+        if path.stem == "benchmark":
+            for name in BENCHMARKS:
+                yield f"benchmark {name}", [name], lambda argv, m=module: m.parse_args(argv)[1]
+        elif path.stem == "experiment":
+            yield "experiment", [], lambda argv, m=module: m.parse_args(argv)[0].resolved()
+        else:
+            yield path.stem, REQUIRED.get(path.stem, []), lambda argv, m=module: m.parse_args(argv)[0]
+
+
+JOB_CONFIGS = list(_job_configs())
+
+
+@pytest.mark.parametrize("job,head,parse", JOB_CONFIGS, ids=[job for job, _, _ in JOB_CONFIGS])
+def test_every_flag_changes_its_field_or_is_refused_naming_it(job, head, parse, capsys):
+    """Each flag set to another valid value: the config the job runs holds that value, or the job
+    refuses the flag in one line that names it. A flag accepted and then overwritten fails."""
+    default = parse(head)
+    flags = list(_leaf_fields(type(default)))
+    failed = []
+    for path, tp in flags:
+        name = path.rsplit(".", 1)[-1]
+        value = _other(name, tp, get_path(default, path))
+        argv = [*head, flag_name(path), *shlex.split(format_value(value))]
+        try:
+            got = get_path(parse(argv), path)
+        except SystemExit as exit_:
+            err = capsys.readouterr().err.strip().splitlines()
+            if not (exit_.code == 2 and len(err) == 2 and name in err[1].replace("-", "_")):
+                failed.append(f"{shlex.join(argv)}: exit {exit_.code}, {err}")
+            continue
+        if got != value:
+            failed.append(f"{shlex.join(argv)}: accepted, but the config it runs has {path} = {got!r}")
+    assert len(flags) >= 3 and not failed, "\n".join(failed)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from lapo_ray.config.experiment import cpu_experiment
+from test_jobs import _job
+
+from lapo_ray.config.cli import get_path
+from lapo_ray.config.experiment import SET_BY_EXPERIMENT, cpu_experiment
 from lapo_ray.evaluation.claims import Measure, Outcome, judge, online_comparison, online_final_comparison
 from lapo_ray.evaluation.experiment_report import diagnosis, render_experiment_report
 from lapo_ray.evaluation.reports import demo_norm
@@ -21,7 +25,44 @@ def test_resolved_config_threads_game_seed_and_folders_through_every_stage():
     assert r.collect.policy == "agent:s3://bucket/exp/demonstrator"  # the corpus comes from the demonstrator
     assert r.pretrain.corpus == r.collect.out == "s3://bucket/exp/corpus"
     assert r.finetune.pretrain == r.pretrain.out == "s3://bucket/exp/pretrain"
+    assert r.pretrain.collect == r.collect  # the pretraining's record names the collection of its corpus
+    assert r.eval.seed == 7 + 12345
     assert cfg.game == "ninja" and cfg.demonstrator.env.game == "coinrun"  # resolving copies, never mutates
+
+
+def _leaves(config, prefix=""):
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        yield from _leaves(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [f"{prefix}{f.name}"]
+
+
+def test_every_field_the_experiment_sets_is_named_with_what_sets_it():
+    cfg = cpu_experiment()
+    cfg.game, cfg.seed, cfg.out = "ninja", 7, "s3://bucket/exp"
+    r = cfg.resolved()
+    moved = {p for p in _leaves(cfg) if get_path(r, p) != get_path(cfg, p) and not p.startswith("pretrain.collect.")}
+    assert moved and moved <= set(SET_BY_EXPERIMENT), moved - set(SET_BY_EXPERIMENT)
+    assert all(get_path(cfg, p) is not None for p in SET_BY_EXPERIMENT)  # each entry names a field
+
+
+def test_a_flag_the_experiment_sets_is_refused_in_one_line_naming_it(capsys):
+    job = _job("experiment")
+    refused = {
+        "--pretrain.collect.frames": "is set by the experiment (--collect.frames); give --collect.frames instead",
+        "--collect.out": "is set by the experiment (--out); give --out instead",
+        "--finetune.ppo.decoder-sl": "is set by the experiment (--variants); give --variants instead",
+        "--decoder.k": "is set by the experiment (--decode-k); give --decode-k instead",
+    }
+    for flag, message in refused.items():
+        with pytest.raises(SystemExit) as exit_:
+            job.parse_args([flag, "false" if flag.endswith("sl") else "10"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: "), err
+        assert err[1].endswith(f"error: {flag} {message}"), err
+    # The value the experiment sets is no conflict; the experiment's own flags reach every stage.
+    cfg, _ = job.parse_args(["--pretrain.collect.frames", "1000", "--collect.frames", "1000", "--seed", "1",
+                             "--eval.seed", "12346"])
+    assert cfg.resolved().pretrain.collect.frames == 1000 and cfg.resolved().eval.seed == 12346
 
 
 def test_bad_experiment_flags_are_named():

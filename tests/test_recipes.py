@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import StageConfig
+from lapo_ray.config import Stage1Config
 from lapo_ray.config.models import model_preset
 from lapo_ray.envs import NUM_ACTIONS
 from lapo_ray.models import LatentDynamics
 from lapo_ray.models.idm import IDM
 from lapo_ray.train.recipes import camera_shifts, change_weights, random_shift, shift_frames, triplet_hash_np
-from lapo_ray.train.stages import LabelSet, Stage1Task
+from lapo_ray.train.stages import ActionLabelSet, Stage1Task
 
 
 def _batch(b=16, seed=0):
@@ -35,18 +35,18 @@ def test_hash_is_fixed_and_sized():
     assert abs((triplet_hash_np(eps, steps) < 0.01).mean() - 0.01) < 0.002
 
 
-def _label_set(n=6, seed=0):
+def _action_label_set(n=6, seed=0):
     g = torch.Generator().manual_seed(1)
     frames = torch.randint(0, 256, (n, 3, 64, 64, 3), dtype=torch.uint8, generator=g).numpy()
-    return LabelSet(frames, np.arange(n, dtype=np.int64) % 15, seed=seed)
+    return ActionLabelSet(frames, np.arange(n, dtype=np.int64) % 15, seed=seed)
 
 
 def test_label_loss_is_the_cross_entropy_of_a_drawn_labelled_batch():
     cfg = model_preset("cpu")
-    recipe = dataclasses.replace(StageConfig(), action_labels=8, action_label_weight=0.5, action_label_batch=4)
-    labels = _label_set()
+    recipe = dataclasses.replace(Stage1Config(), action_labels=8, action_label_weight=0.5, action_label_batch=4)
+    labels = _action_label_set()
     torch.manual_seed(0)
-    task = Stage1Task(cfg, recipe=recipe, label_set=labels)
+    task = Stage1Task(cfg, recipe=recipe, action_label_set=labels)
     model = task.build().eval()  # no codebook update, so the world-model loss can be recomputed
     b = _batch()
     loss, metrics = task.loss(model, b)
@@ -70,9 +70,9 @@ def test_label_loss_is_the_cross_entropy_of_a_drawn_labelled_batch():
 def test_label_draws_differ_by_seed_and_survive_pickling():
     import pickle
 
-    labels = _label_set(n=50)
+    labels = _action_label_set(n=50)
     a = labels.draw(16, torch.device("cpu"))[1]
-    b = _label_set(n=50, seed=1).draw(16, torch.device("cpu"))[1]
+    b = _action_label_set(n=50, seed=1).draw(16, torch.device("cpu"))[1]
     c = pickle.loads(pickle.dumps(labels)).draw(16, torch.device("cpu"))[1]
     assert not torch.equal(a, b)
     torch.testing.assert_close(a, c)  # a travelled copy starts its generator afresh
@@ -83,22 +83,22 @@ def test_label_head_leaves_the_codebook_alone():
     cfg = model_preset("cpu")
     model = LatentDynamics(cfg, num_actions=NUM_ACTIONS).train()
     before = model.idm.vq.embeddings.clone(), model.idm.vq.num_updates.clone()
-    model.action_logits(torch.from_numpy(_label_set().frames))
+    model.action_logits(torch.from_numpy(_action_label_set().frames))
     assert torch.equal(model.idm.vq.embeddings, before[0]) and torch.equal(model.idm.vq.num_updates, before[1])
 
 
 def test_labels_without_a_labelled_set_or_batch_are_refused():
     cfg = model_preset("cpu")
-    recipe = dataclasses.replace(StageConfig(), action_labels=8)
+    recipe = dataclasses.replace(Stage1Config(), action_labels=8)
     task = Stage1Task(cfg, recipe=recipe)
     with pytest.raises(ValueError, match="no labelled triplets"):
         task.loss(task.build(), _batch())
     with pytest.raises(ValueError, match="action_label_batch must be positive"):
         dataclasses.replace(recipe, action_label_batch=0).validate("stage1")
     with pytest.raises(ValueError, match="3 triplets and 2 actions"):
-        LabelSet(np.zeros((3, 3, 64, 64, 3), np.uint8), np.zeros(2, np.int64))
+        ActionLabelSet(np.zeros((3, 3, 64, 64, 3), np.uint8), np.zeros(2, np.int64))
     with pytest.raises(RuntimeError, match="without an action head"):
-        LatentDynamics(cfg).action_logits(torch.from_numpy(_label_set().frames))
+        LatentDynamics(cfg).action_logits(torch.from_numpy(_action_label_set().frames))
 
 
 def test_change_weight_mean_one_and_larger_where_frames_change():
@@ -149,7 +149,7 @@ def test_camera_baseline_puts_the_weight_on_what_the_camera_does_not_explain():
 
 
 def test_camera_baseline_without_change_weight_is_refused():
-    stage = StageConfig(change_baseline="camera")
+    stage = Stage1Config(change_baseline="camera")
     with pytest.raises(ValueError, match=r"stage1: change_baseline 'camera' has no effect without change_weight"):
         stage.validate("stage1")
     dataclasses.replace(stage, change_weight=5.0).validate("stage1")
@@ -201,7 +201,7 @@ def test_recipes_off_by_default_and_in_paper_preset():
     assert PRETRAIN_PRESETS["paper"]().model.vq.enabled
 
 
-def test_a_label_set_too_large_for_worker_memory_is_refused_before_reading():
+def test_an_action_label_set_too_large_for_worker_memory_is_refused_before_reading():
     from types import SimpleNamespace
 
     from lapo_ray.config import cpu_pretrain

@@ -349,8 +349,8 @@ def test_stage1_reports_the_probe_it_is_given_on_its_idms_latents(tmp_path):
 
 @pytest.mark.slow
 def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(corpus, tmp_path, ray_local):
-    from lapo_ray.train.stage1 import load_label_set, stage1_task
-    from lapo_ray.train.recipes import label_fraction, triplet_hash_np
+    from lapo_ray.train.recipes import action_label_fraction, triplet_hash_np
+    from lapo_ray.train.stage1 import load_action_label_set, stage1_task
 
     cfg = tiny_config(str(tmp_path / "run"), num_workers=2, cpus_per_worker=0.5, steps=3, report_every=3,
                       action_labels=40, action_label_batch=8)
@@ -358,14 +358,14 @@ def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(
     scan = src.scan()
     spec = SplitSpec.for_episodes(scan.episode_ids, cfg.data.val_fraction, cfg.data.split_seed)
     task = stage1_task(cfg, src, scan, spec, None)
-    labels = task.label_set
+    labels = task.action_label_set
     assert labels.seed == cfg.stage1.seed
     # Exactly the training triplets the hash marks, with their own frames and actions.
     every = {}
     for b in iter_batches(triplet_dataset(src, "train", cfg.data, scan.files, spec), (64, 64, 3), 256, cfg.data):
         for e, s, f, a in zip(b["episode_id"], b["step"], b["frames"], b["action"]):
             every[(int(e), int(s))] = (f, int(a))
-    frac = label_fraction(40, int(scan.triplets * (1 - len(spec.val_episodes) / len(scan.episode_ids))))
+    frac = action_label_fraction(40, int(scan.triplets * (1 - len(spec.val_episodes) / len(scan.episode_ids))))
     keys = np.array(list(every))
     marked = [tuple(k) for k in keys[triplet_hash_np(keys[:, 0], keys[:, 1]) < frac]]
     assert 20 < len(labels.actions) == len(marked) < 80
@@ -373,7 +373,7 @@ def test_stage1_labels_read_the_hashed_training_triplets_and_train_on_two_ranks(
     marked_frames = {every[k][0].tobytes() for k in marked}
     assert all(f.tobytes() in marked_frames for f in labels.frames)
     # A second read gives the same set in the same order (the split and the hash fix it).
-    again = load_label_set(src, cfg.data, scan.files, spec, frac)
+    again = load_action_label_set(src, cfg.data, scan.files, spec, frac)
     assert again.actions.tolist() == labels.actions.tolist() and np.array_equal(again.frames, labels.frames)
 
     # The set travels to both ranks; each step adds the labelled batch's loss.

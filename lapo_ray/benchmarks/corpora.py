@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from lapo_ray import storage
 from lapo_ray.config import CollectConfig
+from lapo_ray.data.collect import collect
+from lapo_ray.data.corpus import Episode, write_corpus
+from lapo_ray.envs import NUM_ACTIONS
 
 
 def has_corpus(path: str) -> bool:
@@ -13,8 +18,6 @@ def has_corpus(path: str) -> bool:
 
 def ensure_bench_corpus(path: str, frames: int) -> str:
     """A random-policy coinrun corpus of ``frames`` frames at ``path``, collected if none is there."""
-    from lapo_ray.data.collect import collect
-
     if not has_corpus(path):
         print(f"collecting a {frames:,}-frame benchmark corpus into {path}", flush=True)
         collect(CollectConfig(out=path, frames=frames, num_workers=2, envs_per_worker=32, policy="random"))
@@ -27,11 +30,6 @@ def write_noise_corpus(path: str, frames: int, frame_size: int = 64, episode_fra
     compress, so its Parquet bytes are as many as its frames' (collected Procgen frames compress
     several-fold: docs/results/benchmark-notes.md). Episodes, segments and shards are laid out as
     a collected corpus's (the defaults here). Nothing is written if ``path`` holds a corpus."""
-    import numpy as np
-
-    from lapo_ray.data.corpus import Episode, write_corpus
-    from lapo_ray.envs import NUM_ACTIONS
-
     if has_corpus(path):
         return path
     rng = np.random.default_rng(seed)

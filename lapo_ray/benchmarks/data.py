@@ -8,6 +8,8 @@ from typing import Any, Iterable
 
 from lapo_ray.benchmarks.corpora import ensure_bench_corpus
 from lapo_ray.config import DataBenchConfig, PipelineConfig
+from lapo_ray.data.sources import CorpusSource
+from lapo_ray.data.triplets import iter_plain_batches, torch_batches, triplet_dataset
 
 SHUFFLE_MODES = ("files", "none", "segments")
 
@@ -31,9 +33,6 @@ def bench_data(corpus: str, frames: int = 200_000, batch_size: int = 128, max_ba
                pipe: PipelineConfig | None = None) -> dict[str, Any]:
     """Triplets/s delivered to a consumer by the Ray Data pipeline, in each global-shuffle mode,
     vs a plain numpy reader. A missing ``corpus`` is collected (``frames`` frames)."""
-    from lapo_ray.data.sources import CorpusSource
-    from lapo_ray.data.triplets import iter_plain_batches, torch_batches, triplet_dataset
-
     ensure_bench_corpus(corpus, frames)
     src = CorpusSource(corpus)
     pipe = pipe or PipelineConfig(val_fraction=0.0)

@@ -7,15 +7,16 @@ import json
 import time
 from typing import Any
 
+import numpy as np
+
 from lapo_ray.config import EnvRunnersBenchConfig
+from lapo_ray.config.rl import cpu_finetune
+from lapo_ray.envs import NUM_ACTIONS, make_procgen_vector_env
+from lapo_ray.rl.algo import IterationTimes, build_algorithm_config, sampled_env_steps
 
 
 def raw_vector_env_steps_per_s(num_envs: int, steps: int) -> float:
     """Steps/s of the Procgen vector env alone, random actions, in this process: the ceiling."""
-    import numpy as np
-
-    from lapo_ray.envs import NUM_ACTIONS, make_procgen_vector_env
-
     env = make_procgen_vector_env({"game": "coinrun", "num_envs": num_envs, "num_threads": 1})
     rng = np.random.default_rng(0)
     env.reset(seed=0)
@@ -30,8 +31,6 @@ def raw_vector_env_steps_per_s(num_envs: int, steps: int) -> float:
 def _runner_config(runners: int, envs_per_runner: int, rollout_length: int, cpus: int | None,
                    num_epochs: int | None):
     """The cpu preset's fine-tuning config, from scratch, with ``runners`` env runners."""
-    from lapo_ray.config.rl import cpu_finetune
-
     cfg = cpu_finetune()
     cfg.scratch, cfg.num_env_runners, cfg.envs_per_runner = True, runners, envs_per_runner
     # Each runner holds an equal share of the machine's CPUs; its torch threads follow.
@@ -45,8 +44,6 @@ def _runner_config(runners: int, envs_per_runner: int, rollout_length: int, cpus
 def _time_iterations(cfg, iterations: int, into: dict[str, list[float]]) -> None:
     """Build the algorithm, train once to warm it up, then append each timed iteration's whole,
     sampling and learner seconds and its env steps to ``into``."""
-    from lapo_ray.rl.algo import IterationTimes, build_algorithm_config, sampled_env_steps
-
     algo = build_algorithm_config(cfg).build_algo()
     try:
         algo.train()  # warm-up: worker start, first weights sync
@@ -65,8 +62,6 @@ def _time_iterations(cfg, iterations: int, into: dict[str, list[float]]) -> None
 
 
 def _runner_summary(r: dict[str, list[float]], cpus_per_env_runner: float) -> dict[str, Any]:
-    import numpy as np
-
     rates = [st / s for st, s in zip(r["steps"], r["sample_s"])]
     return {
         "sampling_env_steps_per_s": sum(r["steps"]) / sum(r["sample_s"]),

@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from typing import Any
 
+import ray
+import torch
+
 from lapo_ray import storage
 from lapo_ray.benchmarks.corpora import has_corpus, write_noise_corpus
-from lapo_ray.config import LabelBenchConfig
+from lapo_ray.config import PRETRAIN_PRESETS, LabelBenchConfig, LabelConfig
+from lapo_ray.data.sources import open_source
+from lapo_ray.models import LatentDynamics
+from lapo_ray.train.checkpoint import save_checkpoint
+from lapo_ray.train.labelling import label_corpus
 
 
 def bench_label(corpus: str, actors: tuple[int, ...] = (1, 2, 4), frames: int = 16_384,
@@ -20,17 +28,6 @@ def bench_label(corpus: str, actors: tuple[int, ...] = (1, 2, 4), frames: int = 
     on the frames. ``corpus`` may be any source lapo_ray reads (a video folder: its decoding is
     then part of the figure); a missing one is written as a noise corpus, in files of 1024 frames
     (one labelling task per file)."""
-    import tempfile
-
-    import ray
-    import torch
-
-    from lapo_ray.config import PRETRAIN_PRESETS, LabelConfig
-    from lapo_ray.data.sources import open_source
-    from lapo_ray.models import LatentDynamics
-    from lapo_ray.train.checkpoint import save_checkpoint
-    from lapo_ray.train.labelling import label_corpus
-
     if not storage.exists(corpus) or has_corpus(corpus):
         write_noise_corpus(corpus, frames, shard_frames=1024)
     cfg = PRETRAIN_PRESETS["cpu"]()

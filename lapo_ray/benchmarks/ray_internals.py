@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 
+import ray
+
 INTERNAL_API = "ray._private.internal_api"
 INTERNAL_FUNCTIONS = ("get_state_from_address", "get_memory_info_reply")
 REPLY_MODULE, REPLY_MESSAGE = "ray.core.generated.node_manager_pb2", "FormatGlobalMemoryInfoReply"
@@ -63,7 +65,8 @@ def object_store_stats() -> dict[str, int]:
     """Cumulative object-store figures of the connected Ray cluster, all nodes: bytes spilled to
     disk and restored, and bytes that did not fit and went to the fallback file mapping (what
     ``ray memory --stats-only`` prints); the bytes in use now, and the capacity."""
-    import ray
+    # lazy: a Ray that moved this private module must still import this one, so that
+    # missing_ray_apis can name what moved.
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
     reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))

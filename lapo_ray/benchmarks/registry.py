@@ -58,9 +58,9 @@ def run_benchmark(name: str, cfg: BenchConfig) -> dict[str, Any]:
 
 def write_figures(path: str, result: dict[str, Any]) -> None:
     """``result`` as JSON at ``path`` (path or URI), in place only once whole."""
-    try:
+    try:  # lazy: storage needs pyarrow, which the step benchmark's machines lack
         from lapo_ray import storage
-    except ImportError:  # no pyarrow, as on the machines that have PyTorch alone: a local file
+    except ImportError:  # so a plain local file
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2, sort_keys=True)

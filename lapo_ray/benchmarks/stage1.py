@@ -3,13 +3,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
 import time
 from typing import Any
 
+import numpy as np
+import torch
+
 from lapo_ray import UsageError
 from lapo_ray.benchmarks.corpora import ensure_bench_corpus
-from lapo_ray.config import Stage1BenchConfig
+from lapo_ray.config import PRETRAIN_PRESETS, Stage1BenchConfig, WandbConfig
+from lapo_ray.data.sources import CorpusSource
+from lapo_ray.data.triplets import SplitSpec, iter_plain_batches, triplet_dataset
+from lapo_ray.train.metrics import MetricsSink, read_metrics
+from lapo_ray.train.stages import Stage1Task
+from lapo_ray.train.step import StageStep, make_optimizer, to_channels_last, use_bf16
+from lapo_ray.train.trainer import fit_stage
 
 RAY_WORKERS = (1, 2)
 
@@ -18,13 +30,6 @@ def plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int, warmu
     """Samples/s per window of ``window`` steps of a plain single-process loop: the training step
     ``run_stage`` runs (``StageStep``), batches already in memory, no Ray.
     Windows ending at or before step ``warmup`` are dropped, as for Ray Train's reports."""
-    import os
-
-    import torch
-
-    from lapo_ray.train.stages import Stage1Task
-    from lapo_ray.train.step import StageStep, make_optimizer, to_channels_last
-
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -46,19 +51,10 @@ def plain_stage1_rates(model_cfg, stage, batches, steps: int, window: int, warmu
 def _ray_stage1_rates(src, cfg, stage, workers: int, warmup: int) -> tuple[list[float], list[float]]:
     """Samples/s and data-wait fraction of every report after step ``warmup`` of a stage-1 run on
     Ray Train with ``workers`` workers sharing one CPU."""
-    import dataclasses
-    import tempfile
-
-    from lapo_ray.config import WandbConfig
-    from lapo_ray.data.triplets import triplet_dataset
-    from lapo_ray.train.metrics import MetricsSink, read_metrics
-    from lapo_ray.train.stages import Stage1Task
-    from lapo_ray.train.trainer import fit_stage
-
-    st = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
+    worker_stage = dataclasses.replace(stage, num_workers=workers, cpus_per_worker=1.0 / workers)
     with tempfile.TemporaryDirectory() as out:
         sink = MetricsSink(out, "stage1", WandbConfig(mode="disabled"), {})
-        fit_stage(Stage1Task(cfg.model), st, cfg.data, triplet_dataset(src, "train", cfg.data),
+        fit_stage(Stage1Task(cfg.model), worker_stage, cfg.data, triplet_dataset(src, "train", cfg.data),
                   triplet_dataset(src, "val", dataclasses.replace(cfg.data, global_shuffle="none")),
                   out, {}, sink)
         rows = [r for r in read_metrics(out, "stage1") if r["step"] > warmup]
@@ -67,10 +63,6 @@ def _ray_stage1_rates(src, cfg, stage, workers: int, warmup: int) -> tuple[list[
 
 def _in_memory_batches(src, cfg, batch_size: int, count: int = 16) -> list:
     """The first ``count`` training batches of the corpus as torch tensors, for the plain loop."""
-    import torch
-
-    from lapo_ray.data.triplets import SplitSpec, iter_plain_batches
-
     batches = []
     for b in iter_plain_batches(src, "train", batch_size, SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)):
         batches.append(torch.from_numpy(b["frames"]))
@@ -81,8 +73,6 @@ def _in_memory_batches(src, cfg, batch_size: int, count: int = 16) -> list:
 
 def summarise_rates(rates: list[float]) -> dict[str, float]:
     """Median window and its quartiles."""
-    import numpy as np
-
     q1, med, q3 = np.percentile(rates, [25, 50, 75])
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "windows": len(rates)}
 
@@ -98,14 +88,6 @@ def bench_stage1(corpus: str, preset: str = "cpu", steps: int = 200, batch_size:
     ``rounds`` times, interleaved (plain, 1 worker, 2 workers, plain, ...), each timed in windows
     of ``window`` steps; the first ``warmup`` steps of every run (start-up, first reads) are
     dropped, and each mode reports the median window and its quartiles."""
-    import dataclasses
-
-    import torch
-
-    from lapo_ray.config import PRETRAIN_PRESETS
-    from lapo_ray.data.sources import CorpusSource
-    from lapo_ray.train.step import use_bf16
-
     if steps <= warmup or window <= 0 or rounds < 1:
         raise UsageError(f"stage-1 benchmark: steps ({steps}) must exceed warmup ({warmup}); "
                          f"window ({window}) and rounds ({rounds}) must be positive")

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from lapo_ray.config import PRETRAIN_PRESETS, StepBenchConfig
 from lapo_ray.train.stages import Stage1Task
@@ -42,8 +43,6 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 def step_flops(task: Stage1Task, model: torch.nn.Module, frames: torch.Tensor) -> int:
     """FLOPs of one forward and backward pass (matmuls and convolutions, as
     ``torch.utils.flop_counter`` counts them; the optimiser's elementwise work is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         loss, _ = task.loss(model, {"frames": frames})

@@ -7,15 +7,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 import threading
 import time
 from typing import Any
+
+import ray
+import torch
 
 from lapo_ray import UsageError, storage
 from lapo_ray.benchmarks.corpora import has_corpus, write_noise_corpus
 from lapo_ray.benchmarks.process_memory import ProcessMemory, format_processes
 from lapo_ray.benchmarks.ray_internals import object_store_stats
-from lapo_ray.config import PipelineConfig, StreamBenchConfig
+from lapo_ray.config import PRETRAIN_PRESETS, PipelineConfig, StageConfig, StreamBenchConfig, WandbConfig
+from lapo_ray.data.sources import CorpusSource
+from lapo_ray.data.triplets import torch_batches, triplet_dataset
+from lapo_ray.train.metrics import MetricsSink, read_metrics
+from lapo_ray.train.stages import Stage1Task
+from lapo_ray.train.trainer import fit_stage
 
 FRAME_BYTES = 64 * 64 * 3
 
@@ -32,18 +41,12 @@ class StreamTask:
         self.frame_shape = tuple(frame_shape)
 
     def build(self):
-        import torch
-
         return torch.nn.Linear(1, 1)
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
-        from lapo_ray.data.triplets import torch_batches
-
         return torch_batches(ds, self.frame_shape, batch_size, pipe, drop_last, epoch, device=device)
 
     def loss(self, model, batch):
-        import torch
-
         # A strided view: the batch was cut and copied whole; the step need not convert it all.
         mean = batch["frames"][:, :, ::8, ::8].to(torch.float32).mean().reshape(1, 1) / 255.0
         loss = (model(mean) - 0.5).pow(2).mean()
@@ -89,8 +92,6 @@ class StoreGauges:
 def _consume_epoch(split, frame_shape, batch_size: int, pipe: PipelineConfig, every: int) -> list[tuple[float, int]]:
     """A Ray task reading one epoch of a Ray Data split as a Train worker would (triplets cut from
     segments, shuffled, as torch batches): (time, triplets so far) every ``every`` batches."""
-    from lapo_ray.data.triplets import torch_batches
-
     marks, n = [(time.time(), 0)], 0
     for i, b in enumerate(torch_batches(split, frame_shape, batch_size, pipe, drop_last=True)):
         b["frames"][:, :, ::8, ::8].float().mean()
@@ -104,8 +105,6 @@ def _consume_epoch(split, frame_shape, batch_size: int, pipe: PipelineConfig, ev
 def _stream_corpus(corpus: str, store: int, store_factor: float, frames: int | None):
     """The corpus at ``corpus``, written as noise at ``store_factor`` x the store if missing:
     its source, its bytes on disk and its frames' bytes decoded."""
-    from lapo_ray.data.sources import CorpusSource
-
     frames = frames or math.ceil(store_factor * store / FRAME_BYTES)
     if not has_corpus(corpus):
         print(f"writing a {frames:,}-frame noise corpus ({frames * FRAME_BYTES / 2**20:,.0f} MiB) into {corpus}",
@@ -125,8 +124,6 @@ def _stream_plan(num_triplets: int, batch_size: int, workers: int, block_mb: flo
                  local_shuffle_buffer: int, prefetch_blocks: int | None):
     """The cpu preset's pipeline, files shuffled, no validation split; and a stage of exactly one
     epoch."""
-    from lapo_ray.config import PRETRAIN_PRESETS, StageConfig
-
     pipe = PRETRAIN_PRESETS["cpu"]().data
     pipe = dataclasses.replace(pipe, val_fraction=0.0, global_shuffle="files",
                                local_shuffle_buffer=local_shuffle_buffer, block_mb=block_mb,
@@ -143,10 +140,6 @@ def _stream_plan(num_triplets: int, batch_size: int, workers: int, block_mb: flo
 def _epoch_through_task(src, pipe, batch_size: int, steps: int):
     """One Ray task reads the epoch from a ``streaming_split``: report rows made from its marks,
     wall seconds, start time and the processes' memory."""
-    import ray
-
-    from lapo_ray.data.triplets import triplet_dataset
-
     split = triplet_dataset(src, "train", pipe).streaming_split(1, equal=True)[0]
     with ProcessMemory() as mem:
         t0, started = time.perf_counter(), time.time()
@@ -162,13 +155,6 @@ def _epoch_through_task(src, pipe, batch_size: int, steps: int):
 def _epoch_through_train(task, src, pipe, stage):
     """The stage loop on Ray Train runs the epoch: its metrics rows, wall seconds, start time
     and the processes' memory."""
-    import tempfile
-
-    from lapo_ray.config import WandbConfig
-    from lapo_ray.data.triplets import triplet_dataset
-    from lapo_ray.train.metrics import MetricsSink, read_metrics
-    from lapo_ray.train.trainer import fit_stage
-
     with tempfile.TemporaryDirectory() as out, ProcessMemory() as mem:
         sink = MetricsSink(out, task.name, WandbConfig(mode="disabled"), {})
         t0, started = time.perf_counter(), time.time()
@@ -237,11 +223,6 @@ def bench_stream(corpus: str, store_factor: float = 3.0, batch_size: int = 256, 
     cpu-preset stage-1 model). ``consumer="task"``: instead of Ray Train, one Ray task reads the
     epoch from a ``streaming_split`` as a Train worker does (Ray Data's same split coordinator),
     without Ray Train's minute of start-up; ``model`` and ``workers`` are then unused."""
-    import ray
-
-    from lapo_ray.config import PRETRAIN_PRESETS
-    from lapo_ray.train.stages import Stage1Task
-
     store = int(ray.cluster_resources().get("object_store_memory", 0))
     src, disk, decoded = _stream_corpus(corpus, store, store_factor, frames)
     m = src.manifest

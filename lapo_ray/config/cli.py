@@ -10,8 +10,9 @@ a flag overrides its field only when it is given (its argparse default is ``SUPP
 each help line ending in ``(default: ...)`` (``--preset paper --help`` shows the paper's values).
 The flags come in one group per top-level section of the config (``stage1``, ``model``, ...)
 after a group of its top-level scalar fields; the description keeps its line breaks, so its
-example commands stay one per line. A misspelt flag, a value of the wrong type or a config that
-fails ``validate`` prints one usage line and the error naming it, exit status 2.
+example commands stay one per line. A misspelt flag, a value of the wrong type, a flag for a field
+the job sets itself (the config's ``check_given``) or a config that fails ``validate`` prints one
+usage line and the error naming it, exit status 2.
 
 ``build_parser`` builds without parsing (the jobs' ``parse_args`` and the docs check use it
 through ``parse_config``); ``parse_config`` returns ``(config, namespace)``. A job whose first
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import shlex
 import shutil
@@ -32,6 +34,13 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 from lapo_ray import UsageError
 from lapo_ray.config.models import MODEL_PRESETS, ModelConfig, model_preset
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of ``cls``: resolving evaluates every annotation's text, most of
+    the time a parser takes to build."""
+    return typing.get_type_hints(cls)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -98,7 +107,7 @@ def add_config_args(parser: Any, cls: type, prefix: str = "", shown: Any = None)
     """Add one flag per leaf field of dataclass ``cls`` to ``parser`` (a parser or an argument
     group). ``shown``, an instance of ``cls``, gives the defaults the help lines name; the flags'
     own defaults stay ``SUPPRESS``, so only the flags given override the preset."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -116,8 +125,13 @@ def _add_field(parser: Any, f: dataclasses.Field, tp: Any, name: str, shown: Any
     conv, extra = _converter(tp)
     if f.metadata.get("repeatable"):
         extra["action"] = "extend"
-    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=conv, default=argparse.SUPPRESS,
+    parser.add_argument(flag_name(name), dest=name, type=conv, default=argparse.SUPPRESS,
                         help=_help_line(f, shown), **extra)
+
+
+def flag_name(path: str) -> str:
+    """The flag of a dotted field path: ``stage1.time_budget_min`` -> ``--stage1.time-budget-min``."""
+    return f"--{path.replace('_', '-')}"
 
 
 def _summary(cls: type) -> str:
@@ -132,7 +146,7 @@ def _summary(cls: type) -> str:
 def add_grouped_config_args(parser: argparse.ArgumentParser, cls: type, shown: Any = None) -> None:
     """``add_config_args`` in argument groups: the top-level scalar fields of ``cls`` first, then
     one group per top-level dataclass field (``stage1``, ``model``, ...), titled by it."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     scalars = [f for f in fields if not _is_dataclass_type(hints[f.name])]
     if scalars:
@@ -254,14 +268,19 @@ def parse_command(commands: dict[str, type], argv: list[str] | None = None,
 
 
 def _configured(parser: argparse.ArgumentParser, cls: type, base: Any, ns: argparse.Namespace) -> Any:
-    """``base`` with the flags in ``ns`` applied, validated; a failed validate is a usage error."""
+    """``base`` with the flags in ``ns`` applied, checked and validated. A config whose job sets
+    some of its fields itself refuses flags for them in its ``check_given(paths of the flags
+    given)``; that and a failed validate are usage errors."""
     field_paths = set(_leaf_paths(cls))
-    config = apply_overrides(base, {k: v for k, v in vars(ns).items() if k in field_paths})
-    if hasattr(config, "validate"):
-        try:
+    given = {k: v for k, v in vars(ns).items() if k in field_paths}
+    config = apply_overrides(base, given)
+    try:
+        if hasattr(config, "check_given"):
+            config.check_given(set(given))
+        if hasattr(config, "validate"):
             config.validate()
-        except UsageError as e:
-            parser.error(str(e))
+    except UsageError as e:
+        parser.error(str(e))
     return config
 
 
@@ -269,6 +288,13 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of ``config`` with dotted-path ``overrides`` applied."""
     for path, value in overrides.items():
         config = _replace_path(config, path.split("."), value)
+    return config
+
+
+def get_path(config: Any, path: str) -> Any:
+    """The value of the dotted field ``path`` of ``config``."""
+    for part in path.split("."):
+        config = getattr(config, part)
     return config
 
 
@@ -285,7 +311,7 @@ def _replace_path(obj: Any, parts: list[str], value: Any) -> Any:
 
 def _paths_of_type(cls: type, target: type, prefix: str = "") -> list[str]:
     """Dotted paths of the fields of ``cls`` (nested) whose type is ``target``."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -297,7 +323,7 @@ def _paths_of_type(cls: type, target: type, prefix: str = "") -> list[str]:
 
 
 def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]

@@ -3,28 +3,93 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from lapo_ray import UsageError
 from lapo_ray.config import PretrainConfig, config_to_dict, cpu_pretrain, paper_pretrain
+from lapo_ray.config.cli import flag_name, get_path
 from lapo_ray.config.data import CollectConfig, check_game
-from lapo_ray.config.rl import (
-    DecoderConfig,
-    EvalConfig,
-    FinetuneConfig,
-    cpu_finetune,
-    paper_finetune,
-)
+from lapo_ray.config.rl import DecoderConfig, EvalConfig, FinetuneConfig, cpu_finetune, paper_finetune
 
 VARIANTS = ("rl+sl", "rl", "scratch")
+
+# The fields of the stages that the experiment sets itself, each with the flag of the experiment
+# (or the reason) that decides it. A flag that would change one is refused, not dropped.
+SET_BY_EXPERIMENT = {
+    **dict.fromkeys(("demonstrator.out", "collect.out", "pretrain.out", "pretrain.corpus", "finetune.pretrain",
+                     "finetune.out"), "--out"),
+    **dict.fromkeys(("demonstrator.env.game", "collect.game", "finetune.env.game"), "--game"),
+    **dict.fromkeys(("demonstrator.seed", "collect.seed", "finetune.seed", "eval.seed"), "--seed"),
+    **dict.fromkeys(("demonstrator.wandb.group", "pretrain.wandb.group", "finetune.wandb.group"),
+                    "--out's folder name, when empty"),
+    "collect.policy": "the demonstrator it trains into --out",
+    "demonstrator.scratch": "the demonstrator is PPO from scratch",
+    "finetune.scratch": "--variants", "finetune.ppo.decoder_sl": "--variants", "decoder.k": "--decode-k",
+}
+# Of those, the ones set anew for each online run or offline decoding: there is no one value a
+# flag could agree with.
+SET_PER_RUN = frozenset({"finetune.out", "finetune.scratch", "finetune.ppo.decoder_sl", "decoder.k"})
+
+
+def _set_by(path: str) -> str:
+    """What decides field ``path`` of an experiment; the pretraining's collect section is the
+    experiment's own (its corpus is the one collected)."""
+    if path.startswith("pretrain.collect."):
+        path = path.removeprefix("pretrain.")
+        return SET_BY_EXPERIMENT.get(path, flag_name(path))
+    return SET_BY_EXPERIMENT.get(path, "its other flags")
+
+
+
+def _cpu_demonstrator() -> FinetuneConfig:
+    demonstrator = cpu_finetune()
+    demonstrator.ppo.env_steps = 150_000
+    demonstrator.checkpoint_every = 10
+    return demonstrator
+
+
+def _cpu_collect() -> CollectConfig:
+    """The demonstrator alone shows no action: it plays one action most of the time and an IDM
+    trained on the true actions on its corpus never beat that rate
+    (docs/results/identifiability.md). Held random excursions (half of the steps, 4 steps long on
+    average) make the corpus half play data, like the sticky-random corpus where stage 1 learns
+    the action at this budget."""
+    return CollectConfig(frames=85_000, epsilon=0.25, noise_hold=0.75)
+
+
+def _cpu_pretrain() -> PretrainConfig:
+    pretrain = cpu_pretrain()
+    pretrain.stage1.steps, pretrain.stage1.time_budget_min = 100_000, 8.0
+    pretrain.stage1.report_every, pretrain.stage1.checkpoint_every = 250, 500
+    # Shift augmentation, so that a rerun reproduces the committed report, which was made with
+    # it; it is not a measured win (docs/results/recipes.md).
+    pretrain.stage1.augment, pretrain.stage1.shift_pad = "shift", 4
+    pretrain.stage2.steps = 1000
+    pretrain.stage2.report_every, pretrain.stage2.checkpoint_every = 250, 500
+    # The probe needs 20k labelled triplets it can hold out from stage 1 and from the ceiling's
+    # supervised IDM: the validation split is a quarter of an 85k-frame corpus. Stage 1 runs on
+    # a time budget, so the larger corpus costs collection time only.
+    pretrain.data.val_fraction = 0.25
+    return pretrain
+
+
+def _cpu_finetune() -> FinetuneConfig:
+    finetune = cpu_finetune()
+    finetune.ppo.env_steps = 50_000
+    return finetune
 
 
 @dataclass
 class ExperimentConfig:
     """Demonstrator -> observation-only corpus -> stages 1-2 -> online and offline decoding -> report.
 
-    ``game`` and ``seed`` are set once here and copied into every stage.
+    ``game``, ``seed`` and ``out`` are set once here and written into every stage. The defaults
+    are the `cpu` preset: at most 120 minutes on 2 cores, on CoinRun, where the action moves the
+    agent and the camera, and PPO from scratch gets a demonstrator clearly above random within the
+    budget (docs/results/demonstrator.md). The budgets follow from PPO's rate with the cpu-preset
+    agent, where the Learner's epochs dominate (docs/results/choices.md).
     """
 
     out: str = field(default="artifacts/experiment", metadata={"help": "output folder (path or URI)"})
@@ -33,15 +98,15 @@ class ExperimentConfig:
     seed: int = field(default=0, metadata={"help": "first seed; online seed i of a variant uses seed + i"})
     seeds: int = field(default=3, metadata={"help": "PPO seeds of the rl+sl and scratch variants (rl, an "
                                             "ablation, runs the first seed only)"})
-    demonstrator: FinetuneConfig = field(default_factory=FinetuneConfig)
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    demonstrator: FinetuneConfig = field(default_factory=_cpu_demonstrator)
+    collect: CollectConfig = field(default_factory=_cpu_collect)
+    pretrain: PretrainConfig = field(default_factory=_cpu_pretrain)
+    finetune: FinetuneConfig = field(default_factory=_cpu_finetune)
     variants: str = field(default="rl+sl,rl,scratch", metadata={"help": "online variants: rl+sl, rl, scratch"})
-    decode_k: tuple[int, ...] = field(default=(16, 64, 256, 1024, 4096),
+    decode_k: tuple[int, ...] = field(default=(16, 256, 4096),
                                       metadata={"help": "labelled-frame budgets for offline decoding"})
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=100, num_envs=20))
     report_only: bool = field(
         default=False, metadata={"help": "write report.md from the steps already finished and run nothing; the "
                                  "report names the steps still to run"})
@@ -66,11 +131,25 @@ class ExperimentConfig:
             raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
         if not self.decode_k or min(self.decode_k) <= 0:
             raise UsageError("--decode-k needs positive frame counts")
-        self.resolved().finetune.validate()
-        self.resolved().demonstrator.validate()
+        resolved = self.resolved()
+        for part in (resolved.demonstrator, resolved.collect, resolved.pretrain, resolved.finetune):
+            part.validate()
+
+    def check_given(self, given: Iterable[str]) -> None:
+        """Refuse a flag (a field path in ``given``) whose field the experiment sets to another
+        value, naming what sets it. The flags given are compared, not the fields against a
+        preset's: a field the experiment overwrites may well differ from the preset's value, and
+        a flag given with the value the preset has is still a flag the user expects to act."""
+        resolved = self.resolved()
+        for path in sorted(given):
+            if path in SET_PER_RUN or get_path(resolved, path) != get_path(self, path):
+                source = _set_by(path)
+                hint = f"; give {source} instead" if re.fullmatch(r"--[\w.-]+", source) else ""
+                raise UsageError(f"{flag_name(path)} is set by the experiment ({source}){hint}")
 
     def resolved(self) -> "ExperimentConfig":
-        """A copy with ``game``, ``seed`` and the output folders written into every stage."""
+        """A copy with ``game``, ``seed``, the output folders and the collection written into every
+        stage (the per-run fields of SET_PER_RUN aside, which the pipeline sets per run)."""
         c = dataclasses.replace(self)
         join = lambda *p: "/".join([self.out.rstrip("/"), *p])  # noqa: E731  (URIs and paths alike)
         c.demonstrator = dataclasses.replace(
@@ -78,9 +157,10 @@ class ExperimentConfig:
             env=dataclasses.replace(self.demonstrator.env, game=self.game))
         c.collect = dataclasses.replace(self.collect, out=join("corpus"), game=self.game, seed=self.seed,
                                         policy=f"agent:{join('demonstrator')}")
-        c.pretrain = dataclasses.replace(self.pretrain, out=join("pretrain"), corpus=join("corpus"))
+        c.pretrain = dataclasses.replace(self.pretrain, out=join("pretrain"), corpus=join("corpus"), collect=c.collect)
         c.finetune = dataclasses.replace(self.finetune, pretrain=join("pretrain"), seed=self.seed,
                                          env=dataclasses.replace(self.finetune.env, game=self.game))
+        c.eval = dataclasses.replace(self.eval, seed=self.seed + EvalConfig().seed)
         # One wandb group for the whole experiment: its folder's name, unless one is given.
         group = self.out.rstrip("/").rsplit("/", 1)[-1]
         for part in ("demonstrator", "pretrain", "finetune"):
@@ -94,36 +174,8 @@ class ExperimentConfig:
 
 
 def cpu_experiment() -> ExperimentConfig:
-    """At most 120 minutes on 2 cores, on CoinRun: the action moves the agent and the camera, and
-    PPO from scratch gets a demonstrator clearly above random within the budget
-    (docs/results/demonstrator.md). The budgets follow from PPO's rate with the cpu-preset agent,
-    where the Learner's epochs dominate (docs/results/choices.md)."""
-    demonstrator = cpu_finetune()
-    demonstrator.ppo.env_steps = 150_000
-    demonstrator.checkpoint_every = 10
-    finetune = cpu_finetune()
-    finetune.ppo.env_steps = 50_000
-    pretrain = cpu_pretrain()
-    pretrain.stage1.steps, pretrain.stage1.time_budget_min = 100_000, 8.0
-    pretrain.stage1.report_every, pretrain.stage1.checkpoint_every = 250, 500
-    # Shift augmentation, so that a rerun reproduces the committed report, which was made with
-    # it; it is not a measured win (docs/results/recipes.md).
-    pretrain.stage1.augment, pretrain.stage1.shift_pad = "shift", 4
-    pretrain.stage2.steps = 1000
-    pretrain.stage2.report_every, pretrain.stage2.checkpoint_every = 250, 500
-    # The probe needs 20k labelled triplets it can hold out from stage 1 and from the ceiling's
-    # supervised IDM: the validation split is a quarter of an 85k-frame corpus. Stage 1 runs on
-    # a time budget, so the larger corpus costs collection time only.
-    pretrain.data = dataclasses.replace(pretrain.data, val_fraction=0.25)
-    # The demonstrator alone shows no action: it plays one action most of the time and an IDM
-    # trained on the true actions on its corpus never beat that rate
-    # (docs/results/identifiability.md).
-    # Held random excursions (half of the steps, 4 steps long on average) make the corpus half
-    # play data, like the sticky-random corpus where stage 1 learns the action at this budget.
-    collect = CollectConfig(frames=85_000, num_workers=2, envs_per_worker=16, worker_num_cpus=1.0,
-                            epsilon=0.25, noise_hold=0.75)
-    return ExperimentConfig(demonstrator=demonstrator, collect=collect, pretrain=pretrain, finetune=finetune,
-                            decode_k=(16, 256, 4096), eval=EvalConfig(episodes=100, num_envs=20))
+    """The class defaults: at most 120 minutes on 2 cores, on CoinRun."""
+    return ExperimentConfig()
 
 
 def paper_experiment() -> ExperimentConfig:
@@ -134,10 +186,10 @@ def paper_experiment() -> ExperimentConfig:
     return ExperimentConfig(
         demonstrator=demonstrator,
         collect=CollectConfig(frames=8_000_000, num_workers=32, envs_per_worker=64),
-        pretrain=paper_pretrain(), finetune=paper_finetune(),
+        pretrain=paper_pretrain(), finetune=paper_finetune(), decode_k=(16, 64, 256, 1024, 4096), eval=EvalConfig(),
     )
 
 
 EXPERIMENT_PRESETS = {"cpu": cpu_experiment, "paper": paper_experiment}
 
-__all__ = ["ExperimentConfig", "EXPERIMENT_PRESETS", "VARIANTS"]
+__all__ = ["ExperimentConfig", "EXPERIMENT_PRESETS", "SET_BY_EXPERIMENT", "VARIANTS"]

@@ -8,14 +8,14 @@ from typing import Any
 from lapo_ray import UsageError
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.config.models import config_to_dict
-from lapo_ray.config.train import LabelConfig
+from lapo_ray.config.train import LabelConfig, cpu_labelling
 
 
 @dataclass
 class LabelJobConfig:
     """Latent actions of every triplet centre of a corpus (video folder, LAPO npz folder or lapo_ray
     corpus; path or URI), from a trained stage-1 IDM. The model comes from the checkpoint's own
-    config, never from flags."""
+    config, never from flags. The defaults are the `cpu` preset."""
 
     out: str = field(default="artifacts/labels", metadata={
         "help": "destination folder (path or URI); the shards go to <out>/latents/, as in a pretrain run"})
@@ -24,7 +24,7 @@ class LabelJobConfig:
     checkpoint: str = field(default="", metadata={
         "help": "a pretrain run folder (its latest stage-1 checkpoint is used) or a stage-1 checkpoint folder/URI"})
     data: PipelineConfig = field(default_factory=PipelineConfig)
-    label: LabelConfig = field(default_factory=LabelConfig)
+    label: LabelConfig = field(default_factory=cpu_labelling)
 
     def validate(self) -> None:
         if not self.checkpoint.strip():
@@ -41,8 +41,9 @@ class LabelJobConfig:
 
 
 def cpu_label() -> LabelJobConfig:
-    """Two half-CPU actors: one CPU stays free for Ray Data's reads on a 2-CPU machine."""
-    return LabelJobConfig(label=LabelConfig(num_actors=2, cpus_per_actor=0.5))
+    """The class defaults: two half-CPU actors, so one CPU stays free for Ray Data's reads on a
+    2-CPU machine."""
+    return LabelJobConfig()
 
 
 def paper_label() -> LabelJobConfig:

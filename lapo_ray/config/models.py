@@ -1,9 +1,10 @@
 """Model configuration: typed dataclasses for the IDM, world model, VQ bottleneck and latent policy.
 
-The `paper` preset reproduces the official LAPO defaults (schmidtdominik/LAPO, `lapo/config.yaml`
-and the constructor defaults in `lapo/models.py` / `lapo/utils.py`). The `cpu` preset is a
-scaled-down variant sized so that a stage-1 step at batch 64 runs in a fraction of a second on a
-2-core CPU. This module imports nothing from the rest of the project.
+The parts (IDM, world model, VQ, policy) default to the official LAPO values
+(schmidtdominik/LAPO, `lapo/config.yaml` and the constructor defaults in `lapo/models.py` /
+`lapo/utils.py`), which make the `paper` preset. ``ModelConfig`` itself defaults to the `cpu`
+preset: the same parts scaled down so that a stage-1 step at batch 64 runs in a fraction of a
+second on a 2-core CPU. This module imports nothing from the rest of the project.
 """
 
 from __future__ import annotations
@@ -100,12 +101,37 @@ class PolicyConfig:
         default=256, metadata={"help": "width of the IMPALA CNN's final linear layer (the policy's features)"})
 
 
+def _cpu_impala() -> dict[str, Any]:
+    """The IMPALA CNN of the cpu preset's IDM and policy. Compute, not parameters, sets the
+    budget: most of the time goes to the few thin layers at full 64x64 resolution, so the channel
+    widths there are small while the linear layer (cheap per sample) keeps its 256 features."""
+    return {"impala_scale": 1, "impala_channels": (8, 16, 32), "impala_features": 256}
+
+
+def cpu_policy_config() -> PolicyConfig:
+    return PolicyConfig(**_cpu_impala())
+
+
 @dataclass
 class ModelConfig:
-    idm: IDMConfig = field(default_factory=IDMConfig)
-    wm: WorldModelConfig = field(default_factory=WorldModelConfig)
-    vq: VQConfig = field(default_factory=VQConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The networks; the defaults are the `cpu` preset's small models for 2-core CPU runs at 64x64
+    (IDM 0.59 M and world model 0.86 M parameters), ``paper_model_config`` the official ones.
+
+    The world model is at least as large as the IDM, as in the paper (7.8 M vs 3.7 M): a smaller
+    one (base 4: a third of the IDM, 4 channels at full resolution) was faster but broke that
+    ratio. Step times of both: docs/results/choices.md."""
+
+    idm: IDMConfig = field(default_factory=lambda: IDMConfig(**_cpu_impala()))
+    # GroupNorm: a CPU run with several workers then trains exactly the one-worker model.
+    wm: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(base_channels=8, norm="group"))
+    # 2 x 2 latents of 16 codes still carry 16 bits per transition, far above the log2(15) ~ 3.9
+    # bits of a Procgen action. A faster EMA decay shortens the start-up transient of the
+    # codebook, which matters for runs of a few thousand steps. Dead codes are re-seeded: in runs
+    # of a few thousand steps most codes otherwise die before the IDM learns to use them, and the
+    # probe fell with them (docs/results/choices.md).
+    vq: VQConfig = field(default_factory=lambda: VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8,
+                                                          num_embs=16, decay=0.99, dead_code_threshold=0.1))
+    policy: PolicyConfig = field(default_factory=cpu_policy_config)
     frame_size: int = field(
         default=64, metadata={"help": "side in pixels of the square frames the models read (videos are resized to "
                               "it); a power of two >= 4 for the world model's U-Net"})
@@ -134,34 +160,12 @@ class ModelConfig:
 
 def paper_model_config() -> ModelConfig:
     """Official LAPO defaults: IDM 3.69 M params, world model 7.81 M params, latent dim 128."""
-    return ModelConfig()
+    return ModelConfig(idm=IDMConfig(), wm=WorldModelConfig(), vq=VQConfig(), policy=PolicyConfig())
 
 
 def cpu_model_config() -> ModelConfig:
-    """Small models for 2-core CPU runs at 64x64: IDM 0.59 M and world model 0.86 M parameters.
-
-    The world model is at least as large as the IDM, as in the paper (7.8 M vs 3.7 M): a smaller
-    one (base 4: a third of the IDM, 4 channels at full resolution) was faster but broke that
-    ratio. Step times of both: docs/results/choices.md.
-
-    Compute, not parameters, sets the budget: most of the time goes to the few thin layers at
-    full 64x64 resolution, so the channel widths there are small while the IDM's linear layer
-    (cheap per sample) keeps its 256 features.
-    """
-    return ModelConfig(
-        idm=IDMConfig(impala_scale=1, impala_channels=(8, 16, 32), impala_features=256),
-        # GroupNorm: a CPU run with several workers then trains exactly the one-worker model.
-        wm=WorldModelConfig(base_channels=8, norm="group"),
-        # 2 x 2 latents of 16 codes still carry 16 bits per transition, far above the
-        # log2(15) ~ 3.9 bits of a Procgen action. A faster EMA decay shortens the start-up
-        # transient of the codebook, which matters for runs of a few thousand steps.
-        # Dead codes are re-seeded: in runs of a few thousand steps most codes otherwise die
-        # before the IDM learns to use them, and the probe fell with them
-        # (docs/results/choices.md).
-        vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16, decay=0.99,
-                    dead_code_threshold=0.1),
-        policy=PolicyConfig(impala_scale=1, impala_channels=(8, 16, 32), impala_features=256),
-    )
+    """The class defaults: small models for 2-core CPU runs."""
+    return ModelConfig()
 
 
 MODEL_PRESETS = {"paper": paper_model_config, "cpu": cpu_model_config}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lapo_ray import UsageError
 from lapo_ray.config.data import check_game
-from lapo_ray.config.models import PolicyConfig, cpu_model_config
+from lapo_ray.config.models import PolicyConfig, cpu_policy_config
 from lapo_ray.config.train import WandbConfig
 
 
@@ -74,7 +74,8 @@ class PPOConfig:
     """PPO on RLlib's new API stack, with the per-part schedules of the LAPO agent.
 
     One training iteration collects ``num_env_runners x envs_per_runner x rollout_length`` steps
-    (64 x 64 in the paper) and makes ``num_epochs`` passes over it in ``num_minibatches``.
+    (64 x 64 in the paper) and makes ``num_epochs`` passes over it in ``num_minibatches``. The
+    defaults are the official LAPO stage 3's.
     """
 
     env_steps: int = field(
@@ -106,12 +107,14 @@ class PPOConfig:
     )
     reward_clip: float = field(
         default=10.0, metadata={"help": "with --ppo.normalize-rewards: clip the scaled rewards to +-this"})
-    # Parts of the agent (see lapo_ray.rl.module.LapoAgentModule).
-    convs: PartSchedule = field(default_factory=PartSchedule)
-    trunk: PartSchedule = field(default_factory=PartSchedule)
-    rl_head: PartSchedule = field(default_factory=PartSchedule)
-    value_head: PartSchedule = field(default_factory=PartSchedule)
-    decoder: PartSchedule = field(default_factory=PartSchedule)
+    # Parts of the agent (see lapo_ray.rl.module.LapoAgentModule), on the official LAPO stage 3's
+    # schedules: the convolutions stay frozen, the value head starts at 25k steps, the RL head at
+    # 35k, the trunk at 50k.
+    convs: PartSchedule = field(default_factory=lambda: PartSchedule(scale=0.0))
+    trunk: PartSchedule = field(default_factory=lambda: PartSchedule(scale=0.1, start=50_000, ramp=150_000))
+    rl_head: PartSchedule = field(default_factory=lambda: PartSchedule(scale=0.25, start=35_000, ramp=15_000))
+    value_head: PartSchedule = field(default_factory=lambda: PartSchedule(scale=0.25, start=25_000, ramp=25_000))
+    decoder: PartSchedule = field(default_factory=lambda: PartSchedule(scale=0.1))
     decoder_sl: bool = field(
         default=True,
         metadata={"help": "train the decoder on the IDM's latents of the rollouts (the paper's RL + SL); "
@@ -166,6 +169,26 @@ class EvalConfig:
     seed: int = field(default=12345, metadata={"help": "seed of the evaluation envs and of the action sampling"})
 
 
+def cpu_eval() -> EvalConfig:
+    """Half the episodes, in half the envs: minutes on 2 cores."""
+    return EvalConfig(episodes=32, num_envs=16)
+
+
+def cpu_ppo() -> PPOConfig:
+    """The paper's part schedules compressed to a budget of 100k steps, 4 minibatches of the
+    smaller train batch."""
+    return PPOConfig(env_steps=100_000, num_minibatches=4,
+                     trunk=PartSchedule(scale=0.1, start=10_000, ramp=10_000),
+                     rl_head=PartSchedule(scale=0.25, start=4_000, ramp=4_000),
+                     value_head=PartSchedule(scale=0.25, start=0, ramp=4_000))
+
+
+def decoder_hidden_field() -> Any:
+    """The MLP decoder's widths, one field for the online agent and the offline decoder alike."""
+    return field(default=(192, 128, 64),
+                 metadata={"help": "hidden layer widths of the MLP decoder (latent action -> action)"})
+
+
 @dataclass
 class DecoderConfig:
     """Offline training of the decoder (latent action -> real action) on k labelled frames."""
@@ -180,22 +203,22 @@ class DecoderConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Online decoding: PPO from the latent policy (or from scratch) on many rollout workers."""
+    """Online decoding: PPO from the latent policy (or from scratch) on many rollout workers. The
+    defaults are the `cpu` preset, minutes on 2 cores: the cpu-preset policy, 2 runners x 16 envs
+    x 64 steps per iteration and the paper's part schedules compressed to 100k steps."""
 
     out: str = field(default="artifacts/finetune", metadata={"help": "artifact folder (path or URI)"})
     pretrain: str = field(default="artifacts/pretrain", metadata={"help": "pretrain artifact folder"})
     scratch: bool = field(default=False, metadata={"help": "PPO from scratch (the baseline); ignores --pretrain"})
     num_env_runners: int = field(default=2, metadata={"help": "rollout actors (0: sample in the driver)"})
-    envs_per_runner: int = field(default=32, metadata={"help": "Procgen envs stepped together by each runner"})
+    envs_per_runner: int = field(default=16, metadata={"help": "Procgen envs stepped together by each runner"})
     cpus_per_env_runner: float = field(
-        default=1.0, metadata={"help": "CPUs Ray reserves per env runner; its torch threads: their whole number, >= 1"})
+        default=0.5, metadata={"help": "CPUs Ray reserves per env runner; its torch threads: their whole number, >= 1"})
     env: EnvConfig = field(default_factory=EnvConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    decoder_hidden: tuple[int, ...] = field(
-        default=(192, 128, 64), metadata={"help": "hidden layer widths of the MLP decoder (latent action -> action)"})
-    scratch_policy: PolicyConfig = field(default_factory=PolicyConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
+    ppo: PPOConfig = field(default_factory=cpu_ppo)
+    decoder_hidden: tuple[int, ...] = decoder_hidden_field()
+    scratch_policy: PolicyConfig = field(default_factory=cpu_policy_config)
+    checkpoint_every: int = field(default=5, metadata={"help": "iterations between checkpoints"})
     seed: int = field(default=0, metadata={"help": "RLlib's seed (env runners, their envs, the Learner)"})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -221,11 +244,10 @@ class DecodeConfig:
     out: str = field(default="artifacts/decode", metadata={"help": "artifact folder (path or URI)"})
     pretrain: str = field(default="artifacts/pretrain", metadata={"help": "pretrain artifact folder"})
     corpus: str = field(default="", metadata={"help": "labelled corpus; empty: the one the pretrain job used"})
-    decoder_hidden: tuple[int, ...] = field(
-        default=(192, 128, 64), metadata={"help": "hidden layer widths of the MLP decoder (latent action -> action)"})
+    decoder_hidden: tuple[int, ...] = decoder_hidden_field()
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=cpu_eval)
     seed: int = field(
         default=0, metadata={"help": "seed of the decoder's initial weights, of the labelled frames drawn and of "
                              "the batch order"})
@@ -242,45 +264,31 @@ class EvaluateConfig:
 
     agent: str = field(default="artifacts/finetune", metadata={"help": "a finetune or decode artifact folder"})
     out: str = field(default="", metadata={"help": "where evaluation.json goes; empty: inside --agent"})
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=cpu_eval)
 
 
 def paper_finetune() -> FinetuneConfig:
     """The official LAPO stage 3: 64 envs x 64 steps, 8 minibatches, 3 epochs, gamma 0.999,
-    lambda 0.95, clip 0.2, entropy 0.0025, 4M steps, lr 1e-2 scaled per part: the convolutions stay
-    frozen, the value head starts at 25k steps, the RL head at 35k, the trunk at 50k."""
-    return FinetuneConfig(
-        num_env_runners=2, envs_per_runner=32,
-        ppo=PPOConfig(
-            convs=PartSchedule(scale=0.0),
-            trunk=PartSchedule(scale=0.1, start=50_000, ramp=150_000),
-            rl_head=PartSchedule(scale=0.25, start=35_000, ramp=15_000),
-            value_head=PartSchedule(scale=0.25, start=25_000, ramp=25_000),
-            decoder=PartSchedule(scale=0.1),
-        ),
-        scratch_policy=PolicyConfig(),
-    )
+    lambda 0.95, clip 0.2, entropy 0.0025, 4M steps, lr 1e-2 scaled per part (``PPOConfig``'s own
+    defaults), the paper-size policy from scratch."""
+    return FinetuneConfig(envs_per_runner=32, cpus_per_env_runner=1.0, ppo=PPOConfig(), scratch_policy=PolicyConfig(),
+                          checkpoint_every=10)
 
 
 def cpu_finetune() -> FinetuneConfig:
-    """Minutes on 2 cores: the cpu-preset policy, 2 runners x 16 envs x 64 steps per iteration and
-    the paper's part schedules compressed to a budget of 100k steps."""
-    return FinetuneConfig(
-        num_env_runners=2, envs_per_runner=16, cpus_per_env_runner=0.5,
-        ppo=PPOConfig(
-            env_steps=100_000, num_minibatches=4,
-            convs=PartSchedule(scale=0.0),
-            trunk=PartSchedule(scale=0.1, start=10_000, ramp=10_000),
-            rl_head=PartSchedule(scale=0.25, start=4_000, ramp=4_000),
-            value_head=PartSchedule(scale=0.25, start=0, ramp=4_000),
-            decoder=PartSchedule(scale=0.1),
-        ),
-        scratch_policy=cpu_model_config().policy,
-        eval=EvalConfig(episodes=32, num_envs=16),
-        checkpoint_every=5,
-    )
+    """The class defaults: minutes on 2 cores."""
+    return FinetuneConfig()
 
 
+def paper_decode() -> DecodeConfig:
+    return DecodeConfig(eval=EvalConfig())
+
+
+def paper_evaluate() -> EvaluateConfig:
+    return EvaluateConfig(eval=EvalConfig())
+
+
+# The class defaults are the cpu presets.
 FINETUNE_PRESETS = {"paper": paper_finetune, "cpu": cpu_finetune}
-DECODE_PRESETS = {"paper": DecodeConfig, "cpu": lambda: DecodeConfig(eval=EvalConfig(episodes=32, num_envs=16))}
-EVALUATE_PRESETS = {"paper": EvaluateConfig, "cpu": lambda: EvaluateConfig(eval=EvalConfig(episodes=32, num_envs=16))}
+DECODE_PRESETS = {"paper": paper_decode, "cpu": DecodeConfig}
+EVALUATE_PRESETS = {"paper": paper_evaluate, "cpu": EvaluateConfig}

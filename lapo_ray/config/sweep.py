@@ -8,16 +8,34 @@ import itertools
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from lapo_ray import UsageError
 from lapo_ray.config import PretrainConfig, cpu_pretrain, paper_pretrain
+from lapo_ray.config.cli import flag_name
+
+
+# The pretraining fields each trial sets itself (``pipelines.sweep.trial_config``), with the
+# sweep's flag that decides them: neither a --pretrain flag nor a --grid axis may set them.
+SET_BY_SWEEP = {"out": "--out", "stage1.seed": "--seeds", "data.shuffle_seed": "--seeds"}
+
+
+def _cpu_sweep_pretrain() -> PretrainConfig:
+    """The recipe table's budget: the cpu preset's stage 1 for 150 steps at batch 64, the probe
+    at the end only, no stage 2."""
+    pre = cpu_pretrain()
+    pre.stages = "stage1"
+    pre.stage1 = dataclasses.replace(pre.stage1, steps=150, report_every=50, checkpoint_every=150)
+    pre.data = dataclasses.replace(pre.data, val_fraction=0.2)
+    pre.probe = dataclasses.replace(pre.probe, during_training=0)
+    pre.wandb = dataclasses.replace(pre.wandb, mode="disabled")
+    return pre
 
 
 @dataclass
 class SweepConfig:
     """Every trial is one pretraining run of ``pretrain`` with one value of each ``grid`` field
-    and one seed, in a folder of its own under ``out``."""
+    and one seed, in a folder of its own under ``out``. The defaults are the `cpu` preset."""
 
     out: str = field(default="artifacts/sweep", metadata={"help": "sweep folder (path or URI): trials, table, plot"})
     grid: tuple[str, ...] = field(
@@ -38,7 +56,7 @@ class SweepConfig:
     trial_cpus: float = field(
         default=0.0, metadata={"help": "CPUs Tune reserves for each trial's driver, besides the CPUs its Train "
                                        "workers and Ray Data reads ask for (the driver mostly waits on them)"})
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig = field(default_factory=_cpu_sweep_pretrain)
 
     def validate(self) -> None:
         if self.seeds < 1:
@@ -46,10 +64,20 @@ class SweepConfig:
         if self.search == "random" and self.samples < 1:
             raise UsageError(f"--samples must be at least 1, got {self.samples}")
         axes = self.axes()  # parses --grid
+        for path in axes:
+            if path in SET_BY_SWEEP:
+                raise UsageError(f"--grid {path}: each trial's {path} is set by the sweep ({SET_BY_SWEEP[path]})")
         if not self.pretrain.corpus and "corpus" not in axes:
             raise UsageError("a sweep needs --pretrain.corpus (or --grid corpus=...): collect it first with "
                              "jobs/collect.py, so every trial reads the same frames")
         self.pretrain.validate()
+
+    def check_given(self, given: Iterable[str]) -> None:
+        """Refuse a --pretrain flag for a field each trial sets itself."""
+        for path in sorted(given):
+            inner = path.removeprefix("pretrain.")
+            if path.startswith("pretrain.") and inner in SET_BY_SWEEP:
+                raise UsageError(f"{flag_name(path)} is set by the sweep for each trial ({SET_BY_SWEEP[inner]})")
 
     def axes(self) -> dict[str, list[str]]:
         """field path -> its values as written, in the order given."""
@@ -94,15 +122,8 @@ def corpus_name(corpus: str) -> str:
 
 
 def cpu_sweep() -> SweepConfig:
-    """The recipe table's budget: the cpu preset's stage 1 for 150 steps at batch 64, the probe
-    at the end only, no stage 2."""
-    pre = cpu_pretrain()
-    pre.stages = "stage1"
-    pre.stage1 = dataclasses.replace(pre.stage1, steps=150, report_every=50, checkpoint_every=150)
-    pre.data = dataclasses.replace(pre.data, val_fraction=0.2)
-    pre.probe = dataclasses.replace(pre.probe, during_training=0)
-    pre.wandb = dataclasses.replace(pre.wandb, mode="disabled")
-    return SweepConfig(pretrain=pre)
+    """The class defaults: the recipe table's budget."""
+    return SweepConfig()
 
 
 def paper_sweep() -> SweepConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from lapo_ray import UsageError
@@ -67,43 +67,54 @@ class StageConfig:
     seed: int = field(
         default=0, metadata={"help": "torch seed of the initial weights (the same on every rank); stage 1: also of "
                              "the labelled subset for --stage1.action-labels and the probe's untrained IDM"})
-    # Stage-1 recipe options from the follow-up literature (docs/recipes.md). All off by default
-    # and in the paper preset; stage 2 ignores them. Measured on three games in
-    # docs/results/recipes.md.
+    def validate(self, name: str) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
+            raise UsageError(f"{name}: steps, batch_size and num_workers must be positive")
+        if self.batch_size % self.num_workers:
+            raise UsageError(
+                f"{name}: batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"
+            )
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    """Stage 1, with the recipe options from the follow-up literature (docs/recipes.md), all off
+    by default and in the paper preset (measured on three games: docs/results/recipes.md). They
+    live here, not in ``StageConfig``, because stage 2 has nothing they could change."""
+
     action_labels: int = field(
         default=0,
-        metadata={"help": "stage 1: train a linear latent-to-action head on about this many labelled training "
+        metadata={"help": "train a linear latent-to-action head on about this many labelled training "
                   "triplets (a fixed subset chosen by a hash of (episode, step)); 0: no labels. "
                   "LAOM: Nikulin et al. 2025, 'Latent Action Learning Requires Supervision in the Presence "
                   "of Distractors'"},
     )
     action_label_weight: float = field(
-        default=1.0, metadata={"help": "stage 1: weight of the label head's cross-entropy in the loss"})
+        default=1.0, metadata={"help": "weight of the label head's cross-entropy in the loss"})
     action_label_batch: int = field(
-        default=32, metadata={"help": "stage 1: labelled triplets drawn (with replacement) from the labelled set "
+        default=32, metadata={"help": "labelled triplets drawn (with replacement) from the labelled set "
                               "at each step, besides the unlabelled batch"})
     change_weight: float = field(
         default=0.0,
-        metadata={"help": "stage 1: per-pixel reconstruction weight 1 + alpha * |o[t+1] - o[t]|, renormalised to "
+        metadata={"help": "per-pixel reconstruction weight 1 + alpha * |o[t+1] - o[t]|, renormalised to "
                   "mean 1 per frame; 0: plain MSE. Emphasises what moved (cf. the change-focused objectives "
                   "discussed with LAOM, Nikulin et al. 2025)"},
     )
     change_baseline: Literal["last", "camera"] = field(
         default="last",
-        metadata={"help": "stage 1, with --stage1.change-weight: what o[t+1] is compared with, 'last' = o[t], "
+        metadata={"help": "with --stage1.change-weight: what o[t+1] is compared with, 'last' = o[t], "
                   "'camera' = o[t] moved by the camera's estimated shift, so that where the camera follows "
                   "the agent the weight goes to what the camera's motion does not explain (the agent)"},
     )
     augment: Literal["none", "shift"] = field(
         default="none",
-        metadata={"help": "stage 1: 'shift' = DrQ random shift (Kostrikov et al. 2021; used for latent actions "
+        metadata={"help": "'shift' = DrQ random shift (Kostrikov et al. 2021; used for latent actions "
                   "by LAOM, Nikulin et al. 2025), the same offset for the three frames of a triplet"},
     )
-    shift_pad: int = field(default=4, metadata={"help": "stage 1: largest shift in pixels for --augment shift"})
+    shift_pad: int = field(default=4, metadata={"help": "largest shift in pixels for --stage1.augment shift"})
 
     def validate(self, name: str) -> None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
-            raise UsageError(f"{name}: steps, batch_size and num_workers must be positive")
+        super().validate(name)
         if self.action_labels < 0 or self.change_weight < 0 or self.shift_pad < 0:
             raise UsageError(f"{name}: action_labels, change_weight and shift_pad must not be negative")
         if self.change_baseline != "last" and self.change_weight == 0:
@@ -112,10 +123,10 @@ class StageConfig:
         if self.action_labels > 0 and self.action_label_batch <= 0:
             raise UsageError(f"{name}: action_label_batch must be positive with action_labels, "
                              f"got {self.action_label_batch}")
-        if self.batch_size % self.num_workers:
-            raise UsageError(
-                f"{name}: batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"
-            )
+
+
+# The fields only stage 1 has: its recipe options.
+STAGE1_ONLY_FIELDS = frozenset(f.name for f in fields(Stage1Config)) - {f.name for f in fields(StageConfig)}
 
 
 @dataclass
@@ -139,6 +150,12 @@ class LabelConfig:
         if self.num_gpus_per_actor > 1 and self.num_gpus_per_actor != int(self.num_gpus_per_actor):
             raise UsageError(f"--label.num-gpus-per-actor {self.num_gpus_per_actor:g}: above 1 it must be a whole "
                              "number of GPUs")
+
+
+def cpu_labelling() -> LabelConfig:
+    """Two half-CPU labelling actors: they leave a whole CPU for Ray Data's reads, where actors
+    holding both CPUs of a 2-CPU node starve the read tasks and the job hangs."""
+    return LabelConfig(num_actors=2, cpus_per_actor=0.5)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from lapo_ray import storage, telemetry
 from lapo_ray.config import config_to_dict
@@ -31,7 +32,8 @@ from lapo_ray.data.corpus import (
     write_manifest,
     write_shard,
 )
-from lapo_ray.envs import OBS_SHAPE
+from lapo_ray.data.policies import EpsilonPolicy, make_policy
+from lapo_ray.envs import OBS_SHAPE, ProcgenVectorEnv
 from lapo_ray.progress import Progress
 from lapo_ray.runtime import init_ray
 
@@ -53,8 +55,6 @@ def worker_prefix(index: int) -> str:
 
 def existing_worker_state(corpus_uri: str, index: int) -> tuple[int, int, int]:
     """(frames already written, next shard index, next episode counter) of one collector."""
-    import pyarrow.parquet as pq
-
     prefix = worker_prefix(index) + "-"
     root = storage.join(corpus_uri, SHARD_DIR)
     if not storage.exists(root):
@@ -81,9 +81,6 @@ class Collector:
 
     def __init__(self, cfg: CollectConfig, index: int, budget: int, next_shard: int, next_episode: int,
                  policy_factories=None):
-        from lapo_ray.data.policies import EpsilonPolicy, make_policy
-        from lapo_ray.envs import ProcgenVectorEnv
-
         self.cfg, self.index, self.budget = cfg, index, budget
         # A fresh seed per (worker, resume point): a resumed collector must not replay the levels
         # and action noise it already recorded.
@@ -196,7 +193,8 @@ def _check_resume(cfg: CollectConfig) -> bool:
         return False
     old = storage.read_json(record_uri)
     new = config_to_dict(cfg)
-    # A record written before a setting existed holds that setting's default.
+    # A setting the record lacks counts at its default, so a collection recorded with fewer
+    # settings still resumes.
     old = {k: old.get(k, getattr(CollectConfig(), k)) for k in _IDENTITY_FIELDS}
     diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in _IDENTITY_FIELDS if old[k] != new[k]]
     if diff:
@@ -214,7 +212,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     ``policy_factories`` maps a ``--collect.policy`` prefix to a factory for policies that live
     above the data layer (the jobs pass ``{"agent": rl.evaluate.AgentPolicy}``); see
     ``policies.make_policy``."""
-    import ray
+    import ray  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     cfg.validate()
     resuming = _check_resume(cfg)

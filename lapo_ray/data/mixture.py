@@ -281,7 +281,7 @@ class MultiSource(Source):
         return list(self._files)
 
     def segments(self, files: list[str] | None = None):
-        import ray.data
+        import ray.data  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
         files = list(files or self.scan_files())
         lookup = {f: self._files[f] for f in set(files)}

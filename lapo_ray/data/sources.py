@@ -21,8 +21,11 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
+import av
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.envs import OBS_SHAPE
@@ -167,7 +170,7 @@ def _listing(bad: list[tuple[str, str]], most: int = 5) -> str:
 def _scan_parallel(paths: list[str], check: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``check(path, index in paths)`` on every file in Ray tasks (or inline when Ray is not
     running). The index travels with the path: looking it up per file would be quadratic."""
-    import ray
+    import ray  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     if not ray.is_initialized() or len(paths) < 4:
         return [check(p, i) for i, p in enumerate(paths)]
@@ -182,7 +185,7 @@ def _apply(fn: Callable[[str, int], dict[str, Any]], path: str, index: int) -> d
 
 def _rows_dataset(paths: list[str], read: Callable[[str], list[dict[str, Any]]]):
     """A Ray Dataset that reads each file in its own task, emitting segment rows."""
-    import ray.data
+    import ray.data  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
         rows: list[dict[str, Any]] = []
@@ -208,9 +211,6 @@ class CorpusSource(Source):
 
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         fs, _ = storage.resolve(self.uri)
-        import pyarrow.fs as pafs
-        import pyarrow.parquet as pq
-
         results = []
         for shard in self.manifest.shards:
             uri = storage.join(self.uri, shard.path)
@@ -250,7 +250,7 @@ class CorpusSource(Source):
         return [storage.join(self.uri, s.path) for s in self.manifest.shards]
 
     def segments(self, files: list[str] | None = None):
-        import ray.data
+        import ray.data  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
         files = files or self.scan_files()
         fs, _ = storage.resolve(self.uri)
@@ -258,8 +258,6 @@ class CorpusSource(Source):
         return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
 
     def file_segments(self, path: str) -> Iterator[pa.Table]:
-        import pyarrow.parquet as pq
-
         fs, p = storage.resolve(path)
         with fs.open_input_file(p) as f:
             pf = pq.ParquetFile(f)
@@ -402,8 +400,6 @@ def _as_uri(folder: str, path: str) -> str:
 
 def decode_video(path: str, frame_size: tuple[int, int]) -> np.ndarray:
     """All frames of a video as uint8 (T, H, W, 3), resized to ``frame_size`` = (H, W)."""
-    import av
-
     height, width = frame_size
     frames = []
     try:

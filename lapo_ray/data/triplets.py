@@ -15,16 +15,18 @@ same batcher on Parquet row groups read directly, and is the benchmark's referen
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from lapo_ray import telemetry
+from lapo_ray import storage, telemetry
 from lapo_ray.config.data import PipelineConfig
 from lapo_ray.data.corpus import decode_frames
-from lapo_ray.data.sources import Source
+from lapo_ray.data.sources import CorpusSource, Source
 from lapo_ray.data.splits import Split, SplitSpec
 
 
@@ -175,8 +177,8 @@ def triplet_dataset(source: Source, split: Split, cfg: PipelineConfig, files: li
         ds.context.target_max_block_size = int(cfg.block_mb * 2**20)
     if split != "all":
         # The CPU request of the read tasks (Ray Data's 1): Ray Data then fuses the filter into
-        # them. As a task of its own (at 0.5 CPU) every block went through the object store
-        # twice, read and filtered: with a 100 MB store that spilled twice the corpus to disk.
+        # them. As a task of its own (at 0.5 CPU) every block would cross the object store twice,
+        # read and filtered, and spill twice as much (measured: docs/results/choices.md).
         ds = ds.map_batches(select_split, fn_kwargs={"split": split, "spec": spec},
                             batch_format="pyarrow", zero_copy_batch=True, num_cpus=1)
     if cfg.global_shuffle == "segments":
@@ -201,10 +203,11 @@ def eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:
     return replace(pipe, global_shuffle="none", local_shuffle_buffer=0)
 
 
-def labelled_batches(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int,
-                     split: Split = "val") -> Iterator[dict[str, np.ndarray]]:
-    """The labelled triplets (frame offset ``offset``) of ``split``'s episodes, in source order:
-    ``frames``, ``action``, ``episode_id`` and ``step`` of the rows whose action is known."""
+def batches_with_actions(source: Source, pipe: PipelineConfig, files: list[str], spec: SplitSpec, offset: int,
+                         split: Split = "val") -> Iterator[dict[str, np.ndarray]]:
+    """The triplets with a true action (frame offset ``offset``) of ``split``'s episodes, in
+    source order: ``frames``, ``action``, ``episode_id`` and ``step`` of the rows whose action is
+    known."""
     ds = triplet_dataset(source, split, eval_pipeline(pipe), files, spec)
     for b in iter_batches(ds, source.frame_shape, 512, eval_pipeline(pipe), offset=offset):
         keep = b["action"] >= 0
@@ -226,7 +229,7 @@ def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_la
     batches ahead, and copied with ``non_blocking``: the copy overlaps the previous step's kernels
     and the frames cross as uint8, a quarter of the bytes of float input (the model normalises
     them on the device)."""
-    import torch
+    import torch  # lazy: Ray Data's read tasks import this module (select_split) and need no torch
 
     batches = ({k: torch.from_numpy(v) for k, v in b.items()}
                for b in iter_batches(ds, frame_shape, batch_size, cfg, drop_last, epoch, offset))
@@ -240,9 +243,6 @@ def torch_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_la
 
 def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     """Run ``items`` in a daemon thread up to ``depth`` ahead of the consumer (which may stop early)."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -283,9 +283,6 @@ def iter_plain_batches(
     files: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Single-process reader over a corpus (Parquet shards), no Ray: the reference loader."""
-    from lapo_ray import storage
-    from lapo_ray.data.sources import CorpusSource
-
     if not isinstance(source, CorpusSource):
         raise TypeError("iter_plain_batches reads lapo_ray corpora; convert other sources first")
     shape = tuple(source.frame_shape)

@@ -370,7 +370,8 @@ def register_with_rllib(name: str = "lapo_procgen") -> str:
     Use with ``config.environment(env=name, env_config={"game": ...})`` and
     ``config.env_runners(gym_env_vectorize_mode="vector_entry_point")``.
     """
-    from ray.tune.registry import register_env  # Ray is heavy to import; defer to first use.
+    # lazy: envs sits on the paths without Ray (train/stages.py, the step benchmark)
+    from ray.tune.registry import register_env
 
     register_env(name, make_procgen_vector_env)
     return name

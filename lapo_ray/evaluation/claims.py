@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lapo_ray.evaluation.probe import gap_closed, gap_two_se
 from lapo_ray.evaluation.stats import Difference, episode_difference, sem, welch_difference
 
 # The demonstrator must be clearly better than random to be worth imitating: this many standard
@@ -113,8 +114,6 @@ def standard_errors_apart(a: dict[str, Any], b: dict[str, Any]) -> float:
 def resolved_gap_closed(p: dict[str, Any]) -> tuple[float | None, float]:
     """(share of the probe's gap closed, two standard errors of the gap); None where the gap is
     within noise or a figure is missing."""
-    from lapo_ray.evaluation.probe import gap_closed, gap_two_se
-
     floor, ceiling = p.get("floor_untrained_idm"), p.get("ceiling_supervised_idm")
     if floor is None or ceiling is None or p.get("probe_acc") is None:
         return p.get("gap_closed"), float("nan")

@@ -94,30 +94,32 @@ def render_experiment_report(cfg: ExperimentConfig, results: dict[str, Any], nor
 
 
 def _header(cfg: ExperimentConfig, results: dict[str, Any]) -> list[str]:
-    v = results["versions"]
-    written = results.get("report_versions", v)["lapo_ray_commit"]
-    rewritten = f" (report written at `{written[:12]}`)" if written != v["lapo_ray_commit"] else ""
-    c = cfg.resolved()
+    versions = results["versions"]
+    written = results.get("report_versions", versions)["lapo_ray_commit"]
+    rewritten = f" (report written at `{written[:12]}`)" if written != versions["lapo_ray_commit"] else ""
+    resolved = cfg.resolved()
     online = results["finetune"]
     seeds = sorted({r["seed"] for runs in online.values() for r in runs})
-    s1 = results["pretrain"].get("stage1", {})
+    stage1 = results["pretrain"].get("stage1", {})
     total = sum(_walls(results))
     return [
         f"# LAPO on {cfg.game}: latent actions from video, then an agent", "",
         f"Produced by `python jobs/experiment.py --preset {results.get('preset', 'cpu')}`. "
-        f"lapo_ray commit `{v['lapo_ray_commit'][:12]}`{rewritten}; Python {v['python']}, Ray {v['ray']}, "
-        f"PyTorch {v['torch']}, numpy {v['numpy']}; {v['cpus']} CPUs, no GPU.", "",
+        f"lapo_ray commit `{versions['lapo_ray_commit'][:12]}`{rewritten}; Python {versions['python']}, "
+        f"Ray {versions['ray']}, PyTorch {versions['torch']}, numpy {versions['numpy']}; {versions['cpus']} CPUs, "
+        "no GPU.", "",
         f"**Seeds.** Experiment seed {cfg.seed}: the demonstrator, collection, pretraining shuffles and offline "
         f"decoding. Online PPO seeds: {', '.join(str(s) for s in seeds)} for "
         + ", ".join(f"{name} ({len(runs)})" for name, runs in online.items())
         + f". Evaluation environments are seeded {cfg.seed + 12345}; training levels are Procgen's unbounded "
-        f"{c.finetune.env.distribution_mode} set from level {c.finetune.env.start_level}, held-out levels start "
-        f"at {cfg.eval.held_out_start_level:,}.", "",
-        f"**Budget.** Demonstrator: {c.demonstrator.ppo.env_steps:,} PPO steps. Corpus: {c.collect.frames:,} "
-        f"frames. Stage 1: at most {c.pretrain.stage1.steps:,} steps or {c.pretrain.stage1.time_budget_min:g} min "
-        f"(ran {s1.get('steps', 0):,} steps, batch {c.pretrain.stage1.batch_size}); stage 2: "
-        f"{c.pretrain.stage2.steps:,} steps. Online: {c.finetune.ppo.env_steps:,} env steps per run on "
-        f"{c.finetune.num_env_runners} env runners x {c.finetune.envs_per_runner} envs. Offline: k = "
+        f"{resolved.finetune.env.distribution_mode} set from level {resolved.finetune.env.start_level}, "
+        f"held-out levels start at {cfg.eval.held_out_start_level:,}.", "",
+        f"**Budget.** Demonstrator: {resolved.demonstrator.ppo.env_steps:,} PPO steps. Corpus: "
+        f"{resolved.collect.frames:,} frames. Stage 1: at most {resolved.pretrain.stage1.steps:,} steps or "
+        f"{resolved.pretrain.stage1.time_budget_min:g} min (ran {stage1.get('steps', 0):,} steps, batch "
+        f"{resolved.pretrain.stage1.batch_size}); stage 2: {resolved.pretrain.stage2.steps:,} steps. Online: "
+        f"{resolved.finetune.ppo.env_steps:,} env steps per run on {resolved.finetune.num_env_runners} env runners "
+        f"x {resolved.finetune.envs_per_runner} envs. Offline: k = "
         f"{', '.join(str(k) for k in cfg.decode_k)}. Evaluation: {cfg.eval.episodes} episodes per agent and level "
         f"set. Total wall time: **{total / 60:.0f} min**.", "",
     ]
@@ -219,17 +221,17 @@ def _online(cfg: ExperimentConfig, results: dict[str, Any], claims: Claims, norm
 
 
 def online_verdict(results: dict[str, Any], claims: Claims) -> str:
-    c = claims.online
-    if c is None:
+    claim = claims.online
+    if claim is None:
         return "The comparison needs both the rl+sl and the scratch variants."
     steps = results["finetune"]["scratch"][0]["finetune"]["env_steps"]
-    text = (f"**Verdict.** Over {steps:,} environment steps, PPO from the latent policy (RL + SL) {relation(c)} "
-            f"PPO from scratch: area under the learning curve (mean training return) {c.difference.diff:+.2f} raw, "
-            f"95% interval {interval(c)} ({c.difference.test}).")
-    f = claims.online_final
-    if f is not None:
-        text += (f" Secondary, the final evaluation: {f.difference.diff:+.2f} raw, 95% interval {interval(f)} "
-                 f"({f.difference.test}), RL + SL {relation(f, bold=False)} scratch.")
+    text = (f"**Verdict.** Over {steps:,} environment steps, PPO from the latent policy (RL + SL) {relation(claim)} "
+            f"PPO from scratch: area under the learning curve (mean training return) {claim.difference.diff:+.2f} raw, "
+            f"95% interval {interval(claim)} ({claim.difference.test}).")
+    final = claims.online_final
+    if final is not None:
+        text += (f" Secondary, the final evaluation: {final.difference.diff:+.2f} raw, 95% interval {interval(final)} "
+                 f"({final.difference.test}), RL + SL {relation(final, bold=False)} scratch.")
     return text
 
 
@@ -248,11 +250,11 @@ def _offline(results: dict[str, Any], claims: Claims, norm: Norm, plots: dict[st
         me = train_levels(maj)
         lines += ["", f"Majority-action agent (always action {action_name(maj['action'])}, the corpus's most "
                   f"frequent): {ev_pm(me)} raw, {norm(me['return_mean']):.2f} of the demonstrator."]
-    c = claims.offline
-    if c is not None:
-        lines += ["", f"**Offline verdict.** Decoding from k = {OFFLINE_K} labelled frames {relation(c)} the "
-                  f"majority-action agent: difference {c.difference.diff:+.2f} raw, 95% interval {interval(c)} "
-                  f"({c.difference.test})."]
+    claim = claims.offline
+    if claim is not None:
+        lines += ["", f"**Offline verdict.** Decoding from k = {OFFLINE_K} labelled frames {relation(claim)} the "
+                  f"majority-action agent: difference {claim.difference.diff:+.2f} raw, 95% interval {interval(claim)} "
+                  f"({claim.difference.test})."]
     return lines + [""]
 
 
@@ -364,11 +366,11 @@ def _codebook_cause(results: dict[str, Any], probe: dict[str, Any]) -> str:
 
 
 def _online_cause(claims: Claims) -> str:
-    c = claims.online
-    if c is None or c.outcome is Outcome.AHEAD:
+    claim = claims.online
+    if claim is None or claim.outcome is Outcome.AHEAD:
         return ""
-    return (f"- **Online.** RL + SL minus scratch, area under the curve: {c.difference.diff:+.2f} raw, 95% interval "
-            f"{interval(c)} ({c.difference.test}).")
+    return (f"- **Online.** RL + SL minus scratch, area under the curve: {claim.difference.diff:+.2f} raw, "
+            f"95% interval {interval(claim)} ({claim.difference.test}).")
 
 
 def _decoder_cause(results: dict[str, Any], claims: Claims, probe: dict[str, Any]) -> str:
@@ -379,10 +381,10 @@ def _decoder_cause(results: dict[str, Any], claims: Claims, probe: dict[str, Any
         parts.append(f"Offline, a decoder trained on k = {int(k):,} labelled frames predicts held-out true actions "
                      f"with accuracy {dec[k]['decoder_val_accuracy']:.3f} (majority rate "
                      f"{fmt(probe.get('majority_rate'))}).")
-    c = claims.offline
-    if c is not None and c.outcome is not Outcome.AHEAD:
-        parts.append(f"At k = {OFFLINE_K} the decoded agent minus the majority-action agent: {c.difference.diff:+.2f} "
-                     f"raw, 95% interval {interval(c)}.")
+    claim = claims.offline
+    if claim is not None and claim.outcome is not Outcome.AHEAD:
+        parts.append(f"At k = {OFFLINE_K} the decoded agent minus the majority-action agent: "
+                     f"{claim.difference.diff:+.2f} raw, 95% interval {interval(claim)}.")
     acc = _mean_valid([r["finetune"].get("decoder_accuracy") for r in results["finetune"].get("rl+sl", [])])
     if acc is not None:
         parts.append(f"Online, the RL + SL decoder ends at {acc:.2f} accuracy on the actions the agent itself took "

@@ -24,7 +24,8 @@ def save_figure(fig, uri: str, dpi: int = 110) -> str:
 
 
 def pyplot():
-    """matplotlib's pyplot on the headless Agg backend, imported only when a plot is drawn."""
+    """matplotlib's pyplot on the headless Agg backend, imported only when a plot is drawn (it is
+    heavy, and the backend must be chosen before pyplot is imported)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,6 +123,7 @@ def plot_seed_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str, key
                      points: int = 60) -> None:
     """Several seeds per variant: each seed as a thin line, the mean across seeds with its 95% t
     band (a variant with one seed has no band)."""
+    # lazy: stats imports scipy (about a second), which the jobs that plot only returns need not load
     from lapo_ray.evaluation.stats import curve_band
 
     plt = pyplot()

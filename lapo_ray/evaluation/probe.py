@@ -84,21 +84,50 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
     """
     x = torch.tensor(np.asarray(latents, np.float32))
     y = torch.as_tensor(np.asarray(actions, np.int64))
-    test_mask = np.asarray(test_mask, bool)
-    ids = np.arange(len(y)) if episode_ids is None else np.asarray(episode_ids)
-    train_idx = np.flatnonzero(~test_mask)
-    val_in_train = episode_split(ids[train_idx], cfg.val_fraction, seed=4321)
-    fit, val, te = (torch.as_tensor(train_idx[~val_in_train]), torch.as_tensor(train_idx[val_in_train]),
-                    torch.as_tensor(np.flatnonzero(test_mask)))
-    if len(fit) == 0 or len(val) == 0 or len(te) == 0:
-        raise UsageError(f"probe needs labelled triplets in fit/validation/test, got {len(fit)}/{len(val)}/{len(te)}")
+    fit, val, test = _probe_splits(np.asarray(test_mask, bool), episode_ids, cfg.val_fraction)
     # Standardising by the fit split lets the probe compare latents of very different scales
     # (an untrained IDM's are tiny) on equal terms.
     mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
     x = (x - mean) / std
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = _mlp(x.shape[1], cfg.hidden, int(y.max()) + 1)  # the classes the data has: any action space
+    best_val_acc, best_epoch, history = _fit_early_stopped(net, x, y, (fit, val, test), cfg, seed)
+    test_acc, test_xent = _evaluate(net, x[test], y[test])
+    return {
+        "probe_acc": test_acc,
+        "probe_xent": test_xent,
+        "probe_info_bits": (_prior_xent(y[fit], y[test], net[-1].out_features) - test_xent) / math.log(2),
+        "probe_val_acc": best_val_acc,
+        "probe_train_acc": _evaluate(net, x[fit], y[fit])[0],
+        "best_epoch": best_epoch,
+        "epochs_run": len(history["val_acc"]),
+        "n_train": len(fit), "n_val": len(val), "n_test": len(test),
+        "history": history,
+    }
+
+
+def _probe_splits(test_mask: np.ndarray, episode_ids: np.ndarray | None,
+                  val_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of the fit, validation and test triplets: validation is ``val_fraction`` of the
+    training half's episodes (each triplet its own episode when ``episode_ids`` is None)."""
+    ids = np.arange(len(test_mask)) if episode_ids is None else np.asarray(episode_ids)
+    train_idx = np.flatnonzero(~test_mask)
+    val_in_train = episode_split(ids[train_idx], val_fraction, seed=4321)
+    fit, val, test = (torch.as_tensor(train_idx[~val_in_train]), torch.as_tensor(train_idx[val_in_train]),
+                      torch.as_tensor(np.flatnonzero(test_mask)))
+    if len(fit) == 0 or len(val) == 0 or len(test) == 0:
+        raise UsageError(f"probe needs labelled triplets in fit/validation/test, got {len(fit)}/{len(val)}/{len(test)}")
+    return fit, val, test
+
+
+def _fit_early_stopped(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: ProbeConfig,
+                       seed: int) -> tuple[float, int, dict[str, list[float]]]:
+    """Train ``net`` on the fit split until ``cfg.patience`` epochs pass without a better
+    validation accuracy, and leave it holding the best epoch's weights, in eval mode. Returns
+    that epoch's validation accuracy, the epoch, and every epoch's validation and test accuracy."""
+    fit, val, test = splits
+    shuffle = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     xfit, yfit = x[fit], y[fit]
     best: tuple[float, float] | None = None
@@ -106,7 +135,7 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
     history: dict[str, list[float]] = {"val_acc": [], "test_acc": []}
     for epoch in range(cfg.max_epochs):
         net.train()
-        perm = torch.randperm(len(xfit), generator=g)
+        perm = torch.randperm(len(xfit), generator=shuffle)
         for i in range(0, len(xfit), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             loss = F.cross_entropy(net(xfit[idx]), yfit[idx])
@@ -116,7 +145,7 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
         net.eval()
         val_acc, val_loss = _evaluate(net, x[val], y[val])
         history["val_acc"].append(val_acc)
-        history["test_acc"].append(_evaluate(net, x[te], y[te])[0])
+        history["test_acc"].append(_evaluate(net, x[test], y[test])[0])
         if best is None or (val_acc, -val_loss) > best:
             best, best_epoch, since_best = (val_acc, -val_loss), epoch, 0
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -126,24 +155,16 @@ def probe_accuracy(latents: np.ndarray, actions: np.ndarray, test_mask: np.ndarr
                 break
     net.load_state_dict(best_state)
     net.eval()
-    test_acc, test_xent = _evaluate(net, x[te], y[te])
-    # The same test cross-entropy for the best guess without the latent (the fit split's action
-    # frequencies, smoothed): the difference is what the latent tells about the action, in bits.
-    # Unlike accuracy it moves when the latent sharpens the odds of a rare action without
-    # overturning the majority answer.
-    prior = torch.bincount(yfit, minlength=net[-1].out_features).double() + 0.5
-    prior_xent = -torch.log(prior / prior.sum())[y[te]].mean().item()
-    return {
-        "probe_acc": test_acc,
-        "probe_xent": test_xent,
-        "probe_info_bits": (prior_xent - test_xent) / math.log(2),
-        "probe_val_acc": best[0],
-        "probe_train_acc": _evaluate(net, xfit, yfit)[0],
-        "best_epoch": best_epoch,
-        "epochs_run": len(history["val_acc"]),
-        "n_train": len(fit), "n_val": len(val), "n_test": len(te),
-        "history": history,
-    }
+    return best[0], best_epoch, history
+
+
+def _prior_xent(fit_actions: torch.Tensor, test_actions: torch.Tensor, num_classes: int) -> float:
+    """The test cross-entropy of the best guess without the latent (the fit split's action
+    frequencies, smoothed): the probe's own less this is what the latent tells about the action.
+    Unlike accuracy it moves when the latent sharpens the odds of a rare action without
+    overturning the majority answer."""
+    prior = torch.bincount(fit_actions, minlength=num_classes).double() + 0.5
+    return -torch.log(prior / prior.sum())[test_actions].mean().item()
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from lapo_ray import UsageError
 from lapo_ray.config import PipelineConfig, PretrainConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.splits import SplitSpec
-from lapo_ray.data.triplets import labelled_batches
+from lapo_ray.data.triplets import batches_with_actions
 from lapo_ray.evaluation.probe import (
     ProbeSet,
     classifier_accuracy,
@@ -43,7 +43,7 @@ def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str
     if not source.has_actions or n <= 0:
         return None
     parts, have = [], 0
-    for b in labelled_batches(source, pipe, files, spec, offset):
+    for b in batches_with_actions(source, pipe, files, spec, offset):
         parts.append(b)
         have += len(b["action"])
         if have >= n:
@@ -64,7 +64,7 @@ def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: l
     ``episode_id`` and ``<name>/<key>`` arrays."""
     out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
     have = 0
-    for b in labelled_batches(source, pipe, files, spec, offset):
+    for b in batches_with_actions(source, pipe, files, spec, offset):
         take = min(len(b["action"]), n - have)
         frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
         out["action"].append(b["action"][:take].astype(np.int64))

@@ -4,7 +4,7 @@ from lapo_ray.models.idm import IDM
 from lapo_ray.models.impala import ImpalaCNN, frames_to_input, stack_frames
 from lapo_ray.models.lapo import LatentDynamics, Models, build_models, num_params
 from lapo_ray.models.policy import FrameEncoder, LatentPolicy
-from lapo_ray.models.supervised_idm import SupervisedIDM, labelled_loss
+from lapo_ray.models.supervised_idm import SupervisedIDM, action_loss
 from lapo_ray.models.vq import VQEmbeddingEMA
 from lapo_ray.models.world_model import WorldModel
 
@@ -18,9 +18,9 @@ __all__ = [
     "SupervisedIDM",
     "VQEmbeddingEMA",
     "WorldModel",
+    "action_loss",
     "build_models",
     "frames_to_input",
-    "labelled_loss",
     "num_params",
     "stack_frames",
 ]

@@ -44,15 +44,15 @@ class IDM(nn.Module):
     def _continuous(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
         """No bottleneck: the world model sees the latent itself. Zero codes keep the output's
         shape for code consumers; zero loss and perplexity keep the metric set fixed."""
-        c = self.vq.cfg
+        vq_cfg = self.vq.cfg
         latent = latent.float()
         zero = latent.new_zeros(())
         return {
             "latent": latent,
             "latent_q": latent,
-            "codes": torch.zeros(latent.shape[0], c.num_codebooks, c.num_discrete_latents, dtype=torch.int64,
-                                 device=latent.device),
+            "codes": torch.zeros(latent.shape[0], vq_cfg.num_codebooks, vq_cfg.num_discrete_latents,
+                                 dtype=torch.int64, device=latent.device),
             "vq_loss": zero,
-            "perplexity": latent.new_zeros(c.num_codebooks),
-            "usage": latent.new_zeros(c.num_codebooks),
+            "perplexity": latent.new_zeros(vq_cfg.num_codebooks),
+            "usage": latent.new_zeros(vq_cfg.num_codebooks),
         }

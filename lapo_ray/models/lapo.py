@@ -23,13 +23,13 @@ class LatentDynamics(nn.Module):
     def __init__(self, cfg: ModelConfig, num_actions: int = 0):
         super().__init__()
         self.cfg = cfg
-        c, s = cfg.channels, cfg.frame_size
-        self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * c, frame_size=s)
-        self.wm = WorldModel(2 * c, c, cfg.latent_dim, s, cfg.wm.base_channels, norm=cfg.wm.norm)
+        channels, size = cfg.channels, cfg.frame_size
+        self.idm = IDM(cfg.idm, cfg.vq, in_channels=3 * channels, frame_size=size)
+        self.wm = WorldModel(2 * channels, channels, cfg.latent_dim, size, cfg.wm.base_channels, norm=cfg.wm.norm)
         # Only with --stage1.action-labels (``num_actions`` > 0): a linear map from the latent the
         # world model sees to the actions, as in LAOM, so the few labels shape that latent itself.
-        # It reads the quantised latent (straight-through): a head before quantisation pulled the
-        # action into directions the codes did not follow (docs/results/earlier/recipes-single-seed.md).
+        # It reads the quantised latent (straight-through): a head before quantisation pulls the
+        # action into directions the codes do not follow (measured: docs/results/choices.md).
         self.action_head = nn.Linear(cfg.latent_dim, num_actions) if num_actions > 0 else None
         # Conv weights in channels-last too, matching the input, so no convolution converts its
         # layout on every call (measured: docs/results/choices.md).

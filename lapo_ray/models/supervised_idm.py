@@ -20,9 +20,10 @@ from lapo_ray.models.impala import ImpalaCNN, frames_to_input, stack_frames
 class SupervisedIDM(nn.Module):
     def __init__(self, cfg: ModelConfig, num_actions: int):
         super().__init__()
-        c, s, i = cfg.channels, cfg.frame_size, cfg.idm
-        self.encoder = ImpalaCNN(3 * c, s, i.impala_scale, i.impala_channels, i.impala_features)
-        self.latent = nn.Linear(i.impala_features, cfg.latent_dim)
+        idm = cfg.idm
+        self.encoder = ImpalaCNN(3 * cfg.channels, cfg.frame_size, idm.impala_scale, idm.impala_channels,
+                                 idm.impala_features)
+        self.latent = nn.Linear(idm.impala_features, cfg.latent_dim)
         self.head = nn.Linear(cfg.latent_dim, num_actions)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
@@ -34,13 +35,13 @@ class SupervisedIDM(nn.Module):
         return self.head(self.features(frames))
 
 
-def labelled_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy, correct count and labelled count over the labelled rows (action >= 0), all
-    on the device (no host read inside a step); zero loss, with a gradient, when a batch holds
-    none (every data-parallel rank must still step)."""
-    labelled = actions >= 0
-    n = labelled.sum()
+def action_loss(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy, correct count and count of rows with a known action (action >= 0), over
+    those rows, all on the device (no host read inside a step); zero loss, with a gradient, when
+    a batch holds none (every data-parallel rank must still step)."""
+    known = actions >= 0
+    n = known.sum()
     per_row = F.cross_entropy(logits.float(), actions.clamp(min=0), reduction="none")
-    loss = (per_row * labelled).sum() / n.clamp(min=1)
-    correct = ((logits.argmax(-1) == actions) & labelled).sum()
+    loss = (per_row * known).sum() / n.clamp(min=1)
+    correct = ((logits.argmax(-1) == actions) & known).sum()
     return loss, correct, n

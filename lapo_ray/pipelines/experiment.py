@@ -68,7 +68,7 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     out = cfg.out
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
-    ev = dataclasses.replace(cfg.eval, seed=cfg.seed + 12345)
+    ev = c.eval
     results = {**_versions_of_the_run(out), "preset": preset}
     missing: list[str] | None = [] if cfg.report_only else None
 

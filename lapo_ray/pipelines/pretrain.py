@@ -118,8 +118,8 @@ def check_artifact_folder(cfg: PretrainConfig) -> None:
     if not isinstance(old, dict):
         raise UsageError(f"{uri}: not a lapo_ray config")
     try:
-        # A field the old config lacks is an option added since, at its default: the default
-        # keeps the behaviour the run was made with, so it is no change.
+        # A field the folder's config lacks counts at its default, which keeps the behaviour the
+        # run was made with: no change.
         old = config_from_dict(PretrainConfig, old).to_dict()
     except (ValueError, TypeError):
         pass  # keys this version does not know: compare as written, and name them below

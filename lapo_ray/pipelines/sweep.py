@@ -24,14 +24,19 @@ import os
 import time
 from typing import Any
 
+import ray
+import ray.tune
 from ray.tune import Callback
 
 from lapo_ray import storage
-from lapo_ray.config import PretrainConfig, config_from_dict
+from lapo_ray.config import STAGE1_ONLY_FIELDS, PretrainConfig, config_from_dict
 from lapo_ray.config.cli import parse_config
 from lapo_ray.config.sweep import SweepConfig, config_name
+from lapo_ray.evaluation.plots import plot_sweep
+from lapo_ray.evaluation.stats import mean_interval
 from lapo_ray.pipelines.pretrain import run_pretrain, train_reference_ceiling
 from lapo_ray.progress import format_duration
+from lapo_ray.runtime import READ_CPUS, init_ray
 
 # probe.json figures a trial reports to Tune and the table summarises.
 FIGURES = ("gap_closed", "probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "info_bits_trained",
@@ -76,8 +81,7 @@ NOT_READ_BY_CEILING = {
     # model or VQ; the latent policy is stage 2's.
     "model": {"wm", "vq", "policy"},
     # The recipe options (Stage1Task only), and the time budget, which the ceiling runs without.
-    "stage1": {"seed", "time_budget_min", "action_labels", "action_label_weight", "action_label_batch",
-               "change_weight", "change_baseline", "augment", "shift_pad"},
+    "stage1": {"seed", "time_budget_min", *STAGE1_ONLY_FIELDS},
 }
 
 
@@ -102,8 +106,6 @@ def ceiling_folder(cfg: PretrainConfig, out: str) -> str:
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then write its table, CSVs and plot; returns the summary."""
-    from lapo_ray.runtime import init_ray
-
     out = storage.absolute(cfg.out)
     trials = [Trial(values, seed) for values in cfg.configurations() for seed in range(cfg.seeds)]
     configs = {(t.name, t.seed): trial_config(cfg.pretrain, t, out) for t in trials}  # bad values fail here
@@ -124,11 +126,11 @@ def _train_ceilings(configs: list[PretrainConfig]) -> None:
     """One supervised IDM per ceiling folder, trained before the trials so no two trials race
     to train the same one."""
     seen: dict[str, PretrainConfig] = {}
-    for c in configs:
-        seen.setdefault(c.probe.ceiling_from, c)
-    for folder, c in seen.items():
-        print(f"sweep: ceiling for {c.corpus or 'the default corpus'} in {folder}", flush=True)
-        train_reference_ceiling(c)
+    for pretrain in configs:
+        seen.setdefault(pretrain.probe.ceiling_from, pretrain)
+    for folder, pretrain in seen.items():
+        print(f"sweep: ceiling for {pretrain.corpus or 'the default corpus'} in {folder}", flush=True)
+        train_reference_ceiling(pretrain)
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
@@ -137,9 +139,6 @@ def _trial_fn(config: dict[str, Any]) -> None:
     The run goes to a task of its own outside the trial's placement group: Tune puts a trial's
     child tasks into its group, where the run's Ray Data reads and scan tasks would find no CPU
     (the group holds only the driver's memory) and wait for ever."""
-    import ray
-    import ray.tune
-
     run = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(_pretrain_figures)
     ray.tune.report(ray.get(run.remote(config["trial"]["pretrain"])))
 
@@ -152,8 +151,6 @@ def _pretrain_figures(pretrain: dict[str, Any]) -> dict[str, float]:
 
 def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[str, int], PretrainConfig]) -> None:
     """Run the trials on Tune, or restore the sweep Tune left in ``<out>/tune``."""
-    import ray.tune
-
     # Tune's newer console prints a configuration box and TensorBoard hints even when silent;
     # the older one honours verbose=0, and TrialProgress prints the sweep's own lines.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -186,14 +183,10 @@ def _tune(cfg: SweepConfig, out: str, trials: list[Trial], configs: dict[tuple[s
 
 def _concurrency(cfg: SweepConfig) -> int:
     """Trials at once: each holds its Train workers, and one CPU stays free for Ray Data's reads."""
-    import ray
-
-    from lapo_ray.runtime import READ_CPUS
-
     if cfg.max_concurrent > 0:
         return cfg.max_concurrent
-    s1 = cfg.pretrain.stage1
-    per_trial = s1.num_workers * s1.cpus_per_worker + cfg.trial_cpus
+    stage1 = cfg.pretrain.stage1
+    per_trial = stage1.num_workers * stage1.cpus_per_worker + cfg.trial_cpus
     return max(1, int((ray.cluster_resources().get("CPU", 1.0) - READ_CPUS) // per_trial))
 
 
@@ -207,8 +200,8 @@ class TrialProgress(Callback):
         self._start, self._finished_before = time.monotonic(), None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Tune pickles its callbacks with the sweep; one saved by an older lapo_ray may lack a
-        # field this class has now (a restored recipe sweep failed every trial on ``total``).
+        # Tune pickles its callbacks with the sweep, so a restored sweep unpickles the one it saved:
+        # a field that one lacks takes its default, and the trials run on (docs/results/choices.md).
         self.__init__(state.get("metric", "gap_closed"), state.get("total", 0))
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
@@ -243,8 +236,6 @@ def trial_row(trial: Trial, cfg: PretrainConfig) -> dict[str, Any]:
 
 def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Per configuration: seeds, how many gave a measurable figure, mean and 95% half-width."""
-    from lapo_ray.evaluation.stats import mean_interval
-
     out = []
     for name in dict.fromkeys(r["configuration"] for r in rows):
         runs = [r for r in rows if r["configuration"] == name]
@@ -275,8 +266,6 @@ def render_table(summary: list[dict[str, Any]], metric: str) -> str:
 
 def write_results(out: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str) -> None:
     """sweep.md (the table), trials.csv (one row per trial), summary.csv and plots/sweep.png."""
-    from lapo_ray.evaluation.plots import plot_sweep
-
     storage.write_bytes(storage.join(out, "sweep.md"), (
         f"# Sweep: {metric} per configuration\n\nMean over seeds, ± the 95% t interval's half-width; "
         "n/a where no seed gave a measurable figure (a gap within noise).\n\n"

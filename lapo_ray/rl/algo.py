@@ -15,10 +15,11 @@ from typing import Any
 from lapo_ray import MissingPathError, storage, telemetry
 from lapo_ray.config.rl import FinetuneConfig
 from lapo_ray.envs import normalize_return, register_with_rllib
+from lapo_ray.evaluation.plots import plot_return_curves
 from lapo_ray.progress import Progress
 from lapo_ray.runtime import init_ray
 from lapo_ray.train.checkpoint import Checkpoint
-from lapo_ray.train.metrics import MetricsSink, WandbRun
+from lapo_ray.train.metrics import MetricsSink, WandbRun, read_metrics
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -38,6 +39,7 @@ def pretrain_checkpoints(pretrain_uri: str) -> tuple[str, str]:
 
 
 def module_spec(cfg: FinetuneConfig):
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from lapo_ray.rl.module import LapoAgentModule
@@ -56,6 +58,7 @@ def module_spec(cfg: FinetuneConfig):
 
 def build_algorithm_config(cfg: FinetuneConfig):
     """The RLlib ``PPOConfig`` for a FinetuneConfig (also what the tests and benchmarks build)."""
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.algorithms.ppo import PPOConfig
 
     from lapo_ray.rl.env_runner import LapoEnvRunner
@@ -129,6 +132,7 @@ def _restore(algo, out_uri: str) -> bool:
 
 
 def sampled_env_steps(algo) -> int:
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
     return int(algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
@@ -190,6 +194,7 @@ class IterationTimes:
 
 def iteration_metrics(result: dict[str, Any], game: str, seconds: float, prev_steps: int,
                       times: IterationTimes | None = None) -> dict[str, Any]:
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
     env = result.get(ENV_RUNNER_RESULTS, {})
@@ -270,8 +275,5 @@ def _finetune(cfg: FinetuneConfig, out: str, variant: str, wb: WandbRun) -> tupl
 
 
 def _plot(out: str, variant: str) -> None:
-    from lapo_ray.evaluation.plots import plot_return_curves
-    from lapo_ray.train.metrics import read_metrics
-
     rows = read_metrics(out)
     plot_return_curves({variant: rows}, storage.join(out, "plots", "return.png"))

@@ -15,13 +15,14 @@ import tempfile
 import time
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lapo_ray import UsageError, storage
 from lapo_ray.config import PipelineConfig, config_from_dict
-from lapo_ray.config.rl import DecodeConfig
+from lapo_ray.config.rl import DecodeConfig, DecoderConfig
 from lapo_ray.data.sources import open_source
 from lapo_ray.data.triplets import iter_batches, triplet_dataset
 from lapo_ray.envs import OBS_SHAPE, NUM_ACTIONS
@@ -35,10 +36,10 @@ from lapo_ray.train.checkpoint import load_dynamics
 MODULE_DIR = "module"
 
 
-def labelled_triplets(source, pipe: PipelineConfig, split: str, n: int, seed: int,
-                      offset: int = 1) -> dict[str, np.ndarray]:
-    """Up to ``n`` labelled triplets (frame offset ``offset``, the IDM's) of ``split``, drawn
-    across episodes by a seeded shuffle."""
+def triplets_with_actions(source, pipe: PipelineConfig, split: str, n: int, seed: int,
+                          offset: int = 1) -> dict[str, np.ndarray]:
+    """Up to ``n`` triplets with a true action (frame offset ``offset``, the IDM's) of ``split``,
+    drawn across episodes by a seeded shuffle."""
     pipe = dataclasses.replace(pipe, global_shuffle="files", shuffle_seed=seed, local_shuffle_buffer=4096)
     parts, have = [], 0
     for b in iter_batches(triplet_dataset(source, split, pipe), source.frame_shape, 512, pipe, offset=offset):
@@ -58,8 +59,7 @@ def _encode(idm, frames: np.ndarray) -> torch.Tensor:
 
 
 def build_agent(stage2_uri: str, decoder_hidden: tuple[int, ...]):
-    import gymnasium as gym
-
+    # lazy, RLlib (rl.module's): jobs import this before they check their input (architecture.md, Imports)
     from lapo_ray.rl.module import LapoAgentModule
 
     return LapoAgentModule(
@@ -71,6 +71,7 @@ def build_agent(stage2_uri: str, decoder_hidden: tuple[int, ...]):
 
 
 def agent_logits(module):
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.core.columns import Columns
 
     def logits(obs: torch.Tensor) -> torch.Tensor:
@@ -80,45 +81,23 @@ def agent_logits(module):
 
 
 def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
-    stage1, stage2 = pretrain_checkpoints(cfg.pretrain)
-    pre = storage.read_json(storage.join(cfg.pretrain, "config.json"))
-    corpus = cfg.corpus or pre["corpus"] or pre["collect"]["out"]
-    pipe = config_from_dict(PipelineConfig, pre["data"])
-    source = open_source(corpus)
-    if not source.has_actions:
-        raise UsageError(f"{corpus}: this corpus has no true actions; offline decoding needs k labelled frames")
-    init_ray()  # for Ray Data's read of the labelled triplets, once the folder and corpus pass
+    """Train the decoder of an agent on ``cfg.decoder.k`` triplets with true actions, save the
+    agent in ``cfg.out`` and report its accuracies and returns (``decode.json``)."""
+    stage1, stage2, corpus, pipe, source = _decode_input(cfg)
+    init_ray()  # for Ray Data's read of the triplets with actions, once the folder and corpus pass
     torch.manual_seed(cfg.seed)
-    dc = cfg.decoder
+    decoder_cfg = cfg.decoder
     t0 = time.time()
     idm = load_dynamics(stage1)
-    train = labelled_triplets(source, pipe, "train", dc.k, cfg.seed, idm.cfg.frame_offset)
-    val = labelled_triplets(source, pipe, "val", dc.held_out, cfg.seed, idm.cfg.frame_offset)
-    if len(train["action"]) < dc.k:
-        print(f"decode: the train split has only {len(train['action'])} labelled triplets (asked for {dc.k})", flush=True)
+    train = triplets_with_actions(source, pipe, "train", decoder_cfg.k, cfg.seed, idm.cfg.frame_offset)
+    val = triplets_with_actions(source, pipe, "val", decoder_cfg.held_out, cfg.seed, idm.cfg.frame_offset)
+    if len(train["action"]) < decoder_cfg.k:
+        print(f"decode: the train split has only {len(train['action'])} labelled triplets "
+              f"(asked for {decoder_cfg.k})", flush=True)
     z_train, z_val = _encode(idm, train["frames"]), _encode(idm, val["frames"])
     a_train, a_val = torch.from_numpy(train["action"]).long(), torch.from_numpy(val["action"]).long()
-
     module = build_agent(stage2, cfg.decoder_hidden)
-    def full_loss() -> float:
-        with torch.no_grad():
-            return F.cross_entropy(module.decoded_logits(z_train), a_train).item()
-
-    loss_start = full_loss()
-    opt = torch.optim.Adam(module.decoder.parameters(), lr=dc.lr)
-    n = len(a_train)
-    steps = dc.epochs * max(1, -(-n // dc.batch_size))
-    progress = Progress(steps, f"decode k={n}", unit="steps", interval=10)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(dc.epochs):
-        for idx in torch.randperm(n, generator=gen).split(dc.batch_size):
-            loss = F.cross_entropy(module.decoded_logits(z_train[idx]), a_train[idx], label_smoothing=dc.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            progress.update(1, extra=f"loss {loss.item():.3f}")
-    progress.print()
-    loss_end = full_loss()
+    loss_start, loss_end = _fit_decoder(module, z_train, a_train, decoder_cfg, cfg.seed)
     with torch.no_grad():
         train_acc = (module.decoded_logits(z_train).argmax(-1) == a_train).float().mean().item()
         val_acc = (module.decoded_logits(z_val).argmax(-1) == a_val).float().mean().item()
@@ -129,6 +108,7 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
     fit_seconds = time.time() - t0
 
     _save_module(module, cfg.out)
+    n = len(a_train)
     report: dict[str, Any] = {
         "k": int(n), "decoder_train_loss_start": loss_start, "decoder_train_loss_end": loss_end,
         "decoder_train_accuracy": train_acc,
@@ -139,11 +119,49 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
         "fit_seconds": fit_seconds, "pretrain": cfg.pretrain, "corpus": corpus,
     }
     module.eval()
-    env = cfg.env
-    report.update(evaluate_on_both_level_sets(agent_logits(module), env, cfg.eval, f"decoded k={n}"))
+    report.update(evaluate_on_both_level_sets(agent_logits(module), cfg.env, cfg.eval, f"decoded k={n}"))
     storage.write_json(storage.join(cfg.out, "config.json"), {"variant": "offline-decoded", **dataclasses.asdict(cfg)})
     storage.write_json(storage.join(cfg.out, "decode.json"), report)
     return report
+
+
+def _decode_input(cfg: DecodeConfig):
+    """The stage-1 and stage-2 checkpoints, the corpus, its pipeline settings and its source;
+    a pretrain folder without checkpoints or a corpus without actions fails here, before Ray."""
+    stage1, stage2 = pretrain_checkpoints(cfg.pretrain)
+    pretrain = storage.read_json(storage.join(cfg.pretrain, "config.json"))
+    corpus = cfg.corpus or pretrain["corpus"] or pretrain["collect"]["out"]
+    pipe = config_from_dict(PipelineConfig, pretrain["data"])
+    source = open_source(corpus)
+    if not source.has_actions:
+        raise UsageError(f"{corpus}: this corpus has no true actions; offline decoding needs k labelled frames")
+    return stage1, stage2, corpus, pipe, source
+
+
+def _fit_decoder(module, z_train: torch.Tensor, a_train: torch.Tensor, decoder_cfg: DecoderConfig,
+                 seed: int) -> tuple[float, float]:
+    """Train ``module``'s decoder on the (latent, action) pairs; its loss on all of them before
+    and after."""
+    def full_loss() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(module.decoded_logits(z_train), a_train).item()
+
+    loss_start = full_loss()
+    opt = torch.optim.Adam(module.decoder.parameters(), lr=decoder_cfg.lr)
+    n = len(a_train)
+    steps = decoder_cfg.epochs * max(1, -(-n // decoder_cfg.batch_size))
+    progress = Progress(steps, f"decode k={n}", unit="steps", interval=10)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(decoder_cfg.epochs):
+        for idx in torch.randperm(n, generator=gen).split(decoder_cfg.batch_size):
+            loss = F.cross_entropy(module.decoded_logits(z_train[idx]), a_train[idx],
+                                   label_smoothing=decoder_cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            progress.update(1, extra=f"loss {loss.item():.3f}")
+    progress.print()
+    return loss_start, full_loss()
 
 
 def _entropy(actions: np.ndarray) -> float:

@@ -6,18 +6,21 @@ import os
 import tempfile
 from typing import Any
 
+import pyarrow.fs as pafs
+import torch
+
 from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.config import config_from_dict
 from lapo_ray.config.rl import EnvConfig, EvaluateConfig
 from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
+from lapo_ray.rl.algo import CHECKPOINT_DIR
+from lapo_ray.rl.decode import MODULE_DIR, agent_logits
 
 
 def load_agent(agent_uri: str):
     """(module, agent config dict) from a finetune or decode artifact folder."""
+    # lazy, RLlib: jobs import this before they check their input (architecture.md, Imports)
     from ray.rllib.core.rl_module.rl_module import RLModule
-
-    from lapo_ray.rl.algo import CHECKPOINT_DIR
-    from lapo_ray.rl.decode import MODULE_DIR
 
     config_uri = storage.join(agent_uri, "config.json")
     if not storage.exists(config_uri):
@@ -37,8 +40,6 @@ def load_agent(agent_uri: str):
     fs, path = storage.resolve(module_uri)
     with tempfile.TemporaryDirectory() as d:
         if not storage.is_local(module_uri):
-            import pyarrow.fs as pafs
-
             pafs.copy_files(path, d, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             path = d
         module = RLModule.from_checkpoint(os.path.abspath(path))
@@ -46,8 +47,6 @@ def load_agent(agent_uri: str):
 
 
 def evaluate_agent(cfg: EvaluateConfig) -> dict[str, Any]:
-    from lapo_ray.rl.decode import agent_logits
-
     module, agent_cfg = load_agent(cfg.agent)
     env = config_from_dict(EnvConfig, agent_cfg["env"])
     name = agent_cfg.get("variant", "agent")
@@ -66,18 +65,12 @@ class AgentPolicy:
     def __init__(self, agent_uri: str, num_envs: int, seed: int = 0):
         if not agent_uri:
             raise UsageError("policy 'agent:': give the agent folder, as agent:PATH")
-        import torch
-
-        from lapo_ray.rl.decode import agent_logits
-
         torch.set_num_threads(1)  # one collector per CPU; procgen steps in its own thread
         module, _ = load_agent(agent_uri)
         self._logits = agent_logits(module)
         self._gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, obs):
-        import torch
-
         with torch.no_grad():
             probs = torch.softmax(self._logits(torch.from_numpy(obs)).float(), -1)
         return torch.multinomial(probs, 1, generator=self._gen).squeeze(-1).numpy().astype("int64")

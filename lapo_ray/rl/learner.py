@@ -40,6 +40,7 @@ from lapo_ray.rl.connectors import (
     ScaleRewardsInBatch,
 )
 from lapo_ray.rl.module import PARTS
+from lapo_ray.train.checkpoint import load_dynamics
 
 
 # The one key of ``learner_config_dict`` this Learner owns; RLlib shares that dict with any other
@@ -66,8 +67,6 @@ class LapoPPOLearner(PPOTorchLearner):
             pipeline.prepend(NormalizeRewards(gamma=self.config.gamma, clip=settings.reward_clip))
             pipeline.insert_before(GeneralAdvantageEstimation, ScaleRewardsInBatch(clip=settings.reward_clip))
         if self._sl:
-            from lapo_ray.train.checkpoint import load_dynamics  # torch-only; keeps RL imports light
-
             idm = load_dynamics(settings.idm_checkpoint)
             if not settings.decoder_rl_grad:
                 self._pairs = PairBuffer(settings.decoder_buffer, idm.cfg.latent_dim, seed=self.config.seed or 0)

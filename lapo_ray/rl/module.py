@@ -41,6 +41,7 @@ from lapo_ray import UsageError
 from lapo_ray.config import PolicyConfig, config_from_dict
 from lapo_ray.models import LatentPolicy
 from lapo_ray.models.impala import frames_to_input
+from lapo_ray.train.checkpoint import load_latent_policy
 
 # Parameter groups, one optimiser each (PPOConfig has one PartSchedule per name).
 PARTS = ("convs", "trunk", "rl_head", "value_head", "decoder")
@@ -67,18 +68,15 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
 
     @override(TorchRLModule)
     def setup(self) -> None:
-        mc = self.model_config
         num_actions = self.action_space.n
         height, width, channels = self.observation_space.shape
-        checkpoint = mc.get("latent_policy_checkpoint")
+        checkpoint = self.model_config.get("latent_policy_checkpoint")
         self.scratch = checkpoint is None
-        self.decoder_rl_grad = bool(mc.get("decoder_rl_grad", False))
+        self.decoder_rl_grad = bool(self.model_config.get("decoder_rl_grad", False))
         if self.scratch:
-            policy_cfg = config_from_dict(PolicyConfig, mc["policy"])
+            policy_cfg = config_from_dict(PolicyConfig, self.model_config["policy"])
             latent_policy = LatentPolicy(policy_cfg, 1, channels, height)
         else:
-            from lapo_ray.train.checkpoint import load_latent_policy
-
             latent_policy, model_cfg = load_latent_policy(checkpoint)
             if (model_cfg.frame_size, model_cfg.channels) != (height, channels):
                 raise UsageError(
@@ -96,7 +94,8 @@ class LapoAgentModule(TorchRLModule, ValueFunctionAPI):
             # The SL path keeps the latent policy as it was trained; only the decoder learns on it.
             self.fc_sl = copy.deepcopy(cnn.fc).requires_grad_(False)
             self.latent_head = latent_policy.head.requires_grad_(False)
-            self.decoder = make_decoder(latent_policy.head.out_features, num_actions, tuple(mc["decoder_hidden"]))
+            self.decoder = make_decoder(latent_policy.head.out_features, num_actions,
+                                        tuple(self.model_config["decoder_hidden"]))
         self.to(memory_format=torch.channels_last)
 
     # -- parts -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 from lapo_ray import UsageError, storage
 from lapo_ray.config import ModelConfig, config_from_dict
+from lapo_ray.envs import NUM_ACTIONS
 
 STATE_FILE, CONFIG_FILE = "state.json", "config.json"
 
@@ -134,7 +135,7 @@ def local_checkpoint(uri: str) -> Iterator[str]:
     if "://" not in uri:
         yield uri
         return
-    import ray.train
+    import ray.train  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     fs, path = storage.resolve(uri)
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
@@ -143,7 +144,7 @@ def local_checkpoint(uri: str) -> Iterator[str]:
 
 def load_dynamics(uri: str):
     """The stage-1 model (IDM + world model) from its checkpoint alone: its config travels with it."""
-    from lapo_ray.envs import NUM_ACTIONS
+    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
     from lapo_ray.models import LatentDynamics
 
     with local_checkpoint(uri) as d:
@@ -157,6 +158,7 @@ def load_dynamics(uri: str):
 
 def load_latent_policy(uri: str):
     """The stage-2 latent policy and its ModelConfig from its checkpoint alone."""
+    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
     from lapo_ray.models import LatentPolicy
 
     with local_checkpoint(uri) as d:
@@ -168,7 +170,7 @@ def load_latent_policy(uri: str):
 
 def load_supervised_idm(uri: str) -> torch.nn.Module:
     """The supervised IDM from its checkpoint alone (its config travels with it)."""
-    from lapo_ray.envs import NUM_ACTIONS
+    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
     from lapo_ray.models import SupervisedIDM
 
     with local_checkpoint(uri) as d:

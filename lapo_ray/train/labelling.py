@@ -36,7 +36,7 @@ from lapo_ray import MissingPathError, UsageError, storage, telemetry
 from lapo_ray.progress import Progress
 from lapo_ray.config import LabelConfig, PipelineConfig
 from lapo_ray.data.sources import Source
-from lapo_ray.data.triplets import TripletBatcher, iter_segments
+from lapo_ray.data.triplets import SplitSpec, TripletBatcher, iter_segments
 from lapo_ray.runtime import check_cpu_budget
 from lapo_ray.train.checkpoint import load_dynamics
 
@@ -62,8 +62,8 @@ class IDMLabeller:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_dynamics(checkpoint_uri).to(self.device)
         self.source, self.dest, self.batch_size = source, dest_uri, batch_size
-        c = self.model.cfg
-        self.shape = (c.frame_size, c.frame_size, c.channels)
+        model_cfg = self.model.cfg
+        self.shape = (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
         torch.set_num_threads(max(1, threads))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,6 +96,7 @@ class IDMLabeller:
 
     @torch.no_grad()
     def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        # lazy: jobs import this before they check their input (architecture.md, Imports)
         from ray.data.block import BlockAccessor
 
         frames = torch.from_numpy(batch["frames"]).to(self.device, non_blocking=True)
@@ -113,13 +114,14 @@ class IDMLabeller:
         })
 
     def _empty(self) -> pa.Table:
-        c = self.model.cfg
-        one = {"episode_id": np.zeros(1, np.int64), "step": np.zeros(1, np.int64),
-               "obs": np.zeros((1, *self.shape), np.uint8), "latent": np.zeros((1, c.latent_dim), np.float32),
-               "codes": np.zeros((1, c.vq.num_codebooks * c.vq.num_discrete_latents), np.int64),
-               "action": np.zeros(1, np.int64)}
+        # lazy: jobs import this before they check their input (architecture.md, Imports)
         from ray.data.block import BlockAccessor
 
+        model_cfg = self.model.cfg
+        codes = model_cfg.vq.num_codebooks * model_cfg.vq.num_discrete_latents
+        one = {"episode_id": np.zeros(1, np.int64), "step": np.zeros(1, np.int64),
+               "obs": np.zeros((1, *self.shape), np.uint8), "latent": np.zeros((1, model_cfg.latent_dim), np.float32),
+               "codes": np.zeros((1, codes), np.int64), "action": np.zeros(1, np.int64)}
         return BlockAccessor.batch_to_block(one).slice(0, 0)
 
 
@@ -140,7 +142,7 @@ def _finished_shards(dest: str) -> dict[str, str]:
 def check_gpu_budget(cfg: LabelConfig) -> None:
     """Fail at once when the actors' GPUs exceed the cluster's (Ray would wait without a word);
     clusters that grow on demand (LAPO_AUTOSCALING=1) are left out, as for CPUs."""
-    import ray
+    import ray  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     if cfg.num_gpus_per_actor <= 0 or os.environ.get("LAPO_AUTOSCALING") == "1":
         return
@@ -159,8 +161,6 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     checkpoint and files are kept. Each actor reads its files itself, in order. With
     ``file_triplets`` (the scan's count per file, aligned with ``files``) progress lines count
     steps, with rate and ETA; without, shards."""
-    import ray.data
-
     dest = storage.join(out_uri, LATENTS_DIR)
     manifest_uri = storage.join(dest, "manifest.json")
     files = list(files or source.scan_files())
@@ -173,9 +173,28 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
                      "lower --label.num-actors or --label.cpus-per-actor (fractions work), or add CPUs")
     check_gpu_budget(cfg)
     started = time.monotonic()
+    _start_run(source.name, dest, run_uri, run, names)
+    done = _finished_shards(dest)
+    todo = [f for f, n in zip(files, names) if n not in done]
+    kept = len(files) - len(todo)
+    if kept:
+        print(f"labelling: {kept} of {len(files)} shards already finished in {dest}; labelling the other "
+              f"{len(todo)}", flush=True)
+    if todo:
+        _label_files(source, checkpoint_uri, dest, cfg, files, todo, file_triplets)
+    manifest = {"checkpoint": checkpoint_uri, "source": source.name, "rows": _count_rows(dest, names),
+                "shards": len(names), "shards_kept_from_earlier_run": kept,
+                "seconds": round(time.monotonic() - started, 1), "columns": COLUMNS}
+    storage.write_json(manifest_uri, manifest)
+    return manifest
+
+
+def _start_run(source_name: str, dest: str, run_uri: str, run: dict[str, Any], names: list[str]) -> None:
+    """Refuse input files that would share a shard name, clear ``dest`` of another run's labels
+    and record this run there."""
     clashes = sorted(n for n, k in Counter(names).items() if k > 1)
     if clashes:
-        raise UsageError(f"{source.name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
+        raise UsageError(f"{source_name}: input files would share the latent shard name(s) {', '.join(clashes[:5])}; "
                          "rename them so each file name is unique")
     fs, path = storage.resolve(dest)
     if storage.exists(dest) and not (storage.exists(run_uri) and storage.read_json(run_uri) == run):
@@ -184,47 +203,50 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
         fs.delete_dir(path)
     storage.makedirs(dest)
     storage.write_json(run_uri, run)
-    done = _finished_shards(dest)
-    todo = [f for f, n in zip(files, names) if n not in done]
+
+
+def _label_files(source: Source, checkpoint_uri: str, dest: str, cfg: LabelConfig, files: list[str],
+                 todo: list[str], file_triplets: list[int] | None) -> None:
+    """Label the files ``todo`` (of ``files``) on a pool of ``IDMLabeller`` actors, a task per
+    file, with a progress line per finished shard."""
+    import ray.data  # lazy: jobs import this before they check their input (architecture.md, Imports)
+
+    use_gpu = cfg.num_gpus_per_actor > 0
+    ds = ray.data.from_items([{"path": f} for f in todo]).map_batches(
+        IDMLabeller,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "source": source, "dest_uri": dest,
+                               "batch_size": cfg.batch_size, "use_gpu": use_gpu,
+                               "threads": int(cfg.cpus_per_actor)},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(todo)))),
+        num_cpus=cfg.cpus_per_actor,
+        **({"num_gpus": cfg.num_gpus_per_actor} if use_gpu else {}),
+    )
+    counts = dict(zip(files, file_triplets)) if file_triplets is not None and len(file_triplets) == len(files) \
+        else None
+    # Rate and ETA over the steps still to label (the scan's counts), else over shards.
+    progress = (Progress(sum(counts[f] for f in todo), "labelling", "steps", interval=0) if counts
+                else Progress(len(todo), "labelling", "shards", interval=0))
     kept = len(files) - len(todo)
-    if kept:
-        print(f"labelling: {kept} of {len(files)} shards already finished in {dest}; labelling the other "
-              f"{len(todo)}", flush=True)
-    if todo:
-        use_gpu = cfg.num_gpus_per_actor > 0
-        ds = ray.data.from_items([{"path": f} for f in todo]).map_batches(
-            IDMLabeller,
-            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "source": source, "dest_uri": dest,
-                                   "batch_size": cfg.batch_size, "use_gpu": use_gpu,
-                                   "threads": int(cfg.cpus_per_actor)},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(todo)))),
-            num_cpus=cfg.cpus_per_actor,
-            **({"num_gpus": cfg.num_gpus_per_actor} if use_gpu else {}),
-        )
-        counts = dict(zip(files, file_triplets)) if file_triplets is not None and len(file_triplets) == len(files) \
-            else None
-        # Rate and ETA over the steps still to label (the scan's counts), else over shards.
-        progress = (Progress(sum(counts[f] for f in todo), "labelling", "steps", interval=0) if counts
-                    else Progress(len(todo), "labelling", "shards", interval=0))
-        for i, r in enumerate(ds.iter_rows()):
-            progress.update(int(r["rows"]) if counts else 1,
-                            extra=f"shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
-                                  f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s")
+    for i, r in enumerate(ds.iter_rows()):
+        progress.update(int(r["rows"]) if counts else 1,
+                        extra=f"shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
+                              f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s")
+
+
+def _count_rows(dest: str, names: list[str]) -> int:
+    """The rows of the shards ``names`` in ``dest``, every one of which must be there."""
     done = _finished_shards(dest)
     missing = [n for n in names if n not in done]
     if missing:
         raise RuntimeError(f"labelling: {len(missing)} shard(s) missing in {dest} after the run: {', '.join(missing[:5])}")
+    fs, _ = storage.resolve(dest)
     rows = 0
     for n in names:
         with fs.open_input_file(done[n]) as fh:
             rows += pq.ParquetFile(fh).metadata.num_rows
-    manifest = {"checkpoint": checkpoint_uri, "source": source.name, "rows": rows, "shards": len(names),
-                "shards_kept_from_earlier_run": kept, "seconds": round(time.monotonic() - started, 1),
-                "columns": COLUMNS}
-    storage.write_json(manifest_uri, manifest)
-    return manifest
+    return rows
 
 
 SPLIT_FILE = "split.json"
@@ -232,9 +254,7 @@ SPLIT_FILE = "split.json"
 
 def latents_dataset(out_uri: str, split: str, pipe: PipelineConfig):
     """Stage 2's input: the labelled steps of one split (split by episode, as for stage 1)."""
-    import ray.data
-
-    from lapo_ray.data.triplets import SplitSpec
+    import ray.data  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     dest = storage.join(out_uri, LATENTS_DIR)
     if not storage.exists(storage.join(dest, "manifest.json")):

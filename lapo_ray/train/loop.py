@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 
 from lapo_ray import telemetry
 from lapo_ray.config import PipelineConfig, StageConfig
+from lapo_ray.train.checkpoint import Checkpoint, load_weights, save_checkpoint
 from lapo_ray.train.step import StageStep, compile_model, lr_factor, make_optimizer, to_channels_last, use_bf16
 
 __all__ = ["StageTask", "lr_factor", "run_stage", "use_bf16"]
@@ -64,8 +66,6 @@ def _all_reduce(value: float, world: int, op: str) -> float:
     host wait for every queued GPU step, the very sync the step avoids."""
     if world == 1:
         return value
-    import torch.distributed as dist
-
     global _host_group
     if _host_group is None and dist.get_backend() != "gloo":
         _host_group = dist.new_group(backend="gloo")
@@ -121,7 +121,7 @@ def _data_parallel(model: torch.nn.Module, world: int) -> torch.nn.Module:
     codebook update with rank 0's. BatchNorm layers are the exception: on GPU they become
     SyncBatchNorm; on CPU, where SyncBatchNorm does not run, rank 0's running statistics are
     broadcast (the batch statistics stay per rank; the ``cpu`` preset uses GroupNorm instead)."""
-    import ray.train.torch
+    import ray.train.torch  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     device = ray.train.torch.get_device()
     if world == 1:
@@ -149,6 +149,7 @@ def run_stage(config: dict[str, Any]) -> None:
     ``stage`` (StageConfig), ``pipeline`` (PipelineConfig), ``run_config`` (the resolved
     PretrainConfig as a dict, stored in every checkpoint) and, optionally, ``sink`` (rank 0's
     metrics)."""
+    # lazy: jobs import this before they check their input (architecture.md, Imports)
     import ray.train
     import ray.train.torch
 
@@ -211,9 +212,7 @@ def _resume(task: StageTask, model: torch.nn.Module, optimizer: torch.optim.Opti
             sink) -> _Position:
     """Load Ray Train's latest checkpoint into ``model`` and ``optimizer``, if there is one, and
     rewind rank 0's metrics to its step: rows past it belong to steps that run again."""
-    import ray.train
-
-    from lapo_ray.train.checkpoint import Checkpoint, load_weights
+    import ray.train  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -221,7 +220,8 @@ def _resume(task: StageTask, model: torch.nn.Module, optimizer: torch.optim.Opti
     with checkpoint.as_directory() as d:
         load_weights(d, model, optimizer)
         state = Checkpoint(d).state
-    # Checkpoints written before epochs were tracked lack the epoch fields.
+    # The epoch fields are optional (a state.json without them resumes at epoch 0), so every
+    # checkpoint on disk can resume its run.
     pos = _Position(step=state["step"], epoch=state.get("epoch", 0), epoch_step=state.get("epoch_step", 0),
                     train_seconds=state.get("train_seconds", 0.0), resumed_from=state["step"])
     if rank == 0:
@@ -245,7 +245,7 @@ def _validation_batches(task: StageTask, cfg: StageConfig, pipe: PipelineConfig,
                         device: torch.device) -> list[dict]:
     """The first ``cfg.val_batches`` batches of this rank's validation shard, unshuffled, read
     once and kept, so every report scores the same triplets."""
-    import ray.train
+    import ray.train  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     if cfg.val_batches <= 0:
         return []
@@ -296,9 +296,7 @@ def _log_and_report(out: dict[str, Any], task: StageTask, model: torch.nn.Module
                     optimizer: torch.optim.Optimizer, cfg: StageConfig, pos: _Position, sink, rank: int,
                     stop: bool, run_config: dict[str, Any]) -> None:
     """Log the row, then hand it to Ray Train, with rank 0's checkpoint when one is due."""
-    import ray.train
-
-    from lapo_ray.train.checkpoint import save_checkpoint
+    import ray.train  # lazy: jobs import this before they check their input (architecture.md, Imports)
 
     # Logged before the report that may carry a checkpoint: a group that dies between the two
     # leaves a row past its last checkpoint, which the restart rewinds; the other order could

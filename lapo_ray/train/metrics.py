@@ -116,7 +116,7 @@ class WandbRun:
                 run.finish(exit_code=1)
 
     def _start(self):
-        import wandb
+        import wandb  # lazy: heavy, and only a run with wandb on needs it
 
         root = wandb_dir(self.out_uri)
         os.makedirs(os.path.join(root, "wandb"), exist_ok=True)
@@ -218,7 +218,7 @@ class WandbRun:
         uris = [u for u in uris if storage.exists(u)]
         if not uris:
             return []
-        import wandb
+        import wandb  # lazy: heavy, and only a run with wandb on needs it
 
         with tempfile.TemporaryDirectory() as tmp, self._lock:
             if self.run is None:

@@ -1,8 +1,8 @@
 """Stage-1 recipe options from the follow-up literature (see docs/recipes.md).
 
 The functions on tensors run on the batch's own device with tensor ops only: no value is read
-back to the host, so the training step stays free of syncs (see ``train/step.py``). The labelled
-subset is chosen once, on the host, by ``triplet_hash_np``.
+back to the host, so the training step stays free of syncs (see ``train/step.py``). The
+action-labelled subset is chosen once, on the host, by ``triplet_hash_np``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def triplet_hash_np(episode_id: np.ndarray, step: np.ndarray) -> np.ndarray:
     return _mix(np.asarray(episode_id, np.int64), np.asarray(step, np.int64)).astype(np.float64) / _P
 
 
-def label_fraction(k: int, train_triplets: int) -> float:
-    """Share of the training triplets whose hash marks them labelled, for about ``k`` of them."""
+def action_label_fraction(k: int, train_triplets: int) -> float:
+    """Share of the training triplets whose hash marks them action-labelled, for about ``k`` of them."""
     return 0.0 if k <= 0 or train_triplets <= 0 else min(1.0, k / train_triplets)
 
 

@@ -9,14 +9,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lapo_ray.config import ModelConfig, StageConfig
+from lapo_ray.config import ModelConfig, Stage1Config
 from lapo_ray.envs import NUM_ACTIONS
-from lapo_ray.models import LatentDynamics, LatentPolicy, SupervisedIDM, labelled_loss
+from lapo_ray.models import LatentDynamics, LatentPolicy, SupervisedIDM, action_loss
 from lapo_ray.models.impala import frames_to_input
 from lapo_ray.train.recipes import change_weights, random_shift
 
-# The input pipelines (Ray Data, pyarrow) are imported inside ``batches`` only: the models and
-# the training step then run on a machine with PyTorch alone.
+
+def _triplet_batches(model_cfg: ModelConfig, ds, batch_size, pipe, drop_last, epoch, device):
+    """A task's ``batches`` over triplets, cut at the model's frame offset."""
+    # lazy: the input pipeline needs pyarrow; the models and the step run on machines with PyTorch alone
+    from lapo_ray.data.triplets import torch_batches
+
+    shape = (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
+    return torch_batches(ds, shape, batch_size, pipe, drop_last, epoch, device=device, offset=model_cfg.frame_offset)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,10 +35,11 @@ TrainingMetric = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, fl
 
 
 @dataclass
-class LabelSet:
-    """The labelled training triplets of --stage1.action-labels, held in memory (256 triplets of
-    64x64 frames are 9 MB), so every step can draw a labelled mini-batch of its own, as LAOM
-    does. Which triplets are labelled is fixed by ``recipes.triplet_hash_np``."""
+class ActionLabelSet:
+    """The action-labelled training triplets of --stage1.action-labels, held in memory (256
+    triplets of 64x64 frames are 9 MB), so every step can draw an action-labelled mini-batch of its
+    own, as LAOM does. Which triplets carry their action label is fixed by
+    ``recipes.triplet_hash_np``."""
 
     frames: np.ndarray  # uint8 (N, 3, H, W, C)
     actions: np.ndarray  # int64 (N,)
@@ -40,7 +47,7 @@ class LabelSet:
 
     def __post_init__(self):
         if len(self.frames) != len(self.actions) or len(self.actions) == 0:
-            raise ValueError(f"LabelSet: {len(self.frames)} triplets and {len(self.actions)} actions; "
+            raise ValueError(f"ActionLabelSet: {len(self.frames)} triplets and {len(self.actions)} actions; "
                              "need the same positive number")
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gen: torch.Generator | None = None
@@ -77,49 +84,46 @@ class Stage1Task:
     model_cfg: ModelConfig
     probe: TrainingMetric | None = None
     name: str = "stage1"
-    # The recipe options (StageConfig.action_labels, change_weight, augment; docs/recipes.md).
+    # The recipe options (Stage1Config.action_labels, change_weight, augment; docs/recipes.md).
     # None: the plain LAPO objective.
-    recipe: StageConfig | None = None
-    # The labelled training triplets (--stage1.action-labels), loaded by the caller.
-    label_set: LabelSet | None = None
+    recipe: Stage1Config | None = None
+    # The action-labelled training triplets (--stage1.action-labels), loaded by the caller.
+    action_label_set: ActionLabelSet | None = None
 
     def build(self) -> torch.nn.Module:
-        return LatentDynamics(self.model_cfg, num_actions=NUM_ACTIONS if self._labels() else 0)
+        return LatentDynamics(self.model_cfg, num_actions=NUM_ACTIONS if self._uses_action_labels() else 0)
 
-    def _labels(self) -> bool:
+    def _uses_action_labels(self) -> bool:
         return self.recipe is not None and self.recipe.action_labels > 0
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
-        from lapo_ray.data.triplets import torch_batches
-
-        c = self.model_cfg
-        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
-                             device=device, offset=c.frame_offset)
+        return _triplet_batches(self.model_cfg, ds, batch_size, pipe, drop_last, epoch, device)
 
     def loss(self, model, batch):
-        r = self.recipe
+        recipe = self.recipe
         frames = batch["frames"]
-        if r is not None and r.augment == "shift":
-            frames = random_shift(frames, r.shift_pad)
+        if recipe is not None and recipe.augment == "shift":
+            frames = random_shift(frames, recipe.shift_pad)
         out = model(frames)
         loss = out["loss"]
         metrics = {"wm_loss": out["wm_loss"], "vq_loss": out["vq_loss"]}
-        if r is not None and r.change_weight > 0:
+        if recipe is not None and recipe.change_weight > 0:
             x = frames_to_input(frames)
             target = x[:, 2].contiguous(memory_format=torch.channels_last)
-            weighted = (change_weights(x, r.change_weight, r.change_baseline) * (out["pred"].float() - target) ** 2).mean()
+            weights = change_weights(x, recipe.change_weight, recipe.change_baseline)
+            weighted = (weights * (out["pred"].float() - target) ** 2).mean()
             loss = weighted + out["vq_loss"]
             metrics["wm_loss_weighted"] = weighted
-        if self._labels():
-            if self.label_set is None:
+        if self._uses_action_labels():
+            if self.action_label_set is None:
                 raise ValueError("stage 1: --stage1.action-labels is set but the task has no labelled triplets")
-            lf, la = self.label_set.draw(r.action_label_batch, frames.device)
-            if r.augment == "shift":
-                lf = random_shift(lf, r.shift_pad)
-            logits = _unwrap(model).action_logits(lf)
-            label_loss = F.cross_entropy(logits, la)
-            loss = loss + r.action_label_weight * label_loss
-            metrics.update(label_loss=label_loss, label_acc=(logits.argmax(-1) == la).float().mean())
+            drawn_frames, drawn_actions = self.action_label_set.draw(recipe.action_label_batch, frames.device)
+            if recipe.augment == "shift":
+                drawn_frames = random_shift(drawn_frames, recipe.shift_pad)
+            logits = _unwrap(model).action_logits(drawn_frames)
+            action_label_loss = F.cross_entropy(logits, drawn_actions)
+            loss = loss + recipe.action_label_weight * action_label_loss
+            metrics.update(label_loss=action_label_loss, label_acc=(logits.argmax(-1) == drawn_actions).float().mean())
         metrics["loss"] = loss
         for i in range(self.model_cfg.vq.num_codebooks):
             metrics[f"vq_perplexity_cb{i}"] = out["perplexity"][i]
@@ -146,8 +150,8 @@ class Stage2Task:
     name: str = "stage2"
 
     def build(self) -> torch.nn.Module:
-        c = self.model_cfg
-        return LatentPolicy(c.policy, c.latent_dim, c.channels, c.frame_size)
+        model_cfg = self.model_cfg
+        return LatentPolicy(model_cfg.policy, model_cfg.latent_dim, model_cfg.channels, model_cfg.frame_size)
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         buffer = pipe.local_shuffle_buffer or None
@@ -181,21 +185,17 @@ class SupervisedIDMTask:
         return SupervisedIDM(self.model_cfg, NUM_ACTIONS)
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
-        from lapo_ray.data.triplets import torch_batches
-
-        c = self.model_cfg
-        return torch_batches(ds, (c.frame_size, c.frame_size, c.channels), batch_size, pipe, drop_last, epoch,
-                             device=device, offset=c.frame_offset)
+        return _triplet_batches(self.model_cfg, ds, batch_size, pipe, drop_last, epoch, device)
 
     def loss(self, model, batch):
-        loss, correct, n = labelled_loss(model(batch["frames"]), batch["action"])
+        loss, correct, n = action_loss(model(batch["frames"]), batch["action"])
         return loss, {"loss": loss, "acc": correct / n.clamp(min=1), "labelled_frac": n / len(batch["action"])}
 
     def validate(self, model, batches):
         correct = total = 0
         for b in batches:
-            _, c, n = labelled_loss(model(b["frames"]), b["action"])
-            correct, total = correct + int(c), total + int(n)
+            _, hits, n = action_loss(model(b["frames"]), b["action"])
+            correct, total = correct + int(hits), total + int(n)
         return {"acc": correct / max(total, 1)}
 
     def extra_metrics(self, model) -> dict[str, float]:

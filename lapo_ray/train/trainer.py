@@ -7,6 +7,7 @@ from typing import Any
 
 from lapo_ray import storage
 from lapo_ray.config import PipelineConfig, StageConfig
+from lapo_ray.runtime import check_cpu_budget, check_spread
 from lapo_ray.train.checkpoint import Checkpoint
 from lapo_ray.train.loop import StageTask, run_stage
 from lapo_ray.train.metrics import MetricsSink, WandbRun
@@ -21,10 +22,9 @@ def fit_stage(task: StageTask, cfg: StageConfig, pipe: PipelineConfig, train_ds,
     from its latest checkpoint instead of starting over; a worker that dies restarts the group
     from the last checkpoint up to ``cfg.max_failures`` times.
     """
+    # lazy: jobs import this before they check their input (architecture.md, Imports)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lapo_ray.runtime import check_cpu_budget, check_spread
 
     check_cpu_budget(task.name, cfg.num_workers, cfg.cpus_per_worker,
                      f"lower --{task.name}.num-workers or --{task.name}.cpus-per-worker, or add CPUs")
