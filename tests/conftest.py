@@ -40,12 +40,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+_SHARED_RAY: dict[str, str | None] = {"address": None}
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local 2-CPU Ray instance for one test module (the size of this project's CI machine)."""
+def ray_local(request):
+    """A local 2-CPU Ray instance (the size of this project's CI machine), shared by the modules
+    that ask for it: started by the first, kept for the next, and started anew only when a module
+    in between joined a cluster of its own (test_cluster_ops, test_multinode). A start and a
+    shutdown cost about 8 s here; nine modules use it. Shut down when the session ends."""
     import ray
     from ray.data import DataContext
 
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address == _SHARED_RAY["address"]:
+        yield ray
+        return
     if ray.is_initialized():
         ray.shutdown()
     # Ray workers import the test modules that define helpers passed to them (pickled by reference).
@@ -61,8 +70,9 @@ def ray_local():
         os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
+    _SHARED_RAY["address"] = ray.get_runtime_context().gcs_address
+    request.session.config.add_cleanup(ray.shutdown)
     yield ray
-    ray.shutdown()
 
 
 REPO = Path(__file__).resolve().parents[1]
