@@ -14,11 +14,24 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from lapo_ray import UsageError, storage
 from lapo_ray.config.experiment import ExperimentConfig
 from lapo_ray.config.rl import DecodeConfig, EvalConfig, EvaluateConfig
+from lapo_ray.data.collect import collect
+from lapo_ray.data.corpus import read_actions
+from lapo_ray.envs import NUM_ACTIONS
+from lapo_ray.evaluation.experiment_report import render_experiment_report
+from lapo_ray.evaluation.plots import plot_offline_decoding, plot_seed_curves
+from lapo_ray.evaluation.reports import demo_norm
+from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets, evaluate_policy
+from lapo_ray.evaluation.stats import curve_mean
 from lapo_ray.pipelines.pretrain import run_pretrain
+from lapo_ray.rl.algo import finetune
+from lapo_ray.rl.decode import decode_offline
+from lapo_ray.rl.evaluate import POLICY_FACTORIES, evaluate_agent
+from lapo_ray.train.metrics import read_metrics
 
 STEPS = ("demonstrator", "random", "collect", "majority", "pretrain", "finetune", "decode", "report")
 
@@ -46,8 +59,7 @@ def _step(out: str, name: str, fn, missing: list[str] | None = None) -> dict[str
 
 
 def versions() -> dict[str, str]:
-    import ray
-    import torch
+    import ray  # lazy: importing Ray costs seconds, and a report-only pass never starts it
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -64,24 +76,24 @@ def run_experiment(cfg: ExperimentConfig, preset: str = "cpu") -> dict[str, Any]
     write its report from all finished steps. Ray starts in the first step that needs it (the
     library's collect, run_pretrain, finetune and decode_offline start it after checking their
     input), so a report-only pass never starts it."""
-    c = cfg.resolved()
+    resolved = cfg.resolved()
     out = cfg.out
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict())
-    ev = c.eval
+    eval_cfg = resolved.eval
     results = {**_versions_of_the_run(out), "preset": preset}
     missing: list[str] | None = [] if cfg.report_only else None
 
     def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         return _step(out, name, fn, missing)
 
-    results["demonstrator"] = step("demonstrator", lambda: _demonstrator(c, ev))
-    results["random"] = step("random", lambda: _random_policy(c, ev))
-    results["collect"] = step("collect", lambda: _collect(c))
-    results["pretrain"] = step("pretrain", lambda: _pretrain(c))
-    results["majority"] = step("majority", lambda: _majority(c, ev))
-    results["finetune"] = _online_runs(cfg, c, ev, step)
-    results["decode"] = _offline_runs(cfg, c, ev, step)
+    results["demonstrator"] = step("demonstrator", lambda: _demonstrator(resolved, eval_cfg))
+    results["random"] = step("random", lambda: _random_policy(resolved, eval_cfg))
+    results["collect"] = step("collect", lambda: _collect(resolved))
+    results["pretrain"] = step("pretrain", lambda: _pretrain(resolved))
+    results["majority"] = step("majority", lambda: _majority(resolved, eval_cfg))
+    results["finetune"] = _online_runs(cfg, resolved, eval_cfg, step)
+    results["decode"] = _offline_runs(cfg, resolved, eval_cfg, step)
     if missing:
         basics = [name for name in ("demonstrator", "random", "collect", "pretrain") if name in missing]
         if basics:
@@ -104,20 +116,13 @@ def _versions_of_the_run(out: str) -> dict[str, Any]:
 # ---- the steps: each returns the JSON its marker keeps --------------------------------------
 
 
-def _demonstrator(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
-    from lapo_ray.rl.algo import finetune
-    from lapo_ray.rl.evaluate import evaluate_agent
-
-    summary = finetune(c.demonstrator)
-    return {"finetune": summary, "evaluation": evaluate_agent(EvaluateConfig(agent=c.demonstrator.out, eval=ev))}
+def _demonstrator(resolved: ExperimentConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    summary = finetune(resolved.demonstrator)
+    return {"finetune": summary, "evaluation": evaluate_agent(EvaluateConfig(agent=resolved.demonstrator.out, eval=eval_cfg))}
 
 
 def _constant_logits(action: int | None) -> Callable:
     """A policy of logits for ``evaluate_policy``: uniform (None) or always ``action``."""
-    import torch
-
-    from lapo_ray.envs import NUM_ACTIONS
-
     def policy(obs):
         if action is None:
             return torch.zeros(len(obs), NUM_ACTIONS)
@@ -128,71 +133,59 @@ def _constant_logits(action: int | None) -> Callable:
     return policy
 
 
-def _random_policy(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
-    from lapo_ray.evaluation.rollout import evaluate_policy
-
-    return {"train_levels": evaluate_policy(_constant_logits(None), c.finetune.env, ev, "random policy")}
+def _random_policy(resolved: ExperimentConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    return {"train_levels": evaluate_policy(_constant_logits(None), resolved.finetune.env, eval_cfg, "random policy")}
 
 
-def _collect(c: ExperimentConfig) -> dict[str, Any]:
-    from lapo_ray.data.collect import collect
-    from lapo_ray.rl.evaluate import POLICY_FACTORIES
-
+def _collect(resolved: ExperimentConfig) -> dict[str, Any]:
     t0 = time.time()
-    manifest = collect(c.collect, policy_factories=POLICY_FACTORIES)
+    manifest = collect(resolved.collect, policy_factories=POLICY_FACTORIES)
     seconds = time.time() - t0
     return {"frames": manifest.num_frames, "episodes": manifest.num_episodes,
             "triplets": manifest.num_triplets, "wall_seconds": seconds,
-            "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": c.collect.policy,
+            "frames_per_s": manifest.num_frames / max(seconds, 1e-9), "policy": resolved.collect.policy,
             "mean_episode_return": manifest.made_by.get("mean_episode_return")}
 
 
-def _pretrain(c: ExperimentConfig) -> dict[str, Any]:
-    summary = run_pretrain(c.pretrain)
+def _pretrain(resolved: ExperimentConfig) -> dict[str, Any]:
+    summary = run_pretrain(resolved.pretrain)
     return {k: summary[k] for k in ("probe", "stage1", "stage2", "label") if k in summary}
 
 
-def _majority(c: ExperimentConfig, ev: EvalConfig) -> dict[str, Any]:
-    from lapo_ray.evaluation.rollout import evaluate_on_both_level_sets
-
-    action = majority_action(c.collect.out)
+def _majority(resolved: ExperimentConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    action = majority_action(resolved.collect.out)
     return {"action": action,
-            **evaluate_on_both_level_sets(_constant_logits(action), c.finetune.env, ev, "majority action")}
+            **evaluate_on_both_level_sets(_constant_logits(action), resolved.finetune.env, eval_cfg, "majority action")}
 
 
-def _online_runs(cfg: ExperimentConfig, c: ExperimentConfig, ev: EvalConfig, step) -> dict[str, list[dict[str, Any]]]:
+def _online_runs(cfg: ExperimentConfig, resolved: ExperimentConfig, eval_cfg: EvalConfig, step) -> dict[str, list[dict[str, Any]]]:
     """Every finished online run, by variant, in the order ``cfg.online_runs`` interleaves them."""
-    from lapo_ray.rl.algo import finetune
-    from lapo_ray.rl.evaluate import evaluate_agent
-
     def run(ft) -> dict[str, Any]:
         t0 = time.time()
         summary = finetune(ft)
         seconds = time.time() - t0
-        report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=ev))
+        report = evaluate_agent(EvaluateConfig(agent=ft.out, eval=eval_cfg))
         return {"seed": ft.seed, "out": ft.out, "finetune": summary, "evaluation": report,
                 "wall_seconds": seconds, "env_steps_per_s": summary["env_steps"] / max(seconds, 1e-9)}
 
     online: dict[str, list[dict[str, Any]]] = {}
     for variant, seed in cfg.online_runs():
-        ft = dataclasses.replace(c.finetune, out=storage.join(cfg.out, f"finetune-{variant}-s{seed}"),
+        ft = dataclasses.replace(resolved.finetune, out=storage.join(cfg.out, f"finetune-{variant}-s{seed}"),
                                  scratch=variant == "scratch", seed=seed,
-                                 ppo=dataclasses.replace(c.finetune.ppo, decoder_sl=variant == "rl+sl"))
+                                 ppo=dataclasses.replace(resolved.finetune.ppo, decoder_sl=variant == "rl+sl"))
         done = step(f"finetune-{variant}-s{seed}", lambda ft=ft: run(ft))
         if done is not None:
             online.setdefault(variant, []).append(done)
     return online
 
 
-def _offline_runs(cfg: ExperimentConfig, c: ExperimentConfig, ev: EvalConfig, step) -> dict[str, Any]:
-    from lapo_ray.rl.decode import decode_offline
-
+def _offline_runs(cfg: ExperimentConfig, resolved: ExperimentConfig, eval_cfg: EvalConfig, step) -> dict[str, Any]:
     offline: dict[str, Any] = {}
     for k in cfg.decode_k:
-        dc = DecodeConfig(out=storage.join(cfg.out, f"decode-k{k}"), pretrain=c.pretrain.out,
-                          decoder=dataclasses.replace(cfg.decoder, k=k), env=c.finetune.env, eval=ev,
-                          seed=cfg.seed, decoder_hidden=c.finetune.decoder_hidden)
-        done = step(f"decode-k{k}", lambda dc=dc: decode_offline(dc))
+        decode_cfg = DecodeConfig(out=storage.join(cfg.out, f"decode-k{k}"), pretrain=resolved.pretrain.out,
+                          decoder=dataclasses.replace(cfg.decoder, k=k), env=resolved.finetune.env, eval=eval_cfg,
+                          seed=cfg.seed, decoder_hidden=resolved.finetune.decoder_hidden)
+        done = step(f"decode-k{k}", lambda decode_cfg=decode_cfg: decode_offline(decode_cfg))
         if done is not None:
             offline[str(k)] = done
     return offline
@@ -201,8 +194,6 @@ def _offline_runs(cfg: ExperimentConfig, c: ExperimentConfig, ev: EvalConfig, st
 def majority_action(corpus: str) -> int:
     """The corpus's most frequent action: the agent that always plays it is the floor offline
     decoding must beat (a decoder that learned nothing from the latents converges to it)."""
-    from lapo_ray.data.corpus import read_actions
-
     return int(np.bincount(read_actions(corpus)).argmax())
 
 
@@ -210,12 +201,6 @@ def majority_action(corpus: str) -> int:
 
 
 def write_report(cfg: ExperimentConfig, results: dict[str, Any]) -> None:
-    from lapo_ray.evaluation.plots import plot_offline_decoding, plot_seed_curves
-    from lapo_ray.evaluation.experiment_report import render_experiment_report
-    from lapo_ray.evaluation.reports import demo_norm
-    from lapo_ray.evaluation.stats import curve_mean
-    from lapo_ray.train.metrics import read_metrics
-
     out = cfg.out
     demo_raw = results["demonstrator"]["evaluation"]["train_levels"]["return_mean"]
     rand_raw = results["random"]["train_levels"]["return_mean"]
