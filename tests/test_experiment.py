@@ -57,8 +57,7 @@ def test_a_flag_the_experiment_sets_is_refused_in_one_line_naming_it(capsys):
         with pytest.raises(SystemExit) as exit_:
             job.parse_args([flag, "false" if flag.endswith("sl") else "10"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: "), err
-        assert err[1].endswith(f"error: {flag} {message}"), err
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].endswith(f": error: {flag} {message}"), err
     # The value the experiment sets is no conflict; the experiment's own flags reach every stage.
     cfg, _ = job.parse_args(["--pretrain.collect.frames", "1000", "--collect.frames", "1000", "--seed", "1",
                              "--eval.seed", "12346"])

@@ -12,7 +12,7 @@ The flags come in one group per top-level section of the config (``stage1``, ``m
 after a group of its top-level scalar fields; the description keeps its line breaks, so its
 example commands stay one per line. A misspelt flag, a value of the wrong type, a flag for a field
 the job sets itself (the config's ``check_given``) or a config that fails ``validate`` prints one
-usage line and the error naming it, exit status 2.
+line, the error naming the flag, and exits with status 2 (``--help`` has the usage).
 
 ``build_parser`` builds without parsing (the jobs' ``parse_args`` and the docs check use it
 through ``parse_config``); ``parse_config`` returns ``(config, namespace)``. A job whose first
@@ -173,7 +173,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class ConfigArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage is one line (the top options, then ``[--FIELD VALUE ...]``)
-    and whose errors print that line and the error, not the listing of every flag."""
+    and whose errors are one line naming the flag, as every bad input of a job is: the usage line
+    would say nothing the error does not, and ``--help`` lists the flags."""
 
     def set_short_usage(self) -> None:
         """Fix the usage to the options added so far, on one line, for ``--help`` and errors."""
@@ -183,7 +184,7 @@ class ConfigArgumentParser(argparse.ArgumentParser):
         self.usage = f"{line} [--FIELD VALUE ...]".replace("%", "%%")
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.format_usage().strip()} (see --help)\n{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class _PreParseError(Exception):
