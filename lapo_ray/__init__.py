@@ -19,3 +19,18 @@ class UsageError(ValueError):
 class MissingPathError(UsageError, FileNotFoundError):
     """A path the user named (or a file their folder should hold) is not there. Also a
     FileNotFoundError, for callers that catch that."""
+
+
+# The Python API of a trained run, resolved on first use: ``import lapo_ray`` stays cheap (config
+# and storage import it) and imports neither PyTorch nor Ray. ``importlib`` rather than an import
+# statement, because the name is looked up only after this package has finished importing, so the
+# train room's own ``from lapo_ray import UsageError`` is no import cycle with it.
+_LAZY = {"load_run": "lapo_ray.train.run", "export_run": "lapo_ray.train.run", "Run": "lapo_ray.train.run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lapo_ray' has no attribute {name!r}")

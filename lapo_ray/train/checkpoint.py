@@ -142,28 +142,37 @@ def local_checkpoint(uri: str) -> Iterator[str]:
         yield d
 
 
-def load_dynamics(uri: str):
-    """The stage-1 model (IDM + world model) from its checkpoint alone: its config travels with it."""
+def new_dynamics(ckpt: Checkpoint):
+    """An untrained stage-1 model (IDM + world model) of the shape ``ckpt``'s config names; any
+    folder with a ``config.json`` of a run will do (a checkpoint, an export)."""
     # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
     from lapo_ray.models import LatentDynamics
 
+    # A run with --stage1.action-labels saved its label head too.
+    head = int(ckpt.config.get("stage1", {}).get("action_labels", 0) or 0) > 0
+    return LatentDynamics(ckpt.model_config(), num_actions=NUM_ACTIONS if head else 0)
+
+
+def new_latent_policy(cfg: ModelConfig):
+    """An untrained latent policy of the shape ``cfg`` names."""
+    from lapo_ray.models import LatentPolicy  # lazy, as in new_dynamics
+
+    return LatentPolicy(cfg.policy, cfg.latent_dim, cfg.channels, cfg.frame_size)
+
+
+def load_dynamics(uri: str):
+    """The stage-1 model (IDM + world model) from its checkpoint alone: its config travels with it."""
     with local_checkpoint(uri) as d:
-        ckpt = Checkpoint(d)
-        # A run with --stage1.action-labels saved its label head too.
-        head = int(ckpt.config.get("stage1", {}).get("action_labels", 0) or 0) > 0
-        model = LatentDynamics(ckpt.model_config(), num_actions=NUM_ACTIONS if head else 0)
+        model = new_dynamics(Checkpoint(d))
         load_weights(d, model)
     return model.eval()
 
 
 def load_latent_policy(uri: str):
     """The stage-2 latent policy and its ModelConfig from its checkpoint alone."""
-    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
-    from lapo_ray.models import LatentPolicy
-
     with local_checkpoint(uri) as d:
         cfg = Checkpoint(d).model_config()
-        policy = LatentPolicy(cfg.policy, cfg.latent_dim, cfg.channels, cfg.frame_size)
+        policy = new_latent_policy(cfg)
         load_weights(d, policy)
     return policy.eval(), cfg
 
