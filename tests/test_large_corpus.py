@@ -34,11 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE = 100 * 2**20
 # Bounds, per process over the whole epoch: resident memory at most 1.5 GiB (a Ray Train worker
 # with PyTorch loaded and its batches in flight measured 1.1 GiB here, a read worker 0.75), and
-# a median private memory in the last third of the epoch at most 64 MiB above the middle
-# third's: a process that kept what it streamed would grow by a third of the corpus, 107 MiB.
-# (The first third is the buffers' warm-up: benchmarks.stream._private_memory_by_third.)
+# a median private memory at the epoch's end at most 128 MiB above its median just after the
+# warm-up (the first third): a process that kept what it streamed would grow by two thirds of the
+# corpus, 213 MiB, while the buffers' level moved medians by up to 89 MiB with nothing kept
+# (benchmarks.stream._private_memory_by_third).
 PEAK_RSS_BOUND = 1536 * 2**20
-GROWTH_BOUND = 64 * 2**20
+GROWTH_BOUND = 128 * 2**20
 
 
 @pytest.mark.slow
@@ -80,6 +81,6 @@ def test_an_epoch_of_a_corpus_three_times_the_object_store_streams_in_bounded_me
     for p in procs:
         assert p["peak_rss"] <= PEAK_RSS_BOUND, f"{role(p['names'])} (pid {p['pid']}): peak RSS " \
                                                 f"{p['peak_rss'] / 2**20:.0f} MiB"
-        assert p["anon_last_third"] <= p["anon_middle_third"] + GROWTH_BOUND or p["anon_middle_third"] == 0, \
+        assert p["anon_at_end"] <= p["anon_after_warmup"] + GROWTH_BOUND or p["anon_after_warmup"] == 0, \
             f"{role(p['names'])} (pid {p['pid']}) grew with the data streamed: private memory " \
-            f"{p['anon_middle_third'] / 2**20:.0f} MiB (median) in the middle third, {p['anon_last_third'] / 2**20:.0f} in the last"
+            f"{p['anon_after_warmup'] / 2**20:.0f} MiB (median) after the warm-up, {p['anon_at_end'] / 2**20:.0f} at the end"

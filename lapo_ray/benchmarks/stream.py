@@ -170,20 +170,21 @@ def _epoch_through_train(task, src, pipe, stage):
 
 
 def _private_memory_by_third(procs: list[dict], rows: list[dict]) -> None:
-    """Each process's median private memory in the middle and the last third of the epoch (by
-    the reports' times), in place of its samples: a process that holds what it streamed grows by
-    a third of the corpus from one to the next, while one that streams rises and falls with its
-    buffers around the same level. The first third is the warm-up, left out: a Train worker's
-    private memory rose from about 310 to 790 MiB while its prefetch and shuffle buffers filled.
-    Medians, not peaks: the buffers' level moved by up to 150 MiB between reports, so one window's
-    peak could stand that far above another's without any growth (docs/testing.md)."""
+    """Each process's median private memory just after the epoch's first third and at its end
+    (windows of a ninth of the epoch, by the reports' times), in place of its samples. A process
+    that holds what it streamed grows by two thirds of the corpus between the two; one that
+    streams rises and falls with its buffers around one level. The first third is the warm-up,
+    left out: a Train worker's private memory rose from about 310 to 790 MiB while its prefetch
+    and shuffle buffers filled. Medians, not peaks, and two points two thirds of the epoch apart:
+    the buffers' level moved by up to 150 MiB between reports, and medians of consecutive thirds
+    differed by up to 89 MiB with nothing kept (docs/testing.md)."""
     t0, t3 = rows[0]["time"], rows[-1]["time"]
-    t1, t2 = t0 + (t3 - t0) / 3, t0 + 2 * (t3 - t0) / 3
+    t1, width = t0 + (t3 - t0) / 3, (t3 - t0) / 9
     for p in procs:
-        middle = [a for t, _, a in p["samples"] if t1 <= t < t2]
-        last = [a for t, _, a in p["samples"] if t2 <= t <= t3]
-        p["anon_middle_third"] = int(statistics.median(middle)) if middle else 0
-        p["anon_last_third"] = int(statistics.median(last)) if last else 0
+        start = [a for t, _, a in p["samples"] if t1 <= t < t1 + width]
+        end = [a for t, _, a in p["samples"] if t3 - width <= t <= t3]
+        p["anon_after_warmup"] = int(statistics.median(start)) if start else 0
+        p["anon_at_end"] = int(statistics.median(end)) if end else 0
         del p["samples"]
 
 
