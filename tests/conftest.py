@@ -1,9 +1,12 @@
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,93 @@ os.environ.pop("RAY_AUTH_TOKEN", None)
 # the suite trains about 25 stages. Inherited by every Ray Train controller the tests start,
 # jobs submitted to test heads included. Jobs keep Ray's default: 2 s is nothing to a real run.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+# pytest-xdist runs the suite in two worker processes (pyproject's addopts), whole files each.
+# Every worker gets a Ray temp folder of its own: ray.init() joins the cluster whose address it
+# finds in RAY_TMPDIR's ray_current_cluster, and one worker's head must not be the other's.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"lr{_WORKER}-", dir="/tmp")  # short: socket paths
+# What the workers share: a folder named by the run (the controller names it, below), for the
+# locks and the one pretraining run they all read.
+_SUITE_DIR = Path(tempfile.gettempdir()) / f"lapo-suite-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+
+
+def pytest_configure(config):
+    global _SUITE_DIR
+    if not _WORKER and getattr(config.option, "numprocesses", None):
+        config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+        _SUITE_DIR = _SUITE_DIR.with_name(f"lapo-suite-{config.option.testrunuid}")
+    _SUITE_DIR.mkdir(exist_ok=True)
+
+
+def pytest_unconfigure(config):
+    if not _WORKER:  # the controller, or a run without workers: the last to finish
+        shutil.rmtree(_SUITE_DIR, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _flock(name: str, exclusive: bool):
+    fd = os.open(_SUITE_DIR / name, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_HELD = {"shared": 0}
+
+
+@contextlib.contextmanager
+def machine_share(alone: bool):
+    """Slow work holds the machine shared; a test marked `alone` holds it by itself. Alone tests
+    are the README's head, on Ray's fixed default ports that any other local Ray instance's
+    dashboard may take, and the memory test, whose buffers' level moved 89 MiB with another Ray
+    instance beside it. The gate gives a waiting alone test the next turn: without it, the other
+    worker's modules, one after another, could hold the machine for the rest of the run. A
+    worker that holds the machine shared already (its module) does not queue for it again."""
+    if not _WORKER or (_HELD["shared"] and not alone):
+        yield
+        return
+    assert not _HELD["shared"], "an alone test inside work that holds the machine shared would wait on itself"
+    with _flock("gate", exclusive=True):
+        machine = _flock("machine", exclusive=alone)
+        machine.__enter__()
+    _HELD["shared"] += not alone
+    try:
+        yield
+    finally:
+        _HELD["shared"] -= not alone
+        machine.__exit__(None, None, None)
+
+
+def _alone(item) -> bool:
+    return item.get_closest_marker("alone") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slow_modules_share_the_machine(request):
+    """A module with slow tests holds the machine shared from its first fixture to its last
+    teardown, so its module-wide clusters and heads are covered too; one with an alone test
+    takes the machine test by test instead (`_alone_tests_hold_the_machine`)."""
+    items = [i for i in request.session.items if i.module is request.module]
+    if not any(i.get_closest_marker("slow") for i in items) or any(_alone(i) for i in items):
+        yield
+        return
+    with machine_share(alone=False):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _alone_tests_hold_the_machine(request):
+    items = [i for i in request.session.items if i.module is request.module]
+    if not any(_alone(i) for i in items) or request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    with machine_share(alone=_alone(request.node)):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -89,30 +179,40 @@ for _stage in ("stage1", "stage2"):
 
 
 @pytest.fixture(scope="session")
-def pretrained_run(tmp_path_factory):
+def pretrained_run():
     """One small pretraining job, made once per pytest run for every test that needs a trained
-    run (labelling, wandb's records of a job): `python jobs/pretrain.py` with PRETRAINED_FLAGS on
-    a LAPO npz corpus of 2 x 130 frames, in a process of its own with its own local Ray instance
-    and HOME an empty folder, as a user on a new machine runs it. Tests read the folder and never
-    write into it. Returns {"out", "corpus", "home", "console"} (console: the job's stdout and
-    stderr)."""
+    run (labelling, wandb's records of a job), by whichever xdist worker asks first, the other
+    waiting for it: `python jobs/pretrain.py` with PRETRAINED_FLAGS on a LAPO npz corpus of
+    2 x 130 frames, in a process of its own with its own local Ray instance and HOME an empty
+    folder, as a user on a new machine runs it. Tests read the folder and never write into it.
+    Returns {"out", "corpus", "home", "console"} (console: the job's stdout and stderr)."""
+    base = _SUITE_DIR / "pretrained"
+    with _flock("pretrained.lock", exclusive=True):
+        if not (base / "console.txt").exists():
+            with machine_share(alone=False):
+                _pretrain_once(base)
+    return {"out": base / "job-42", "corpus": base / "npz", "home": base / "home",
+            "console": (base / "console.txt").read_text()}
+
+
+def _pretrain_once(base: Path) -> None:
     from test_data import write_lapo_npz
 
-    base = tmp_path_factory.mktemp("pretrained")
+    shutil.rmtree(base, ignore_errors=True)  # what a failed try left
     write_lapo_npz(base / "npz", n_files=2, n=130)
     home = base / "home"
     home.mkdir()
     ray_tmp = tempfile.mkdtemp(prefix="lr-", dir="/tmp")  # short: Unix socket paths live below it
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RAY_ADDRESS"}
     env.update(HOME=str(home), NETRC=str(home / ".netrc"), RAY_TMPDIR=ray_tmp)
-    out = base / "job-42"
     try:
-        r = subprocess.run([sys.executable, "jobs/pretrain.py", "--corpus", str(base / "npz"), "--out", str(out),
-                            *PRETRAINED_FLAGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+        r = subprocess.run([sys.executable, "jobs/pretrain.py", "--corpus", str(base / "npz"),
+                            "--out", str(base / "job-42"), *PRETRAINED_FLAGS],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, f"the shared pretraining run failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return {"out": out, "corpus": base / "npz", "home": home, "console": r.stdout + r.stderr}
+    (base / "console.txt").write_text(r.stdout + r.stderr)
 
 
 _HOME_RAY = os.path.join(os.path.expanduser("~"), ".ray")

@@ -517,6 +517,7 @@ def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_readme_local_cluster_commands_work_verbatim_on_a_fresh_machine(tmp_path):
     """HOME is an empty folder (no token, no Ray history); the README's commands, run as they are
     written, make a token, start a head that listens on loopback only, and run the job."""

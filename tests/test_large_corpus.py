@@ -43,6 +43,7 @@ GROWTH_BOUND = 128 * 2**20
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_an_epoch_of_a_corpus_three_times_the_object_store_streams_in_bounded_memory(tmp_path):
     out = tmp_path / "stream.json"
     # No other Ray instance on the machine while the epoch runs: with the suite's shared one alive
