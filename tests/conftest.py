@@ -74,8 +74,9 @@ def machine_share(alone: bool):
     are the README's head, on Ray's fixed default ports that any other local Ray instance's
     dashboard may take, and the memory test, whose buffers' level moved 89 MiB with another Ray
     instance beside it. The gate gives a waiting alone test the next turn: without it, the other
-    worker's modules, one after another, could hold the machine for the rest of the run. A
-    worker that holds the machine shared already (its module) does not queue for it again."""
+    worker's tests, one after another, could hold the machine for the rest of the run. Work
+    that holds the machine shared already (a test making the shared pretraining run) does not
+    queue for it again."""
     if not _WORKER or (_HELD["shared"] and not alone):
         yield
         return
@@ -91,31 +92,16 @@ def machine_share(alone: bool):
         machine.__exit__(None, None, None)
 
 
-def _alone(item) -> bool:
-    return item.get_closest_marker("alone") is not None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _slow_modules_share_the_machine(request):
-    """A module with slow tests holds the machine shared from its first fixture to its last
-    teardown, so its module-wide clusters and heads are covered too; one with an alone test
-    takes the machine test by test instead (`_alone_tests_hold_the_machine`)."""
-    items = [i for i in request.session.items if i.module is request.module]
-    if not any(i.get_closest_marker("slow") for i in items) or any(_alone(i) for i in items):
-        yield
-        return
-    with machine_share(alone=False):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _alone_tests_hold_the_machine(request):
-    items = [i for i in request.session.items if i.module is request.module]
-    if not any(_alone(i) for i in items) or request.node.get_closest_marker("slow") is None:
-        yield
-        return
-    with machine_share(alone=_alone(request.node)):
-        yield
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A slow test holds the machine from its setup to its teardown (the module fixtures it
+    starts or ends included); one marked `alone` holds it by itself. Between tests a module's
+    fixtures stay up without the lock: none of them sits on a fixed port (ray_local and the
+    multinode clusters start no dashboard, the job head takes free ports)."""
+    if item.get_closest_marker("slow") is None:
+        return (yield)
+    with machine_share(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 @pytest.fixture(scope="module")
