@@ -8,6 +8,8 @@
     python jobs/benchmark.py label     # latent labelling rows/s with 1, 2 and 4 actors
     python jobs/benchmark.py label --corpus data/label-videos   # the same on a folder of videos (decoding included)
     python jobs/benchmark.py stream --num-cpus 2 --json stream.json   # every figure also to a JSON file
+    python jobs/benchmark.py resident --device cuda   # the corpus held on the device vs streaming, triplets/s
+    python jobs/benchmark.py paper     # the paper-scale stage 1 without Ray (docs/reproducing.md)
 """
 
 import sys

@@ -25,6 +25,8 @@ from lapo_ray.config import (
     DataBenchConfig,
     EnvRunnersBenchConfig,
     LabelBenchConfig,
+    PaperBenchConfig,
+    ResidentBenchConfig,
     Stage1BenchConfig,
     StepBenchConfig,
     StreamBenchConfig,
@@ -47,6 +49,12 @@ NON_DEFAULT = {
                                 batch_size=16, model="cpu", workers=2, block_mb=8.0, local_shuffle_buffer=0,
                                 consumer="task", prefetch_blocks=2),
     "label": LabelBenchConfig(json="l.json", num_cpus=2, corpus="c", frames=100, actors=(3,)),
+    "resident": ResidentBenchConfig(json="r.json", num_cpus=2, corpus="c", frames=10, batch_size=8, device="cuda",
+                                    epochs=3),
+    "paper": PaperBenchConfig(json="p.json", out="o", corpus="c", frames=10, game="ninja", demonstrator="d.pt",
+                              epsilon=0.1, noise_hold=0.5, collect_workers=3, envs_per_worker=4, preset="cpu",
+                              device="cpu", steps=5, batch_size=4, time_limit_min=1.5, compile=True, ceiling="after",
+                              probe_every=2, probe_triplets=64, timing_steps=3, warmup_steps=2, official_lapo="lapo"),
 }
 
 
@@ -56,7 +64,8 @@ def _flags(cfg) -> list[str]:
 
 
 def test_every_benchmark_is_registered_with_its_config_and_a_run_and_report_of_that_config():
-    assert set(BENCHMARKS) == set(NON_DEFAULT) == {"data", "stage1", "step", "envrunners", "stream", "label"}
+    assert set(BENCHMARKS) == set(NON_DEFAULT) == {"data", "stage1", "step", "envrunners", "stream", "label",
+                                                   "resident", "paper"}
     for name, bench in BENCHMARKS.items():
         run, report = bench.functions()
         assert inspect.signature(run).parameters["cfg"].annotation == bench.config.__name__, name

@@ -46,12 +46,13 @@ def test_every_config_field_a_job_takes_has_a_one_line_help():
     from lapo_ray.config.experiment import ExperimentConfig
     from lapo_ray.config.export import ExportConfig
     from lapo_ray.config.label import LabelJobConfig
+    from lapo_ray.config.probe import ProbeJobConfig
     from lapo_ray.config.rl import DecodeConfig, EvaluateConfig, FinetuneConfig
     from lapo_ray.config.sweep import SweepConfig
 
     classes: set[type] = set()
     for top in (CollectConfig, PretrainConfig, FinetuneConfig, DecodeConfig, EvaluateConfig, ExperimentConfig,
-                SweepConfig, LabelJobConfig, ExportConfig, *(b.config for b in BENCHMARKS.values())):
+                SweepConfig, LabelJobConfig, ExportConfig, ProbeJobConfig, *(b.config for b in BENCHMARKS.values())):
         _dataclasses_under(top, classes)
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
                if f.init and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])
@@ -183,7 +184,7 @@ DOCUMENTED = list(_documented_commands())
 def test_the_docs_document_every_job():
     jobs = {job for _, job, _ in DOCUMENTED}
     assert jobs >= {"collect", "pretrain", "finetune", "decode", "evaluate", "experiment", "benchmark", "sweep",
-                    "label"}, jobs
+                    "label", "probe"}, jobs
     assert len(DOCUMENTED) >= 40
 
 
@@ -197,7 +198,7 @@ def test_documented_command_parses(where, job, argv, capsys):
 
 
 # Configs with nothing a machine sizes: their `paper` preset is rightly their `cpu` one.
-SAME_ON_EVERY_MACHINE = {"lapo_ray.config.export.EXPORT_PRESETS"}
+SAME_ON_EVERY_MACHINE = {"lapo_ray.config.export.EXPORT_PRESETS", "lapo_ray.config.probe.PROBE_PRESETS"}
 
 
 def test_every_config_with_presets_defaults_to_its_cpu_preset():
@@ -215,7 +216,8 @@ def test_every_config_with_presets_defaults_to_its_cpu_preset():
 
 
 # What a job needs besides its defaults to parse at all.
-REQUIRED = {"label": ["--checkpoint", "c", "--corpus", "d"], "export": ["--run", "r", "--out", "o"],
+REQUIRED = {"label": ["--checkpoint", "c", "--corpus", "d"], "probe": ["--checkpoint", "c", "--corpus", "d"],
+            "export": ["--run", "r", "--out", "o"],
             "sweep": ["--pretrain.corpus", "c"]}
 # Other values of fields whose next value by type would be invalid.
 OTHER = {"game": "ninja", "stages": "stage1", "variants": "rl", "grid": ("stage1.lr=0.1",)}

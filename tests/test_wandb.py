@@ -271,7 +271,7 @@ def check_pretraining_runs(out: str) -> None:
 
     probe = json.load(open(os.path.join(out, "probe.json")))
     assert s1.summary["probe/probe_acc"] == probe["probe_acc"]
-    assert set(s1.images) == {"plots/latent_map", "plots/training_curves"}
+    assert set(s1.images) == {"plots/atlas", "plots/latent_map", "plots/training_curves"}
     assert set(s2.images) == {"plots/training_curves"} and not runs["ceiling"].images
     for run in (s1, s2):
         for img in run.images.values():

@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "envrunners": Benchmark(configs.EnvRunnersBenchConfig, "env_runners"),
     "stream": Benchmark(configs.StreamBenchConfig, "stream"),
     "label": Benchmark(configs.LabelBenchConfig, "label"),
+    "resident": Benchmark(configs.ResidentBenchConfig, "resident"),
+    "paper": Benchmark(configs.PaperBenchConfig, "paper"),
 }
 
 

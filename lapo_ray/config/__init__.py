@@ -17,7 +17,9 @@ from lapo_ray.config.benchmark import (
     DataBenchConfig,
     EnvRunnersBenchConfig,
     LabelBenchConfig,
+    PaperBenchConfig,
     RayBenchConfig,
+    ResidentBenchConfig,
     Stage1BenchConfig,
     StepBenchConfig,
     StreamBenchConfig,
@@ -48,7 +50,7 @@ __all__ = [
     "STAGE1_ONLY_FIELDS", "WandbConfig",
     "PretrainConfig", "PRETRAIN_PRESETS", "config_from_dict", "config_to_dict", "BenchConfig", "RayBenchConfig",
     "DataBenchConfig", "Stage1BenchConfig", "StepBenchConfig", "EnvRunnersBenchConfig", "StreamBenchConfig",
-    "LabelBenchConfig",
+    "LabelBenchConfig", "PaperBenchConfig", "ResidentBenchConfig",
 ]
 
 

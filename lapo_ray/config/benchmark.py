@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lapo_ray import UsageError
+from lapo_ray.config.data import check_game
 
 
 def check_positive(cfg: object, *names: str) -> None:
@@ -159,3 +160,77 @@ class LabelBenchConfig(RayBenchConfig):
     def validate(self) -> None:
         super().validate()
         check_positive(self, "frames", "actors")
+
+
+@dataclass
+class ResidentBenchConfig(RayBenchConfig):
+    """Triplets/s of the training split held on the device (--data.device-resident) beside the
+    streaming pipeline's, on the same corpus and device."""
+
+    corpus: str = field(default="data/bench-corpus", metadata={"help": "corpus folder; collected if missing"})
+    frames: int = field(default=200_000, metadata={"help": "frames of the corpus collected when it is missing"})
+    batch_size: int = field(default=128, metadata={"help": "triplets per batch"})
+    device: str = field(default="cpu", metadata={"help": "where the batches go and the corpus is held: cpu, cuda, ..."})
+    epochs: int = field(default=2, metadata={"help": "epochs read from the held corpus (the first after loading it)"})
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, "frames", "batch_size", "epochs")
+
+
+@dataclass
+class PaperBenchConfig(BenchConfig):
+    """The paper-scale stage 1 on one machine without Ray: collect a corpus, hold it on the device,
+    train stage 1 and the supervised ceiling within a time limit, probe at regular steps, time the
+    official LAPO step, and write JSON and markdown (docs/reproducing.md)."""
+
+    out: str = field(default="artifacts/paper-stage1", metadata={
+        "help": "folder of the corpus (unless --corpus), paper_stage1.json and paper_stage1.md (a local path)"})
+    corpus: str = field(default="", metadata={
+        "help": "an existing lapo_ray corpus to train on; none: --frames collected into OUT/corpus (kept, and "
+                "reused by a rerun)"})
+    frames: int = field(default=1_000_000, metadata={"help": "frames to collect when there is no corpus"})
+    game: str = field(default="coinrun", metadata={"help": "Procgen game collected (the experiment's)"})
+    demonstrator: str = field(default="", metadata={
+        "help": "the demonstrator as a plain PyTorch file (jobs/export.py --agent); none: sticky-random play, "
+                "said so in the output"})
+    epsilon: float = field(default=0.25, metadata={
+        "help": "behaviour noise on the demonstrator: the share of steps that start a random excursion "
+                "(the experiment's recipe)"})
+    noise_hold: float = field(default=0.75, metadata={
+        "help": "probability that a random excursion goes on another step (the experiment's recipe)"})
+    collect_workers: int | None = field(default=None, metadata={
+        "help": "collector processes; none: the machine's cores, at most 16"})
+    envs_per_worker: int = field(default=64, metadata={"help": "Procgen envs each collector steps together"})
+    preset: Literal["paper", "cpu"] = field(default="paper", metadata={"help": "pretrain preset of model and stage 1"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
+    steps: int | None = field(default=None, metadata={
+        "help": "stage-1 steps planned (the lr schedule's length); none: the preset's (paper: 50,000)"})
+    batch_size: int | None = field(default=None, metadata={"help": "triplets per step; none: the preset's (128)"})
+    time_limit_min: float = field(default=8.0, metadata={
+        "help": "wall-clock minutes for the whole command, collection included: training stops in time to probe "
+                "and write"})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile both models; none: on CUDA only (on CPU compiling takes minutes)"})
+    ceiling: Literal["auto", "concurrent", "after", "off"] = field(default="auto", metadata={
+        "help": "the supervised IDM: stepped with stage 1 on the same batches (concurrent), after it for as many "
+                "steps, or not; auto: concurrent when the device has room"})
+    probe_every: int = field(default=2_500, metadata={"help": "steps between probes (and at the last step)"})
+    probe_triplets: int | None = field(default=None, metadata={
+        "help": "labelled validation triplets of the probe; none: the preset's --probe.triplets"})
+    timing_steps: int = field(default=100, metadata={
+        "help": "stage-1 steps timed alone for samples/s and MFU, before training starts from the same weights"})
+    warmup_steps: int = field(default=10, metadata={"help": "untimed steps before them (compilation included)"})
+    official_lapo: str = field(default="", metadata={
+        "help": "a checkout of the official LAPO code (schmidtdominik/LAPO) whose stage-1 step is timed on the same "
+                "device; none: recorded as not timed"})
+
+    def validate(self) -> None:
+        check_game(self.game)
+        check_positive(self, "frames", "envs_per_worker", "collect_workers", "steps", "batch_size", "time_limit_min",
+                       "probe_every", "probe_triplets", "timing_steps")
+        if self.warmup_steps < 1:
+            raise UsageError(f"--warmup-steps must be at least 1, got {self.warmup_steps}")
+        if not 0.0 <= self.epsilon <= 1.0 or not 0.0 <= self.noise_hold < 1.0:
+            raise UsageError(f"--epsilon must be in [0, 1] and --noise-hold in [0, 1), got {self.epsilon} and "
+                             f"{self.noise_hold}")

@@ -116,6 +116,20 @@ class PipelineConfig:
                   "0: Ray's default, 128"},
     )
 
+    device_resident: bool = field(
+        default=False,
+        metadata={"help": "stage 1 and the ceiling: each training worker reads its shard of the training split "
+                  "once and holds it on its device (GPU or CPU) as uint8, cutting and shuffling triplets there by "
+                  "index; refused before training when it does not fit (stage 2 streams whatever this says)"},
+    )
+    resident_margin_gb: float = field(
+        default=8.0,
+        metadata={"help": "GiB of each device's free memory kept for the model, optimiser and activations when "
+                  "--data.device-resident checks that the corpus fits"},
+    )
+
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resident_margin_gb < 0:
+            raise UsageError(f"--data.resident-margin-gb must be at least 0, got {self.resident_margin_gb}")

@@ -199,6 +199,11 @@ class DecoderConfig:
     lr: float = field(default=1e-3, metadata={"help": "decoder learning rate"})
     label_smoothing: float = field(default=0.05, metadata={"help": "label smoothing of the decoder's cross-entropy"})
     held_out: int = field(default=2048, metadata={"help": "labelled validation triplets to report accuracy on"})
+    select: Literal["random", "coverage"] = field(default="random", metadata={
+        "help": "which k frames get labels: random (the first k of a seeded shuffle) or coverage (k spread over "
+                "the IDM's latent space: k-center greedy on a --decoder.pool candidate pool)"})
+    pool: int = field(default=8192, metadata={
+        "help": "labelled train triplets coverage picks its k from (at least k are drawn); random ignores it"})
 
 
 @dataclass
@@ -255,6 +260,8 @@ class DecodeConfig:
     def validate(self) -> None:
         if not 1 <= self.decoder.k <= 1_000_000:
             raise UsageError(f"--decoder.k must be a positive number of labelled frames, got {self.decoder.k}")
+        if not 1 <= self.decoder.pool <= 1_000_000:
+            raise UsageError(f"--decoder.pool must be a positive number of candidate frames, got {self.decoder.pool}")
         check_game(self.env.game, "--env.game")
 
 

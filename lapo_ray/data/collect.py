@@ -1,4 +1,5 @@
-"""Corpus collection: N Ray actors roll a policy out in Procgen and write Parquet shards.
+"""Corpus collection: N Ray actors roll a policy out in Procgen and write Parquet shards
+(``collect``), or N processes without Ray (``collect_local``, for a machine without it).
 
 Each collector owns its shards (``shards/wIII-KKKKK.parquet``) and writes each one atomically,
 so an interrupted collection leaves only complete shards. Running again with the same settings
@@ -10,8 +11,11 @@ last, after every collector has finished.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import posixpath
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -255,14 +259,64 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     progress.print()
     for a in actors:
         ray.kill(a)
+    return _finish_corpus(cfg, finals, time.monotonic() - started)
+
+
+def _finish_corpus(cfg: CollectConfig, finals: list[dict[str, Any]], seconds: float,
+                   tool: str = "lapo_ray.data.collect") -> Manifest:
+    """The manifest of the collectors' shards, written last: the corpus is complete."""
     made_by = {
-        "tool": "lapo_ray.data.collect", "policy": cfg.policy, "epsilon": cfg.epsilon,
+        "tool": tool, "policy": cfg.policy, "epsilon": cfg.epsilon,
         "noise_hold": cfg.noise_hold, "seed": cfg.seed,
         "num_workers": cfg.num_workers, "envs_per_worker": cfg.envs_per_worker,
         "distribution_mode": cfg.distribution_mode, "num_levels": cfg.num_levels,
-        "start_level": cfg.start_level, "seconds": round(time.monotonic() - started, 1),
+        "start_level": cfg.start_level, "seconds": round(seconds, 1),
         "mean_episode_return": (sum(s["return_sum"] for s in finals) / max(1, sum(s["episodes_done"] for s in finals))),
     }
     manifest = build_manifest(cfg.out, cfg.game, OBS_SHAPE, made_by)
     write_manifest(cfg.out, manifest)
     return manifest
+
+
+def collect_local(cfg: CollectConfig, policy_factories=None) -> Manifest:
+    """``collect`` without Ray, on this machine's cores: ``cfg.num_workers`` collectors, each in a
+    process of its own (in this one for a single collector), writing the same corpus. For a
+    machine that has no Ray (the paper-scale command on a lent GPU machine). A factory in
+    ``policy_factories`` must be importable by name, as the processes are spawned."""
+    cfg.validate()
+    resuming = _check_resume(cfg)
+    storage.makedirs(storage.join(cfg.out, SHARD_DIR))
+    if not resuming:
+        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))
+    budgets = [cfg.frames // cfg.num_workers + (1 if i < cfg.frames % cfg.num_workers else 0)
+               for i in range(cfg.num_workers)]
+    states = [existing_worker_state(cfg.out, i) for i in range(cfg.num_workers)]
+    jobs = [(cfg, i, budget - state[0], state[1], state[2], policy_factories)
+            for i, (budget, state) in enumerate(zip(budgets, states)) if budget - state[0] > 0]
+    started = time.monotonic()
+    if len(jobs) <= 1:  # one collector (or none left after a resume) runs here
+        finals = [_collect_all(*job) for job in jobs]
+    else:
+        # Spawned, not forked: the caller may hold CUDA or torch's threads, which a fork copies broken.
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_one_thread_each) as pool:
+            finals = list(pool.map(_collect_all, *zip(*jobs)))
+    print(f"collect {cfg.game}: {sum(s['collected'] for s in finals):,} frames in {time.monotonic() - started:.0f}s "
+          f"on {len(jobs)} process(es)", flush=True)
+    return _finish_corpus(cfg, finals, time.monotonic() - started, tool="lapo_ray.data.collect.collect_local")
+
+
+def _one_thread_each() -> None:
+    """A collector process per core: its policy's numerical libraries (OpenMP, read when they load,
+    after this) take one thread each instead of every core each."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def _collect_all(cfg: CollectConfig, index: int, budget: int, next_shard: int, next_episode: int,
+                 policy_factories) -> dict[str, Any]:
+    """One collector's whole budget, in this process."""
+    collector = Collector(cfg, index, budget, next_shard, next_episode, policy_factories)
+    chunk = max(1, 2048 // cfg.envs_per_worker)
+    while collector.step(chunk)["collected"] < budget:
+        pass
+    return collector.finish()

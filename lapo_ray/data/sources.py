@@ -21,7 +21,6 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -400,6 +399,9 @@ def _as_uri(folder: str, path: str) -> str:
 
 def decode_video(path: str, frame_size: tuple[int, int]) -> np.ndarray:
     """All frames of a video as uint8 (T, H, W, 3), resized to ``frame_size`` = (H, W)."""
+    # lazy: the paths without video (the paper-scale command on a GPU machine) run where PyAV is not
+    import av
+
     height, width = frame_size
     frames = []
     try:

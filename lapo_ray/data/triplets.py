@@ -190,12 +190,16 @@ def iter_batches(ds, frame_shape, batch_size: int, cfg: PipelineConfig, drop_las
                  epoch: int = 0, offset: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """numpy triplet batches (frame offset ``offset``) from a segment dataset or a Ray Train shard."""
     shape = tuple(frame_shape)
-    tables = ds.iter_batches(batch_size=cfg.segments_per_block, batch_format="pyarrow",
-                             prefetch_batches=cfg.prefetch_blocks)
-    segments = (seg for t in tables for seg in iter_segments(t, shape))
     batcher = TripletBatcher(shape, batch_size, cfg.local_shuffle_buffer, seed=cfg.shuffle_seed + epoch,
                              drop_last=drop_last, offset=offset)
-    return _counted(batcher.batches(segments))
+    return _counted(batcher.batches(dataset_segments(ds, shape, cfg)))
+
+
+def dataset_segments(ds, frame_shape: tuple[int, ...], cfg: PipelineConfig) -> Iterator[Segment]:
+    """The segments of a segment dataset or a Ray Train shard, in the order it hands them out."""
+    tables = ds.iter_batches(batch_size=cfg.segments_per_block, batch_format="pyarrow",
+                             prefetch_batches=cfg.prefetch_blocks)
+    return (seg for t in tables for seg in iter_segments(t, tuple(frame_shape)))
 
 
 def eval_pipeline(pipe: PipelineConfig) -> PipelineConfig:

@@ -1,4 +1,5 @@
-"""PNG plots a person would rather look at than read: loss curves and the latent-action map.
+"""PNG plots a person would rather look at than read: loss curves, the latent-action maps, the
+table of codes against true actions. The atlas is ``atlas.py``'s.
 
 Every plot goes straight to a path or storage URI through ``save_figure``."""
 
@@ -91,6 +92,45 @@ def plot_latent_map(latents: np.ndarray, actions: np.ndarray, path: str, title: 
     ax.set(title=title or "latent actions (PCA), coloured by true action", xlabel="PC 1", ylabel="PC 2")
     ax.legend(title="action", markerscale=3, fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_latent_map_by_code(latents: np.ndarray, rank: np.ndarray, labels: list[str], path: str,
+                            title: str = "") -> None:
+    """2-D PCA of latent actions, one colour for each of the most used code tuples (``rank`` <
+    ``len(labels)``, ``labels`` their names) and grey for all the others."""
+    plt = pyplot()
+    xy = pca_2d(latents)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    other = rank >= len(labels)
+    if other.any():
+        ax.scatter(xy[other, 0], xy[other, 1], s=3, alpha=0.25, color="0.7", label=f"other ({int(other.sum())})")
+    for r, label in enumerate(labels):
+        m = rank == r
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=cmap(r % cmap.N), label=label)
+    ax.set(title=title or "latent actions (PCA), coloured by code tuple", xlabel="PC 1", ylabel="PC 2")
+    ax.legend(title="code (most used first)", markerscale=3, fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_code_action_table(table: dict[str, Any], path: str, title: str = "") -> None:
+    """``latents.code_action_table`` as a heat map of P(action | code tuple), each cell's share
+    written in it."""
+    plt = pyplot()
+    counts = np.asarray(table["counts"], np.float64)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * counts.shape[1], 2.2 + 0.35 * counts.shape[0]), layout="constrained")
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(share):
+        if counts[i, j]:
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if v > 0.6 else "black")
+    ax.set_xticks(range(counts.shape[1]), table["action_names"], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(counts.shape[0]), [f"{c} (n={int(n)})" for c, n in zip(table["codes"], counts.sum(1))],
+                  fontsize=7)
+    ax.set(xlabel="true action", ylabel="code tuple", title=title or "P(action | code), % of the code's triplets")
     save_figure(fig, path)
 
 

@@ -1,7 +1,8 @@
 """The probe on a corpus's held-out triplets: a trained IDM against its references.
 
 The probe's data is read here (``load_probe_set`` for the small set stage 1 probes while it
-trains, ``encode_probe_triplets`` for the full probe), and ``probe_references`` measures probe.json:
+trains, ``encode_probe_triplets`` for the full probe, ``encode_held_out`` for every held-out
+triplet of a corpus with or without actions), and ``probe_references`` measures probe.json:
 the trained IDM's probe against the majority rate, the floor (an untrained IDM) and the ceiling (a
 supervised IDM's latent layer) with the direct supervised classifier beside it, and the codes'
 NMI and perplexity. The models come in as encoders, already loaded: training the ceiling is the
@@ -12,7 +13,7 @@ stage loop.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from lapo_ray import UsageError
 from lapo_ray.config import PipelineConfig, PretrainConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.splits import SplitSpec
-from lapo_ray.data.triplets import batches_with_actions
+from lapo_ray.data.triplets import batches_with_actions, eval_pipeline, iter_batches, triplet_dataset
+from lapo_ray.evaluation.latents import ContextSample
 from lapo_ray.evaluation.probe import (
     ProbeSet,
     classifier_accuracy,
@@ -56,27 +58,52 @@ def load_probe_set(source: Source, pipe: PipelineConfig, n: int, files: list[str
                     cat["episode_id"].astype(np.int64))
 
 
-@torch.no_grad()
 def encode_probe_triplets(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
-                          encoders: dict[str, Encoder], offset: int = 1) -> dict[str, np.ndarray]:
+                          encoders: dict[str, Encoder], offset: int = 1, contexts: int = 0) -> dict[str, np.ndarray]:
     """Up to ``n`` labelled validation triplets, streamed through ``encoders`` so only their
     outputs are kept: 20k triplets of 64x64 frames are 0.7 GB. Returns ``action``,
-    ``episode_id`` and ``<name>/<key>`` arrays."""
+    ``episode_id`` and ``<name>/<key>`` arrays (and ``encode_triplets``' context sample)."""
+    return encode_triplets(batches_with_actions(source, pipe, files, spec, offset), n, encoders, contexts)
+
+
+def encode_held_out(source: Source, pipe: PipelineConfig, n: int, files: list[str], spec: SplitSpec,
+                    encoders: dict[str, Encoder], offset: int = 1, contexts: int = 0) -> dict[str, np.ndarray]:
+    """As ``encode_probe_triplets``, over every validation triplet, with a true action or not
+    (``action`` -1 where unknown): what a corpus without actions can say about the codes."""
+    eval_pipe = eval_pipeline(pipe)
+    ds = triplet_dataset(source, "val", eval_pipe, files, spec)
+    return encode_triplets(iter_batches(ds, source.frame_shape, 512, eval_pipe, offset=offset), n, encoders, contexts)
+
+
+@torch.no_grad()
+def encode_triplets(batches: Iterable[dict[str, np.ndarray]], n: int, encoders: dict[str, Encoder],
+                    contexts: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """The first ``n`` triplets of ``batches`` through ``encoders``: ``action``, ``episode_id``
+    and ``<name>/<key>`` arrays; with ``contexts`` > 0 also ``context/frames`` (up to that many
+    whole triplets, a seeded sample over the ``n``, of distinct episodes where there are enough)
+    and ``context/action``, for the atlas."""
     out: dict[str, list[np.ndarray]] = {"action": [], "episode_id": []}
+    sample = ContextSample(4 * contexts, seed) if contexts > 0 else None
     have = 0
-    for b in batches_with_actions(source, pipe, files, spec, offset):
+    for b in batches:
         take = min(len(b["action"]), n - have)
-        frames = torch.from_numpy(np.ascontiguousarray(b["frames"][:take]))
+        frames = np.ascontiguousarray(b["frames"][:take])
         out["action"].append(b["action"][:take].astype(np.int64))
         out["episode_id"].append(b["episode_id"][:take].astype(np.int64))
+        if sample is not None:
+            sample.add(frames, b["episode_id"][:take], b["action"][:take])
         for name, fn in encoders.items():
-            for key, value in fn(frames).items():
+            for key, value in fn(torch.from_numpy(frames)).items():
                 out.setdefault(f"{name}/{key}", []).append(value.float().numpy() if value.is_floating_point()
                                                           else value.numpy())
         have += take
         if have >= n:
             break
-    return {k: np.concatenate(v) for k, v in out.items() if v}
+    enc = {k: np.concatenate(v) for k, v in out.items() if v}
+    if sample is not None:
+        taken = sample.take(contexts)
+        enc["context/frames"], enc["context/action"] = taken["frames"], taken["action"]
+    return enc
 
 
 def idm_encoder(model: torch.nn.Module) -> Encoder:
@@ -104,13 +131,16 @@ def code_figures(enc: dict[str, np.ndarray], actions: np.ndarray, names: tuple[s
 
 
 def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec,
-                     encoders: dict[str, Encoder], steps_done: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                     encoders: dict[str, Encoder], steps_done: int | None,
+                     contexts: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """probe.json: the probe of each of ``encoders`` ("trained", "untrained" and, for the
     ceiling, "supervised") on the validation episodes of ``files`` under ``spec``, split in halves by
     episode, reported against the majority rate, with code-action NMI and codebook perplexity for
-    the trained and untrained IDM. Also returns what the encoders gave on the probe's triplets."""
+    the trained and untrained IDM. Also returns what the encoders gave on the probe's triplets
+    (with ``contexts`` of them whole, for the atlas)."""
     t0 = time.monotonic()
-    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset)
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset,
+                                contexts)
     actions, episodes = enc["action"], enc["episode_id"]
     if len(actions) < 32:
         raise UsageError(f"probe: only {len(actions)} labelled validation triplets")

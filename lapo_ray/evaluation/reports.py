@@ -1,4 +1,5 @@
-"""report.md of ``jobs/pretrain.py``, and the probe's table that the experiment's report shares.
+"""report.md of ``jobs/pretrain.py`` and of ``jobs/probe.py``, and the probe's table that the
+experiment's report shares.
 
 They turn dicts of figures into text and read nothing else, so they sit below the rooms that run
 things. The experiment's report is ``experiment_report.py``.
@@ -29,6 +30,8 @@ def render_pretrain_report(summary: dict[str, Any], rows: list[dict[str, Any]]) 
         lines += probe_lines(summary["probe"]) + ["", "![latent map](plots/latent_map.png)", ""]
         if summary["probe"].get("per_source"):
             lines += per_source_probe_lines(summary["probe"]["per_source"]) + [""]
+    if summary.get("atlas"):
+        lines += atlas_lines(None) + [""]
     last = {}
     for r in rows:
         last[r["stage"]] = r
@@ -117,5 +120,77 @@ def probe_lines(p: dict[str, Any], heading: bool = True) -> list[str]:
                   f"{fmt(p.get('perplexity_trained'))} | {fmt(p.get('perplexity_untrained'))} |"]
     lines += ["", f"Probe: {p.get('n_train', '?')} train / {p.get('n_val', '?')} validation / "
               f"{p.get('n_test', '?')} test triplets (split by episode), best validation epoch "
-              f"{p.get('probe_best_epoch', '?')}, after {p.get('stage1_steps', '?')} stage-1 steps."]
+              f"{p.get('probe_best_epoch', '?')}, after {p.get('stage1_steps') or '?'} stage-1 steps."]
     return lines
+
+
+ATLAS_TEXT = ("Each row is one of the most used latent actions (a code tuple: codebooks apart by `/`), applied by "
+              "the trained world model to the same held-out contexts (o[t-1], o[t]) with its codebook vectors as "
+              "the latent: the predicted o[t+1], and its change from o[t] (red brighter, blue darker, one scale "
+              "for the whole figure). The first row shows each context's o[t] and its true change.")
+
+
+def atlas_lines(atlas: dict[str, Any] | None) -> list[str]:
+    """The atlas's section: what it shows, its rows as a table when given, and the image."""
+    lines = ["## Latent-action atlas", "", ATLAS_TEXT, ""]
+    if atlas:
+        with_actions = any("action" in r for r in atlas["rows"])
+        lines += ["| row | code tuple | share of held-out triplets | " + (
+            "most frequent true action (its share of the row) |" if with_actions else ""),
+            "|---|---|---|" + ("---|" if with_actions else "")]
+        for i, r in enumerate(atlas["rows"], 1):
+            cells = [str(i), f"`{r['label']}`", f"{100 * r['share']:.1f}%"]
+            if with_actions:
+                cells.append(f"{r['action_name']} ({100 * r['action_share']:.0f}%)" if "action" in r else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"{atlas['distinct']:,} distinct code tuples on {atlas['triplets']:,} held-out triplets.", ""]
+    return lines + ["![latent-action atlas](plots/atlas.png)"]
+
+
+def render_probe_report(p: dict[str, Any]) -> str:
+    """report.md of ``jobs/probe.py`` from its probe.json."""
+    src = p["source"]
+    steps = "an export" if p.get("stage1_steps") is None else f"{p['stage1_steps']:,} stage-1 steps"
+    lines = [f"# Latent-action probe of `{p['checkpoint']}`", "",
+             f"Checkpoint: `{p['checkpoint']}` ({steps}). Corpus: `{src['name']}` ({src['frames']:,} frames, "
+             f"{src['episodes']:,} episodes, {src['triplets']:,} triplets); read: {p['held_out_triplets']:,} "
+             f"triplets{' with a true action' if 'probe_acc' in p else ''} of its {src['held_out_episodes']:,} "
+             "held-out episodes (the checkpoint's split).", ""]
+    if "probe_acc" in p:
+        ceiling = f"Ceiling: `{p['ceiling']}`." if p.get("ceiling") else "Ceiling: none (--probe.ceiling false)."
+        lines += probe_lines(p) + ["", ceiling, "", "![latent map by action](plots/latent_map.png)", ""]
+        if p.get("per_source"):
+            lines += per_source_probe_lines(p["per_source"]) + [""]
+    else:
+        lines += ["The corpus has no true actions: the probe, its floor and ceiling, the bits, the code-action NMI "
+                  "and the table of codes against actions need them. What follows holds in any case.", ""]
+    if "code_action_table" in p:
+        lines += code_action_lines(p["code_action_table"]) + [""]
+    if "codebooks" in p:
+        lines += codebook_lines(p["codebooks"]) + [""]
+    else:
+        lines += ["The model has no discrete codes (--model.vq.enabled false): no codebook use, table or atlas.", ""]
+    if "atlas" in p:
+        lines += atlas_lines(p["atlas"]) + [""]
+    return "\n".join(lines)
+
+
+def code_action_lines(table: dict[str, Any]) -> list[str]:
+    """The most used code tuples against the true actions, as counts of held-out triplets."""
+    lines = ["## Codes against true actions", "",
+             "Held-out triplets of each code tuple (rows, most used first) by the action taken (columns).", "",
+             "| code tuple | " + " | ".join(table["action_names"]) + " |",
+             "|---|" + "---|" * len(table["actions"])]
+    for code, row in zip(table["codes"], table["counts"]):
+        name = code if code.startswith("other") else f"`{code}`"
+        lines.append(f"| {name} | " + " | ".join(str(n) for n in row) + " |")
+    return lines + ["", "![codes against actions](plots/code_action.png)"]
+
+
+def codebook_lines(books: list[dict[str, Any]]) -> list[str]:
+    """Each codebook's use on the held-out triplets."""
+    lines = ["## Codebooks", "", "| codebook | codes | used | dead (never chosen here) | perplexity | "
+             "most used code's share |", "|---|---|---|---|---|---|"]
+    lines += [f"| {b['codebook']} | {b['codes']} | {b['used']} | {b['dead']} | {b['perplexity']:.2f} | "
+              f"{100 * b['top_share']:.1f}% |" for b in books]
+    return lines + ["", "![latent map by code](plots/latent_map_codes.png)"]

@@ -3,7 +3,7 @@
 Everything lands in one artifact folder (local path or URI)::
 
     config.json  metrics.jsonl  source_scan.json  split.json  stage1/  ceiling/  probe.json  latents/
-    stage2/  plots/training_curves.png  plots/latent_map.png  report.md
+    stage2/  plots/training_curves.png  plots/latent_map.png  plots/atlas.png  report.md
 
 Each stage is skipped when the folder already holds its finished result and resumed from its
 latest checkpoint when it holds an unfinished one, so running the job again continues it.
@@ -17,10 +17,9 @@ import dataclasses
 import time
 from typing import Any
 
-import torch
-
 from lapo_ray import MissingPathError, UsageError, storage
 from lapo_ray.config import ModelConfig, PipelineConfig, PretrainConfig, config_changes, config_from_dict
+from lapo_ray.config.probe import ATLAS_CONTEXTS
 from lapo_ray.data.collect import collect
 from lapo_ray.data.mixture import open_corpus_sources
 from lapo_ray.data.sources import ScanReport, Source
@@ -28,20 +27,14 @@ from lapo_ray.data.splits import SplitSpec
 from lapo_ray.data.triplets import eval_pipeline, triplet_dataset
 from lapo_ray.evaluation.plots import plot_latent_map, plot_training_curves
 from lapo_ray.evaluation.probe import TrainingProbe
-from lapo_ray.evaluation.references import (
-    Encoder,
-    idm_encoder,
-    load_probe_set,
-    probe_per_source,
-    probe_references,
-    supervised_encoder,
-)
+from lapo_ray.evaluation.references import Encoder, load_probe_set, probe_per_source, probe_references
 from lapo_ray.evaluation.reports import render_pretrain_report
-from lapo_ray.models import LatentDynamics
+from lapo_ray.pipelines.assessment import ATLAS_FILE, draw_atlas, held_out_codes, reference_encoders
 from lapo_ray.runtime import init_ray
-from lapo_ray.train.checkpoint import Checkpoint, load_dynamics, load_supervised_idm
+from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import WandbRun, read_metrics
+from lapo_ray.train.run import load_run
 from lapo_ray.train.stage1 import stage1_task
 from lapo_ray.train.stages import Stage2Task, SupervisedIDMTask
 from lapo_ray.train.trainer import fit_into
@@ -187,17 +180,24 @@ def stage1_and_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spec
             save_curves(out, read_metrics(out))
         summary["stage1"] = {"checkpoint": ckpt.uri, "steps": ckpt.step, "train_seconds": ckpt.state["train_seconds"]}
         probe_uri = storage.join(out, "probe.json")
+        enc = None
         if source.has_actions and cfg.probe.triplets > 0 and not storage.exists(probe_uri):
             probe, enc = measure_probe(cfg, source, scan, spec, ckpt, run_config)
             storage.write_json(probe_uri, probe)
             save_latent_map(out, enc["trained/latent"], enc["action"])
             wb.log_summary(probe, "probe")
             trained = True
+        atlas_uri = storage.join(out, "plots", ATLAS_FILE)
+        if cfg.probe.triplets > 0 and cfg.model.vq.enabled and not storage.exists(atlas_uri):
+            save_atlas(cfg, source, scan, spec, ckpt, enc)
+            trained = True
         if trained:
-            wb.log_images([storage.join(out, "plots", n) for n in ("training_curves.png", "latent_map.png")],
-                          step=ckpt.step)
+            plots = ("training_curves.png", "latent_map.png", ATLAS_FILE)
+            wb.log_images([storage.join(out, "plots", n) for n in plots], step=ckpt.step)
         if storage.exists(probe_uri):
             summary["probe"] = storage.read_json(probe_uri)
+        if storage.exists(atlas_uri):
+            summary["atlas"] = "plots/" + ATLAS_FILE
     return summary
 
 
@@ -268,21 +268,16 @@ def probe_encoders(cfg: PretrainConfig, source: Source, files: list[str], spec: 
                    run_config: dict[str, Any]) -> dict[str, Encoder]:
     """What the probe reads: the trained IDM of ``ckpt``, the floor (an untrained IDM) and, unless
     ``--probe.ceiling false``, the ceiling, trained first unless it is already."""
-    trained = load_dynamics(ckpt.uri)
-    torch.manual_seed(cfg.stage1.seed)  # the floor: the very initialisation stage 1 started from
-    encoders = {"trained": idm_encoder(trained), "untrained": idm_encoder(LatentDynamics(cfg.model).eval())}
-    if cfg.probe.ceiling:
-        ceiling = train_ceiling(cfg, source, files, spec, ckpt.step, run_config)
-        encoders["supervised"] = supervised_encoder(load_supervised_idm(ceiling.uri))
-    return encoders
+    ceiling = train_ceiling(cfg, source, files, spec, ckpt.step, run_config) if cfg.probe.ceiling else None
+    return reference_encoders(cfg, load_dynamics(ckpt.uri), ceiling)
 
 
 def measure_probe(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: SplitSpec, ckpt: Checkpoint,
                   run_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """probe.json's figures for stage 1's checkpoint ``ckpt`` (and, for several sources, per
-    source) and what the encoders gave on the probe's triplets."""
+    source) and what the encoders gave on the probe's triplets (with the atlas's contexts)."""
     encoders = probe_encoders(cfg, source, scan.files, spec, ckpt, run_config)
-    probe, enc = probe_references(cfg, source, scan.files, spec, encoders, ckpt.step)
+    probe, enc = probe_references(cfg, source, scan.files, spec, encoders, ckpt.step, ATLAS_CONTEXTS)
     per_source = probe_per_source(cfg, source, scan.files, spec, encoders, ckpt.step)
     if per_source:
         probe["per_source"] = per_source
@@ -338,6 +333,16 @@ def save_latent_map(out: str, latents, actions) -> str:
     uri = storage.join(out, "plots", "latent_map.png")
     plot_latent_map(latents, actions, uri, title="stage-1 latent actions on held-out triplets (PCA)")
     return uri
+
+
+def save_atlas(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: SplitSpec, ckpt: Checkpoint,
+               enc: dict[str, Any] | None) -> None:
+    """plots/atlas.png of stage 1's checkpoint on the probe's held-out triplets ``enc`` or, without
+    them (a corpus without actions), on the held-out triplets read for it now."""
+    run = load_run(ckpt.uri)
+    if enc is None:
+        enc = held_out_codes(cfg, source, scan.files, spec, run.dynamics)
+    draw_atlas(storage.join(cfg.out, "plots"), run, enc)
 
 
 def write_report(out: str, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:

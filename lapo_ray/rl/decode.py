@@ -1,10 +1,11 @@
 """Offline decoding: a decoder from latent action to real action, learnt from k labelled frames.
 
 The k frames are triplets of the pretraining corpus's train split (the only place true actions
-are read for training); the IDM labels each with its latent action and the decoder learns
-latent -> action by cross-entropy. The agent then plays with the latent policy's predicted
-latents decoded the same way (the RL head stays at zero), so what is evaluated is exactly the
-module that online fine-tuning would start from.
+are read for training), the first k of a seeded shuffle or, with ``--decoder.select coverage``, k
+spread over the IDM's latent space (``k_center_greedy``); the IDM labels each with its latent
+action and the decoder learns latent -> action by cross-entropy. The agent then plays with the
+latent policy's predicted latents decoded the same way (the RL head stays at zero), so what is
+evaluated is exactly the module that online fine-tuning would start from.
 """
 
 from __future__ import annotations
@@ -54,6 +55,38 @@ def triplets_with_actions(source, pipe: PipelineConfig, split: str, n: int, seed
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
+def k_center_greedy(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``k`` rows of ``x`` (N, D), each the row farthest from those picked before it,
+    starting from a seeded random row (Gonzalez's farthest-point rule): the largest distance
+    from any row to its nearest pick is at most twice the least any k rows can reach. Why for
+    labelling: a decoder learns latent -> action, and a random k spends its labels where the
+    corpus is dense (one common motion) and can miss a rare latent altogether; k centres put a
+    label near every part of the latent space the corpus reaches. Outliers are centres too."""
+    x = np.asarray(x, np.float64)
+    k = min(k, len(x))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    picks = [int(np.random.default_rng(seed).integers(len(x)))]
+    nearest = ((x - x[picks[0]]) ** 2).sum(1)
+    for _ in range(k - 1):
+        picks.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, ((x - x[picks[-1]]) ** 2).sum(1))
+    return np.asarray(picks, np.int64)
+
+
+def labelled_frames(source, pipe: PipelineConfig, idm, decoder_cfg: DecoderConfig, seed: int) -> dict[str, np.ndarray]:
+    """The k train triplets with actions the decoder learns from: the first k of a seeded shuffle
+    (``random``), or k of a ``decoder_cfg.pool`` candidate pool spread over the IDM's latents by
+    ``k_center_greedy`` (``coverage``)."""
+    offset = idm.cfg.frame_offset
+    if decoder_cfg.select == "random":
+        return triplets_with_actions(source, pipe, "train", decoder_cfg.k, seed, offset)
+    pool = triplets_with_actions(source, pipe, "train", max(decoder_cfg.pool, decoder_cfg.k), seed, offset)
+    picks = k_center_greedy(_encode(idm, pool["frames"]).numpy(), decoder_cfg.k, seed)
+    print(f"decode: coverage picked {len(picks)} of {len(pool['action'])} candidate frames", flush=True)
+    return {key: value[picks] for key, value in pool.items()}
+
+
 def _encode(idm, frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(encode_in_batches(lambda f: idm.encode(f)[0], frames, batch_size=512))
 
@@ -89,7 +122,7 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
     decoder_cfg = cfg.decoder
     t0 = time.time()
     idm = load_dynamics(stage1)
-    train = triplets_with_actions(source, pipe, "train", decoder_cfg.k, cfg.seed, idm.cfg.frame_offset)
+    train = labelled_frames(source, pipe, idm, decoder_cfg, cfg.seed)
     val = triplets_with_actions(source, pipe, "val", decoder_cfg.held_out, cfg.seed, idm.cfg.frame_offset)
     if len(train["action"]) < decoder_cfg.k:
         print(f"decode: the train split has only {len(train['action'])} labelled triplets "
@@ -116,7 +149,7 @@ def decode_offline(cfg: DecodeConfig) -> dict[str, Any]:
         # The loss a decoder reaches from the action frequencies alone: below it, latents inform.
         "train_action_entropy": _entropy(train["action"]), "decoder_val_accuracy": val_acc,
         "agent_val_accuracy": agent_acc, "majority_action_rate": majority, "val_triplets": int(len(a_val)),
-        "fit_seconds": fit_seconds, "pretrain": cfg.pretrain, "corpus": corpus,
+        "fit_seconds": fit_seconds, "pretrain": cfg.pretrain, "corpus": corpus, "select": decoder_cfg.select,
     }
     module.eval()
     report.update(evaluate_on_both_level_sets(agent_logits(module), cfg.env, cfg.eval, f"decoded k={n}"))

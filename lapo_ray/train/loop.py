@@ -35,7 +35,9 @@ class StageTask(Protocol):
     def batches(self, ds, batch_size: int, pipe: PipelineConfig, drop_last: bool, epoch: int,
                 device: torch.device | None = None) -> Iterator[dict]:
         """torch batches of this stage's input from a dataset or a Ray Train shard, on ``device``
-        (copied from pinned memory ahead of use where that is a GPU); ``None``: the CPU."""
+        (copied from pinned memory ahead of use where that is a GPU); ``None``: the CPU. A task
+        that can hold its input on the device (``--data.device-resident``) also has
+        ``hold_on_device(shard, pipe, device)``, whose result its ``batches`` takes as ``ds``."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of one batch, plus scalar metrics to average over the report window, as
@@ -173,7 +175,7 @@ def run_stage(config: dict[str, Any]) -> None:
     train_step = StageStep(task, model, optimizer, cfg, device, train_model=_training_model(model, cfg, world))
     local_bs = cfg.batch_size // world
     val_batches = _validation_batches(task, cfg, pipe, local_bs, device)
-    batches = _batches_forever(task, ray.train.get_dataset_shard("train"), local_bs, pipe, pos.epoch, world,
+    batches = _batches_forever(task, _training_shard(task, pipe, device), local_bs, pipe, pos.epoch, world,
                                device, skip=pos.epoch_step)
     budget_s = cfg.time_budget_min * 60.0 if cfg.time_budget_min > 0 else math.inf
 
@@ -232,6 +234,16 @@ def _resume(task: StageTask, model: torch.nn.Module, optimizer: torch.optim.Opti
             print(f"[{task.name}] dropped {dropped} metrics row(s) past step {pos.step}: those steps run again",
                   flush=True)
     return pos
+
+
+def _training_shard(task: StageTask, pipe: PipelineConfig, device: torch.device):
+    """This rank's training shard: streamed, or read once and held on ``device`` when
+    ``--data.device-resident`` asks it of a task that can (stage 2 streams)."""
+    import ray.train  # lazy: jobs import this before they check their input (architecture.md, Imports)
+
+    shard = ray.train.get_dataset_shard("train")
+    hold = getattr(task, "hold_on_device", None)
+    return hold(shard, pipe, device) if pipe.device_resident and hold is not None else shard
 
 
 def _training_model(model: torch.nn.Module, cfg: StageConfig, world: int):

@@ -41,13 +41,15 @@ DYNAMICS_FILE, POLICY_FILE, PROBE_FILE = "dynamics.safetensors", "latent_policy.
 class Run:
     """A trained run's models, in eval mode: ``dynamics`` (the stage-1 ``LatentDynamics``), its
     ``idm`` and ``world_model``, and ``latent_policy`` (None without a stage 2); ``config`` is the
-    resolved PretrainConfig as a dict and ``model_config`` its model part."""
+    resolved PretrainConfig as a dict and ``model_config`` its model part; ``stage1_steps`` the
+    stage-1 checkpoint's step (None for an export, which keeps no training state)."""
 
     uri: str
     dynamics: torch.nn.Module
     latent_policy: torch.nn.Module | None
     config: dict[str, Any]
     model_config: ModelConfig
+    stage1_steps: int | None = None
 
     @property
     def idm(self) -> torch.nn.Module:
@@ -95,6 +97,23 @@ class Run:
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.no_grad()
+    def code_latents(self, codes: np.ndarray) -> np.ndarray:
+        """The latent float32 (B, latent_dim) that VQ codes int (B, num_codebooks,
+        num_discrete_latents) stand for: their codebook vectors, what the world model saw for a
+        triplet given those codes (``predict`` takes it as it is)."""
+        vq = self.model_config.vq
+        codes = np.asarray(codes)
+        if not vq.enabled:
+            raise UsageError(f"{self.uri}: this run has no VQ (--model.vq.enabled false), so no codes")
+        if codes.ndim != 3 or codes.shape[1:] != (vq.num_codebooks, vq.num_discrete_latents) or not (
+                np.issubdtype(codes.dtype, np.integer) and ((codes >= 0) & (codes < vq.num_embs)).all()):
+            raise UsageError(f"codes: expected integers in [0, {vq.num_embs}) of shape (B, {vq.num_codebooks}, "
+                             f"{vq.num_discrete_latents}), got {codes.dtype} {codes.shape}")
+        book = self.dynamics.idm.vq
+        latent = book.codes_to_latent(torch.from_numpy(codes.astype(np.int64)).to(book.embeddings.device))
+        return latent.float().cpu().numpy()
+
+    @torch.no_grad()
     def act(self, obs: np.ndarray, device: str = "cpu") -> np.ndarray:
         """The latent policy's latent action float32 (B, latent_dim) for uint8 observations (B, H, W, C)."""
         if self.latent_policy is None:
@@ -125,7 +144,7 @@ def load_run(uri: str | os.PathLike) -> Run:
     dynamics = load_dynamics(stage1.uri)
     stage2 = None if stage1.uri == uri else Checkpoint.latest(storage.join(uri, "stage2"))
     policy = None if stage2 is None else load_latent_policy(stage2.uri)[0]
-    return Run(uri, dynamics, policy, stage1.config, stage1.model_config())
+    return Run(uri, dynamics, policy, stage1.config, stage1.model_config(), stage1.step)
 
 
 def _stage1_checkpoint(uri: str) -> Checkpoint:

@@ -9,6 +9,7 @@ import numpy as np
 
 from lapo_ray import UsageError
 from lapo_ray.config import PipelineConfig, PretrainConfig
+from lapo_ray.data.resident import check_fits, estimate_split_bytes, worker_device_memory
 from lapo_ray.data.sources import ScanReport, Source
 from lapo_ray.data.splits import SplitSpec
 from lapo_ray.data.triplets import batches_with_actions
@@ -47,6 +48,7 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: Spl
     """Stage 1's task with its recipe options and ``probe`` (measured at each report); the
     labelled share is sized from the training split's triplet count (episodes are about equally
     long, so the episode share stands in)."""
+    check_device_resident(cfg, source, scan, spec)
     action_label_set = None
     if cfg.stage1.action_labels > 0:
         need = cfg.stage1.action_labels * 3 * int(np.prod(source.frame_shape))
@@ -61,3 +63,20 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: Spl
         action_label_set = load_action_label_set(source, cfg.data, scan.files, spec, fraction,
                                                  cfg.model.frame_offset, cfg.stage1.seed)
     return Stage1Task(cfg.model, probe, recipe=cfg.stage1, action_label_set=action_label_set)
+
+
+def check_device_resident(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: SplitSpec) -> None:
+    """With --data.device-resident, refuse before training a training split that would not fit
+    each worker's device: a GPU worker holds its 1/N share, the CPU workers of one node hold it
+    all between them. The ceiling trains after stage 1 on the same split, so this covers it too."""
+    if not cfg.data.device_resident:
+        return
+    need = estimate_split_bytes(scan, spec, "train", tuple(source.frame_shape))
+    stage = cfg.stage1
+    per_worker = -(-need // stage.num_workers) if stage.use_gpu else need
+    name, free = worker_device_memory(stage.use_gpu)
+    what = (f"the training split ({need / 2**30:.1f} GiB over {stage.num_workers} GPU workers)" if stage.use_gpu
+            else "the training split (held by this node's CPU workers together)")
+    check_fits(per_worker, name, free, int(cfg.data.resident_margin_gb * 2**30), what)
+    print(f"stage 1: the training split, about {need / 2**30:.2f} GiB, will be held on the workers' devices "
+          f"({name}: {free / 2**30:.1f} GiB free)", flush=True)

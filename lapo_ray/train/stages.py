@@ -17,12 +17,28 @@ from lapo_ray.train.recipes import change_weights, random_shift
 
 
 def _triplet_batches(model_cfg: ModelConfig, ds, batch_size, pipe, drop_last, epoch, device):
-    """A task's ``batches`` over triplets, cut at the model's frame offset."""
+    """A task's ``batches`` over triplets, cut at the model's frame offset: streamed from a
+    dataset, or by index from a corpus held on the device (``_hold_triplets``)."""
     # lazy: the input pipeline needs pyarrow; the models and the step run on machines with PyTorch alone
+    from lapo_ray.data.resident import ResidentTriplets
     from lapo_ray.data.triplets import torch_batches
 
-    shape = (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
-    return torch_batches(ds, shape, batch_size, pipe, drop_last, epoch, device=device, offset=model_cfg.frame_offset)
+    if isinstance(ds, ResidentTriplets):
+        return ds.batches(batch_size, seed=pipe.shuffle_seed + epoch, drop_last=drop_last)
+    return torch_batches(ds, _frame_shape(model_cfg), batch_size, pipe, drop_last, epoch, device=device,
+                         offset=model_cfg.frame_offset)
+
+
+def _hold_triplets(model_cfg: ModelConfig, name: str, shard, pipe, device):
+    """A task's ``hold_on_device``: its shard read once and held on ``device`` (--data.device-resident)."""
+    from lapo_ray.data.resident import hold_dataset  # lazy, as in _triplet_batches
+
+    return hold_dataset(shard, _frame_shape(model_cfg), device or torch.device("cpu"), pipe,
+                        offset=model_cfg.frame_offset, name=name)
+
+
+def _frame_shape(model_cfg: ModelConfig) -> tuple[int, int, int]:
+    return (model_cfg.frame_size, model_cfg.frame_size, model_cfg.channels)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -98,6 +114,9 @@ class Stage1Task:
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         return _triplet_batches(self.model_cfg, ds, batch_size, pipe, drop_last, epoch, device)
+
+    def hold_on_device(self, shard, pipe, device=None):
+        return _hold_triplets(self.model_cfg, self.name, shard, pipe, device)
 
     def loss(self, model, batch):
         recipe = self.recipe
@@ -186,6 +205,9 @@ class SupervisedIDMTask:
 
     def batches(self, ds, batch_size, pipe, drop_last, epoch, device=None):
         return _triplet_batches(self.model_cfg, ds, batch_size, pipe, drop_last, epoch, device)
+
+    def hold_on_device(self, shard, pipe, device=None):
+        return _hold_triplets(self.model_cfg, self.name, shard, pipe, device)
 
     def loss(self, model, batch):
         loss, correct, n = action_loss(model(batch["frames"]), batch["action"])
