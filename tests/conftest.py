@@ -119,6 +119,26 @@ def one_torch_thread():
 _SHARED_RAY: dict[str, str | None] = {"address": None}
 
 
+@contextlib.contextmanager
+def _agent_on_any_port():
+    """Even without a dashboard, a node's dashboard agent listens on Ray's fixed default port
+    52365, and ray.init() has no argument to move it. The shared instance stays up between tests,
+    where the other xdist worker's README test starts a head on the default ports: its agent could
+    not bind 52365, and the head answered "No available agent to submit job" for two minutes.
+    So the shared instance's agent takes any free port (0), as the multinode clusters' do."""
+    from ray._private.parameter import RayParams
+
+    init = RayParams.__init__
+
+    def any_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        init(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RayParams, "__init__", any_port)
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_local(request):
     """A local 2-CPU Ray instance (the size of this project's CI machine), shared by the modules
@@ -144,7 +164,8 @@ def ray_local(request):
     # inherited by this instance's raylet and so by every worker.
     for key, value in job_env().items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with _agent_on_any_port():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     _SHARED_RAY["address"] = ray.get_runtime_context().gcs_address
     request.session.config.add_cleanup(ray.shutdown)
