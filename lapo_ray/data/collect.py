@@ -221,13 +221,7 @@ def collect(cfg: CollectConfig, progress_interval: float = 5.0, policy_factories
     cfg.validate()
     resuming = _check_resume(cfg)
     init_ray()
-    storage.makedirs(storage.join(cfg.out, SHARD_DIR))
-    if not resuming:
-        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))
-
-    budgets = [cfg.frames // cfg.num_workers + (1 if i < cfg.frames % cfg.num_workers else 0)
-               for i in range(cfg.num_workers)]
-    states = [existing_worker_state(cfg.out, i) for i in range(cfg.num_workers)]
+    budgets, states = _start_corpus(cfg, resuming)
     already = sum(min(s[0], b) for s, b in zip(states, budgets))
     if resuming:
         print(f"resuming collection in {cfg.out}: {already:,} of {cfg.frames:,} frames already written", flush=True)
@@ -278,19 +272,24 @@ def _finish_corpus(cfg: CollectConfig, finals: list[dict[str, Any]], seconds: fl
     return manifest
 
 
+def _start_corpus(cfg: CollectConfig, resuming: bool) -> tuple[list[int], list[tuple]]:
+    """The corpus folder with its config (kept when resuming); each collector's frame budget and
+    what it has already written."""
+    storage.makedirs(storage.join(cfg.out, SHARD_DIR))
+    if not resuming:
+        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))
+    budgets = [cfg.frames // cfg.num_workers + (1 if i < cfg.frames % cfg.num_workers else 0)
+               for i in range(cfg.num_workers)]
+    return budgets, [existing_worker_state(cfg.out, i) for i in range(cfg.num_workers)]
+
+
 def collect_local(cfg: CollectConfig, policy_factories=None) -> Manifest:
     """``collect`` without Ray, on this machine's cores: ``cfg.num_workers`` collectors, each in a
     process of its own (in this one for a single collector), writing the same corpus. For a
     machine that has no Ray (the paper-scale command on a lent GPU machine). A factory in
     ``policy_factories`` must be importable by name, as the processes are spawned."""
     cfg.validate()
-    resuming = _check_resume(cfg)
-    storage.makedirs(storage.join(cfg.out, SHARD_DIR))
-    if not resuming:
-        storage.write_json(storage.join(cfg.out, COLLECT_CONFIG), config_to_dict(cfg))
-    budgets = [cfg.frames // cfg.num_workers + (1 if i < cfg.frames % cfg.num_workers else 0)
-               for i in range(cfg.num_workers)]
-    states = [existing_worker_state(cfg.out, i) for i in range(cfg.num_workers)]
+    budgets, states = _start_corpus(cfg, _check_resume(cfg))
     jobs = [(cfg, i, budget - state[0], state[1], state[2], policy_factories)
             for i, (budget, state) in enumerate(zip(budgets, states)) if budget - state[0] > 0]
     started = time.monotonic()
