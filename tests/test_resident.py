@@ -160,7 +160,7 @@ def test_a_corpus_that_does_not_fit_is_refused_in_one_line_naming_the_sizes():
         "(--data.device-resident false)")
 
 
-def test_stage_one_refuses_before_training_a_split_its_gpus_cannot_hold(games, monkeypatch):
+def test_the_fit_check_refuses_a_split_its_gpus_cannot_hold(games, monkeypatch):
     from lapo_ray.config import PRETRAIN_PRESETS
     from lapo_ray.train import stage1
 
@@ -172,74 +172,30 @@ def test_stage_one_refuses_before_training_a_split_its_gpus_cannot_hold(games, m
     asked = []
     monkeypatch.setattr(stage1, "worker_device_memory", lambda use_gpu: asked.append(use_gpu) or ("GPU-X", need // 4))
     with pytest.raises(UsageError) as e:
-        stage1.stage1_task(cfg, src, scan, spec, None)
+        stage1.check_device_resident(cfg, src, scan, spec)
     assert asked == [True]
     assert one_line(e).startswith(f"--data.device-resident: the training split ({need / 2**30:.1f} GiB over 2 GPU "
                                   "workers) needs about 0.0 GiB on each worker's device, but GPU-X has 0.0 GiB free")
     monkeypatch.setattr(stage1, "worker_device_memory", lambda use_gpu: ("GPU-X", need))
-    assert stage1.stage1_task(cfg, src, scan, spec, None).model_cfg == cfg.model  # half of it each: fits
+    stage1.check_device_resident(cfg, src, scan, spec)  # half of it each: fits
     cfg.data.device_resident = False
     monkeypatch.setattr(stage1, "worker_device_memory", lambda use_gpu: pytest.fail("asked without the flag"))
-    stage1.stage1_task(cfg, src, scan, spec, None)
+    stage1.check_device_resident(cfg, src, scan, spec)
 
 
-def test_the_flags_reach_the_pipeline_config():
-    from lapo_ray.config import PRETRAIN_PRESETS, PretrainConfig
-    from lapo_ray.config.cli import parse_config
+def test_a_pretraining_run_refused_for_its_size_writes_nothing(games, tmp_path, monkeypatch):
+    # Refused with the rest of the input, before the run folder exists: no config.json is left
+    # behind that a rerun without the flag would have to override.
+    from lapo_ray.config import PRETRAIN_PRESETS
+    from lapo_ray.pipelines import pretrain
+    from lapo_ray.train import stage1
 
-    cfg, _ = parse_config(PretrainConfig, PRETRAIN_PRESETS,
-                          ["--data.device-resident", "true", "--data.resident-margin-gb", "2.5"])
-    assert (cfg.data.device_resident, cfg.data.resident_margin_gb) == (True, 2.5)
-    with pytest.raises(UsageError, match="resident-margin-gb must be at least 0"):
-        dataclasses.replace(cfg.data, resident_margin_gb=-1.0).validate()
-
-
-# --------------------------------------------------------------------------- on Ray
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("which", ["one", "two"])
-def test_an_epoch_held_from_the_ray_data_stream_is_the_streamed_epoch(games, which, ray_local):
-    """The Ray Data path end to end: what a Train worker holds (its dataset read once) gives, in one
-    epoch, exactly the triplets the streaming consumer cuts from the same dataset."""
-    from lapo_ray.data.resident import hold_dataset
-    from lapo_ray.data.triplets import iter_batches, triplet_dataset
-
-    src, scan, spec = opened(games, which)
-    ds = triplet_dataset(src, "train", PIPE, scan.files, spec, weighted=True)
-    streamed = keyed(iter_batches(ds, SHAPE, 32, PIPE))
-    resident = hold_dataset(ds, SHAPE, "cpu", PIPE)
-    assert keyed(resident.batches(32, seed=0)) == streamed
-    assert sum(streamed.values()) == (380 if which == "one" else 4 * 380)
-
-
-@pytest.mark.slow
-def test_stage_one_trains_on_ray_train_from_the_held_corpus(tmp_path, ray_local):
-    """The stage loop's wiring: with the flag, the worker holds its shard and trains from it
-    across an epoch boundary (24 training triplets a epoch, batch 16)."""
-    from test_train import RecordingStage1, square_episode, tiny_config
-
-    from lapo_ray.data.corpus import write_corpus
-    from lapo_ray.data.triplets import triplet_dataset
-    from lapo_ray.train.trainer import fit_stage
-
-    rng = np.random.default_rng(0)
-    corpus = str(tmp_path / "corpus")
-    write_corpus(corpus, [square_episode(i, 10, rng) for i in range(5)], "coinrun", shard_frames=20)
-    cfg = tiny_config(str(tmp_path / "run"), steps=4, report_every=2, checkpoint_every=4)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, device_resident=True, val_fraction=0.2,
-                                                            global_shuffle="files"))
-    record = tmp_path / "record"
-    record.mkdir()
-    src = CorpusSource(corpus)
-    result = fit_stage(RecordingStage1(cfg.model, str(record)), cfg.stage1, cfg.data,
-                       triplet_dataset(src, "train", cfg.data), triplet_dataset(src, "val", cfg.data),
-                       cfg.out, cfg.to_dict())
-    assert result.error is None
-    steps = [json.loads(line) for line in open(record / "batches-rank0.jsonl")]
-    assert len(steps) == 4 and all(len(s) == 16 for s in steps)
-    # Epoch one and epoch two each draw from the same 32 training triplets, in other orders.
-    spec = SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)
-    train = {tuple(k) for s in steps for k in s}
-    assert len(train) <= 32 and not spec.is_val(np.array([e for e, _ in train])).any()
-    assert steps[:2] != steps[2:]
+    cfg = PRETRAIN_PRESETS["cpu"]()
+    cfg.corpus, cfg.out, cfg.model.frame_size = games[0], str(tmp_path / "run"), SHAPE[0]
+    cfg.data.device_resident, cfg.data.resident_margin_gb = True, 0.0
+    monkeypatch.setattr(pretrain, "init_ray", lambda: None)  # the check needs no cluster here
+    monkeypatch.setattr(stage1, "worker_device_memory", lambda use_gpu: ("CPU-X", 1024))
+    with pytest.raises(UsageError) as e:
+        pretrain.run_pretrain(cfg)
+    assert one_line(e).startswith("--data.device-resident: the training split (held by this node's CPU workers")
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ from lapo_ray.train.checkpoint import Checkpoint, load_dynamics
 from lapo_ray.train.labelling import SPLIT_FILE, label_corpus, latents_dataset
 from lapo_ray.train.metrics import WandbRun, read_metrics
 from lapo_ray.train.run import load_run
-from lapo_ray.train.stage1 import stage1_task
+from lapo_ray.train.stage1 import check_device_resident, stage1_task
 from lapo_ray.train.stages import Stage2Task, SupervisedIDMTask
 from lapo_ray.train.trainer import fit_into
 
@@ -75,6 +75,8 @@ def checked_input(cfg: PretrainConfig, policy_factories) -> tuple[Source, ScanRe
     scan = source.scan(on_bad=cfg.data.on_bad_files)
     spec = split_spec(scan, cfg.data, source)
     check_artifact_folder(cfg)
+    if "stage1" in cfg.stage_list():
+        check_device_resident(cfg, source, scan, spec)  # a split too large for the devices: before any write
     return source, scan, spec
 
 

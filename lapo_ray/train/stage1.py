@@ -47,8 +47,8 @@ def stage1_task(cfg: PretrainConfig, source: Source, scan: ScanReport, spec: Spl
                 probe: TrainingMetric | None) -> Stage1Task:
     """Stage 1's task with its recipe options and ``probe`` (measured at each report); the
     labelled share is sized from the training split's triplet count (episodes are about equally
-    long, so the episode share stands in)."""
-    check_device_resident(cfg, source, scan, spec)
+    long, so the episode share stands in). The held corpus's fit is checked earlier, with the
+    rest of the input, before the run folder is written (``check_device_resident``)."""
     action_label_set = None
     if cfg.stage1.action_labels > 0:
         need = cfg.stage1.action_labels * 3 * int(np.prod(source.frame_shape))
