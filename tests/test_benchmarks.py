@@ -17,7 +17,7 @@ import sys
 
 import pytest
 from test_jobs import _job
-from test_step import BLOCK_RAY
+from test_step import run_benchmark_job_without
 
 from lapo_ray import MissingPathError
 from lapo_ray.benchmarks import BENCHMARKS, Benchmark, ray_internals, registry, run_benchmark
@@ -134,18 +134,9 @@ def test_run_benchmark_starts_ray_only_for_ray_benchmarks_with_their_cpus_and_st
 
 def test_the_step_benchmark_runs_from_the_job_without_ray_or_pyarrow(tmp_path):
     out = tmp_path / "step.json"
-    argv = ["jobs/benchmark.py", "step", "--batch-sizes", "2", "--precisions", "fp32", "--steps", "2", "--warmup",
-            "1", "--threads", "1", "--json", str(out)]
-    script = BLOCK_RAY + f"""
-import runpy
-sys.argv = {argv!r}
-try:
-    runpy.run_path("jobs/benchmark.py", run_name="__main__")
-finally:
-    assert not [m for m in sys.modules if m.split(".")[0] in ("ray", "pyarrow", "wandb")]
-"""
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    argv = ["step", "--batch-sizes", "2", "--precisions", "fp32", "--steps", "2", "--warmup", "1", "--threads", "1",
+            "--json", str(out)]
+    r = run_benchmark_job_without(argv, ("ray", "pyarrow", "wandb"), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert (figures["preset"], figures["device"], figures["steps"], figures["warmup"], figures["threads"]) == (

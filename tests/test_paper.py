@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from test_step import BLOCK_RAY
+from test_step import run_benchmark_job_without
 
 from lapo_ray import MissingPathError, UsageError
 from lapo_ray.benchmarks import official_step, paper_collect
@@ -24,7 +23,6 @@ from lapo_ray.benchmarks.paper_train import Lockstep, guarded_step, make_trainee
 from lapo_ray.config import PRETRAIN_PRESETS, PaperBenchConfig, PolicyConfig
 from lapo_ray.models.agent import AgentNet, agent_record, load_agent_file, save_agent_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A demonstrator network small enough that collecting a smoke corpus on 2 cores takes seconds.
 CPU_POLICY = PolicyConfig(impala_scale=1, impala_channels=(4, 4, 4), impala_features=16)
 
@@ -60,16 +58,8 @@ def test_the_smoke_run_without_ray_names_every_figure_the_gpu_run_fills(tmp_path
     out = tmp_path / "paper"
     demonstrator = agent_file(tmp_path / "demonstrator.pt")
     # What the lent GPU machines lack: Ray, wandb and PyAV.
-    script = BLOCK_RAY.replace('("ray", "pyarrow", "wandb")', '("ray", "wandb", "av")') + f"""
-import runpy
-sys.argv = ["jobs/benchmark.py", "paper", "--out", {str(out)!r}, "--demonstrator", {demonstrator!r}, *{SMOKE!r}]
-try:
-    runpy.run_path("jobs/benchmark.py", run_name="__main__")
-finally:
-    assert not [m for m in sys.modules if m.split(".")[0] in ("ray", "wandb", "av")]
-"""
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    r = run_benchmark_job_without(["paper", "--out", str(out), "--demonstrator", demonstrator, *SMOKE],
+                                  ("ray", "wandb", "av"), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "paper_stage1.json").read_text())
     markdown = (out / "paper_stage1.md").read_text()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from test_rl import pretrain_dir, tiny_pretrain_config  # noqa: F401 (a fixture)
-from test_step import BLOCK_RAY
+from test_step import blocking
 
 from lapo_ray import MissingPathError, UsageError, export_run, load_run
 from lapo_ray.train.checkpoint import Checkpoint, load_dynamics, load_latent_policy
@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_naming_it(run_dir, tmp_path):
 
 
 def test_an_export_loads_and_labels_without_ray(export_dir):
-    script = BLOCK_RAY.replace('("ray", "pyarrow", "wandb")', '("ray", "wandb")') + textwrap.dedent(f"""
+    script = blocking("ray", "wandb") + textwrap.dedent(f"""
         import numpy as np
         from lapo_ray import load_run
 

@@ -132,17 +132,37 @@ def test_the_paper_step_never_syncs_with_the_gpu():
     assert step.metrics.steps == 4
 
 
-BLOCK_RAY = textwrap.dedent("""
-    import importlib.abc, sys
+def blocking(*names: str) -> str:
+    """A script prelude under which importing any of ``names`` (top-level packages) fails."""
+    return textwrap.dedent(f"""
+        import importlib.abc, sys
 
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("ray", "pyarrow", "wandb"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {names!r}:
+                    raise ImportError(f"{{name}} is blocked in this test")
+                return None
 
-    sys.meta_path.insert(0, Block())
-""")
+        sys.meta_path.insert(0, Block())
+    """)
+
+
+BLOCK_RAY = blocking("ray", "pyarrow", "wandb")
+
+
+def run_benchmark_job_without(argv: list[str], names: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
+    """``jobs/benchmark.py`` with ``argv`` in a fresh process where ``names`` cannot be imported;
+    it also fails if one of them was imported after all."""
+    script = blocking(*names) + f"""
+import runpy
+sys.argv = ["jobs/benchmark.py", *{argv!r}]
+try:
+    runpy.run_path("jobs/benchmark.py", run_name="__main__")
+finally:
+    assert not [m for m in sys.modules if m.split(".")[0] in {names!r}]
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def test_models_and_step_run_without_ray_pyarrow_or_wandb():
