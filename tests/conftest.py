@@ -65,31 +65,20 @@ def _flock(name: str, exclusive: bool):
         os.close(fd)  # releases the lock
 
 
-_HELD = {"shared": 0}
-
-
 @contextlib.contextmanager
 def machine_share(alone: bool):
     """Slow work holds the machine shared; a test marked `alone` holds it by itself. Alone tests
     are the README's head, on Ray's fixed default ports that any other local Ray instance's
     dashboard may take, and the memory test, whose buffers' level moved 89 MiB with another Ray
     instance beside it. The gate gives a waiting alone test the next turn: without it, the other
-    worker's tests, one after another, could hold the machine for the rest of the run. Work
-    that holds the machine shared already (a test making the shared pretraining run) does not
-    queue for it again."""
-    if not _WORKER or (_HELD["shared"] and not alone):
+    worker's tests, one after another, could hold the machine for the rest of the run."""
+    if not _WORKER:
         yield
         return
-    assert not _HELD["shared"], "an alone test inside work that holds the machine shared would wait on itself"
-    with _flock("gate", exclusive=True):
-        machine = _flock("machine", exclusive=alone)
-        machine.__enter__()
-    _HELD["shared"] += not alone
-    try:
+    with contextlib.ExitStack() as held:
+        with _flock("gate", exclusive=True):
+            held.enter_context(_flock("machine", exclusive=alone))
         yield
-    finally:
-        _HELD["shared"] -= not alone
-        machine.__exit__(None, None, None)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -195,9 +184,8 @@ def pretrained_run():
     Returns {"out", "corpus", "home", "console"} (console: the job's stdout and stderr)."""
     base = _SUITE_DIR / "pretrained"
     with _flock("pretrained.lock", exclusive=True):
-        if not (base / "console.txt").exists():
-            with machine_share(alone=False):
-                _pretrain_once(base)
+        if not (base / "console.txt").exists():  # made inside a slow test, which holds the machine
+            _pretrain_once(base)
     return {"out": base / "job-42", "corpus": base / "npz", "home": base / "home",
             "console": (base / "console.txt").read_text()}
 
