@@ -20,7 +20,7 @@ from lapo_ray.data.corpus import (
     segment_bounds,
     write_corpus,
 )
-from lapo_ray.data.sources import CorpusSource, LapoNpzSource, VideoFolderSource, open_source
+from lapo_ray.data.sources import CorpusSource, LapoGameSource, LapoNpzSource, VideoFolderSource, open_source
 from lapo_ray.data.splits import SplitSpec
 from lapo_ray.data.triplets import (
     TripletBatcher,
@@ -370,9 +370,12 @@ def test_a_folder_above_the_data_names_the_folders_that_would_work(tmp_path):
     with pytest.raises(CorpusError) as err:
         open_source(str(tmp_path / "expert_data"))
     root = tmp_path / "expert_data"
-    want = ", ".join(str(root / g / s) for g in ("bigfish", "ninja") for s in ("test", "train"))
+    # A game's folder is one corpus (test/ its validation split); a split's folder one split.
+    want = ", ".join(str(root / g) for g in ("bigfish", "ninja"))
     assert f"these folders below it do: {want}; pass one of them as --corpus" in str(err.value)
-    with pytest.raises(CorpusError, match=f"do: {root / 'ninja' / 'test'}, {root / 'ninja' / 'train'};"):
+    assert isinstance(open_source(str(root / "ninja")), LapoGameSource)
+    (root / "ninja" / "test" / "0.npz").unlink()
+    with pytest.raises(CorpusError, match=f"do: {root / 'ninja' / 'train'};"):
         open_source(str(root / "ninja"))
 
 

@@ -19,14 +19,8 @@ import torch
 
 from lapo_ray.config import ProbeConfig
 from lapo_ray.data.resident import ResidentTriplets
-from lapo_ray.evaluation.probe import (
-    classifier_accuracy,
-    majority_rate,
-    probe_accuracy,
-    probe_halves,
-    probe_report,
-)
-from lapo_ray.evaluation.references import code_figures, idm_encoder, supervised_encoder
+from lapo_ray.evaluation.probe import majority_rate, probe_accuracy, probe_halves
+from lapo_ray.evaluation.references import idm_encoder, probe_figures, supervised_encoder
 
 # The figures of each probe row, in the order the report shows them.
 ROW_FIGURES = ("step", "ceiling_step", "probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "gap_closed",
@@ -108,25 +102,18 @@ class ProbeBook:
         return [self.rows[s].result() for s in sorted(self.rows) if self.rows[s].done()]
 
     def _fit_floor(self, enc: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The floor's probe and codes, and how long one probe takes (what the run keeps time for)."""
+        """The floor's probe, and how long one probe takes (what the run keeps time for)."""
         d, t0 = self.data, time.perf_counter()
         acc = probe_accuracy(enc["latent"], d.actions, d.test, self.cfg, episode_ids=d.episode_ids)
-        codes = code_figures({"untrained/codes": enc["codes"]}, d.actions, ("untrained",)) if self.with_codes else {}
-        return {"acc": acc, "codes": codes, "seconds": time.perf_counter() - t0}
+        return {"acc": acc, "codes": enc["codes"], "seconds": time.perf_counter() - t0}
 
     def _fit_row(self, step: int, encs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         d, floor = self.data, self.floor.result()
-        trained, sup = encs["trained"], encs.get("supervised")
-
-        def fit(e: dict[str, np.ndarray]) -> dict[str, Any]:
-            return probe_accuracy(e["latent"], d.actions, d.test, self.cfg, episode_ids=d.episode_ids)
-
-        codes = {**floor["codes"], **(code_figures({"trained/codes": trained["codes"]}, d.actions, ("trained",))
-                                      if self.with_codes else {})}
-        report = probe_report(fit(trained), floor["acc"], fit(sup) if sup else None, self.majority,
-                              direct_classifier=classifier_accuracy(sup["logits"], d.actions, d.test) if sup else None,
-                              codes=codes)
-        return {**dict.fromkeys(ROW_FIGURES), "step": step, "ceiling_step": step if sup else None,
+        enc = {"action": d.actions, "episode_id": d.episode_ids, "untrained/codes": floor["codes"],
+               **{f"{name}/{key}": value for name, e in encs.items() for key, value in e.items()}}
+        report = probe_figures(enc, self.cfg, ("trained", "untrained") if self.with_codes else (),
+                               fitted={"untrained": floor["acc"]})
+        return {**dict.fromkeys(ROW_FIGURES), "step": step, "ceiling_step": step if "supervised" in encs else None,
                 **{k: v for k, v in report.items() if not isinstance(v, (dict, list))}}
 
 

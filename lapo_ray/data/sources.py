@@ -2,7 +2,8 @@
 
 * ``CorpusSource``: the project's own corpus (``lapo_ray.data.corpus``).
 * ``LapoNpzSource``: the official LAPO expert-data layout ``<game>/{train,test}/<n>.npz`` with
-  keys ``obs`` (N, 64, 64, 3) uint8, ``ta``, ``done``, ``rewards``, ``ep_returns``, ``values``.
+  keys ``obs`` (N, 64, 64, 3) uint8, ``ta``, ``done``, ``rewards``, ``ep_returns``, ``values``:
+  one split's folder; or one game's folder (``LapoGameSource``), with ``test/`` as validation.
 * ``VideoFolderSource``: ordinary video files (mp4, webm, avi, mkv, mov), one file per episode,
   decoded with PyAV and resized to the model's frame size.
 
@@ -389,6 +390,33 @@ class LapoNpzSource(FileSource):
         return npz_episodes(path, file_index, self.frame_shape)
 
 
+class LapoGameSource(LapoNpzSource):
+    """One game's folder of the official layout, ``<game>/train`` and ``<game>/test`` read as one
+    corpus whose validation split is ``test/`` (the official code's own held-out data), whatever
+    ``--data.val-fraction`` says: the frames lapo_ray trains on are then the official loader's."""
+
+    def __init__(self, folder: str, max_segment_frames: int = 256):
+        train, test = (LapoNpzSource(storage.join(folder, s), max_segment_frames=max_segment_frames)
+                       for s in ("train", "test"))
+        self.folder = folder
+        self.paths = [*train.paths, *test.paths]
+        self.test_paths = frozenset(test.paths)
+        self.name = f"lapo-npz:{folder}"
+        self.frame_shape, self.has_actions, self.max_segment_frames = OBS_SHAPE, True, max_segment_frames
+
+    def split(self, scan: ScanReport, val_fraction: float, seed: int) -> SplitSpec:
+        index = self.file_index
+        test_files = {index[p] for p in self.test_paths}
+        val = tuple(sorted(e for e in scan.episode_ids if e >> _EPISODES_PER_FILE_BITS in test_files))
+        return SplitSpec(val_fraction, seed, val)
+
+
+def is_lapo_game_folder(uri: str) -> bool:
+    """``uri`` holds ``train/`` and ``test/`` folders of .npz chunks (one game of the official layout)."""
+    return all(storage.is_dir(storage.join(uri, s)) and storage.list_files(storage.join(uri, s), suffix=".npz")
+               for s in ("train", "test"))
+
+
 def _as_uri(folder: str, path: str) -> str:
     """A listed file as a URI when the folder is one (pyarrow lists bare paths)."""
     return storage.join(folder, posixpath.basename(path)) if "://" in folder else path
@@ -459,6 +487,8 @@ def open_source(uri: str, frame_size: tuple[int, int] = (64, 64), game: str | No
         return LapoNpzSource(uri)
     if game and storage.exists(storage.join(uri, game, split)):
         return LapoNpzSource(uri, game=game, split=split)
+    if is_lapo_game_folder(uri):
+        return LapoGameSource(uri)
     if any(os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS for n in names):
         return VideoFolderSource(uri, frame_size=frame_size)
     usable = _data_folders_below(uri)
@@ -484,4 +514,8 @@ def _data_folders_below(uri: str, max_depth: int = 2) -> list[str]:
                        or os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS):
             folders.add(folder)
     # A corpus's own shards/ folder is part of the corpus above it, not a corpus of its own.
-    return sorted(f for f in folders if not any(f.startswith(g + "/") for g in folders))
+    folders = {f for f in folders if not any(f.startswith(g + "/") for g in folders)}
+    # One game's train/ and test/ read as one corpus from the game's folder (LapoGameSource).
+    games = {posixpath.dirname(f) for f in folders if posixpath.basename(f) == "train"
+             and posixpath.join(posixpath.dirname(f), "test") in folders}
+    return sorted({f for f in folders if posixpath.dirname(f) not in games} | games)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lapo_ray import UsageError
-from lapo_ray.config import PipelineConfig, PretrainConfig
+from lapo_ray.config import PipelineConfig, PretrainConfig, ProbeConfig
 from lapo_ray.data.sources import Source
 from lapo_ray.data.splits import SplitSpec
 from lapo_ray.data.triplets import batches_with_actions, eval_pipeline, iter_batches, triplet_dataset
@@ -130,6 +130,33 @@ def code_figures(enc: dict[str, np.ndarray], actions: np.ndarray, names: tuple[s
     return codes
 
 
+def fit_probes(enc: dict[str, np.ndarray], cfg: ProbeConfig, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The probe of each of ``names`` whose ``<name>/latent`` ``enc`` holds, on the triplets'
+    halves by episode (``probe_figures``' ``fitted``)."""
+    actions, episodes = enc["action"], enc["episode_id"]
+    test = probe_halves(episodes)
+    return {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg, episode_ids=episodes)
+            for name in names if f"{name}/latent" in enc}
+
+
+def probe_figures(enc: dict[str, np.ndarray], cfg: ProbeConfig, coded: tuple[str, ...],
+                  fitted: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """probe.json's figures from encodings of labelled held-out triplets: ``enc`` holds
+    ``action``, ``episode_id`` and ``<name>/latent`` for "trained", "untrained" and, for the
+    ceiling, "supervised" (with ``supervised/logits`` for the direct classifier), and
+    ``<name>/codes`` for each of ``coded``. The triplets split in halves by episode, the probe of
+    each latent is fitted on one half and tested on the other, and the report sets the trained
+    latent against the majority rate, the floor and the ceiling. Latents from outside lapo_ray
+    (another implementation's IDM on the same triplets) are measured by the same function.
+    ``fitted``: probe accuracies already fitted on these triplets (a floor reused over steps)."""
+    actions, test = enc["action"], probe_halves(enc["episode_id"])
+    acc = {**fit_probes(enc, cfg, [n for n in ("trained", "untrained", "supervised") if n not in (fitted or {})]),
+           **(fitted or {})}
+    direct = classifier_accuracy(enc["supervised/logits"], actions, test) if "supervised/logits" in enc else None
+    return probe_report(acc["trained"], acc["untrained"], acc.get("supervised"), majority_rate(actions, test),
+                        direct_classifier=direct, codes=code_figures(enc, actions, coded))
+
+
 def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec: SplitSpec,
                      encoders: dict[str, Encoder], steps_done: int | None,
                      contexts: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -141,17 +168,10 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     t0 = time.monotonic()
     enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, files, spec, encoders, cfg.model.frame_offset,
                                 contexts)
-    actions, episodes = enc["action"], enc["episode_id"]
-    if len(actions) < 32:
-        raise UsageError(f"probe: only {len(actions)} labelled validation triplets")
-    test = probe_halves(episodes)
-    acc = {name: probe_accuracy(enc[f"{name}/latent"], actions, test, cfg.probe, episode_ids=episodes)
-           for name in encoders}
+    if len(enc["action"]) < 32:
+        raise UsageError(f"probe: only {len(enc['action'])} labelled validation triplets")
     # Without VQ (--model.vq.enabled false) there are no codes: NMI and perplexity are n/a.
-    codes = code_figures(enc, actions, ("trained", "untrained") if cfg.model.vq.enabled else ())
-    direct = classifier_accuracy(enc["supervised/logits"], actions, test) if "supervised/logits" in enc else None
-    report = probe_report(acc["trained"], acc["untrained"], acc.get("supervised"), majority_rate(actions, test),
-                          direct_classifier=direct, codes=codes)
+    report = probe_figures(enc, cfg.probe, ("trained", "untrained") if cfg.model.vq.enabled else ())
     report["stage1_steps"] = steps_done
     report["probe_set"] = ("validation episodes, split in halves by episode; the probe's epoch is picked on "
                            f"{cfg.probe.val_fraction:.0%} of the training half's episodes")
