@@ -154,3 +154,41 @@ def test_the_probe_measures_latents_from_outside_against_lapo_rays_floor_and_cei
 def _acc(report, key):
     return {"probe_acc": report[key], "best_epoch": 0, "epochs_run": 0, "n_train": report["n_train"],
             "n_val": report["n_val"], "n_test": report["n_test"]}
+
+
+def matched_model():
+    from lapo_ray.config.models import IDMConfig, ModelConfig, PolicyConfig, VQConfig, WorldModelConfig
+
+    return ModelConfig(idm=IDMConfig(impala_scale=1, impala_channels=(16, 32, 32)),
+                       wm=WorldModelConfig(base_channels=8, norm="batch"),
+                       vq=VQConfig(num_codebooks=2, num_discrete_latents=2, emb_dim=8, num_embs=16),
+                       policy=PolicyConfig(impala_scale=1, impala_channels=(16, 32, 32)))
+
+
+def test_lapo_ray_weights_take_the_official_names_and_shapes():
+    import torch
+
+    from lapo_ray.benchmarks.official import dynamics_to_official, policy_to_official
+    from lapo_ray.models import LatentDynamics, LatentPolicy
+
+    cfg = matched_model()
+    dynamics = LatentDynamics(cfg)
+    idm, wm = dynamics_to_official(dynamics.state_dict())
+    # What the official IDM(vq, (9, 64, 64), 32, 1), WorldModel(32, 6, 3, base_size=8) and
+    # Policy((3, 64, 64), 32, 1) hold, read from schmidtdominik/LAPO at c3844f7 on 2026-12-07.
+    assert (len(idm), len(wm)) == (37, 131)
+    want = {"conv_stack.0.res_block1.conv0.weight": (16, 16, 3, 3), "vq.embedding": (2, 16, 8),
+            "vq.ema_count": (2, 16), "vq.ema_weight": (2, 16, 8), "policy_head.weight": (32, 256)}
+    assert {k: tuple(idm[k].shape) for k in want} == want
+    want = {"down.5.weight": (256, 128, 2, 2), "up.0.conv.weight": (288, 128, 2, 2),
+            "final_conv.1.res_block.3.weight": (8, 4, 3, 3), "down.0.norm.running_var": (8,)}
+    assert {k: tuple(wm[k].shape) for k in want} == want
+    # Renamed, never changed: every tensor is the model's own.
+    assert sum(v.numel() for v in [*idm.values(), *wm.values()]) == sum(v.numel() for v in dynamics.state_dict().values())
+    policy = LatentPolicy(cfg.policy, cfg.latent_dim, 3, 64)
+    value_head = {"weight": torch.zeros(1, 256), "bias": torch.zeros(1)}
+    official_policy = policy_to_official(policy.state_dict(), value_head)
+    assert len(official_policy) == 36 and official_policy["value_head.weight"].shape == (1, 256)
+    assert torch.equal(official_policy["policy_head.weight"], policy.state_dict()["head.weight"])
+    with pytest.raises(UsageError, match="action_head.weight: no official counterpart"):
+        dynamics_to_official(LatentDynamics(cfg, num_actions=15).state_dict())

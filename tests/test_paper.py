@@ -17,7 +17,7 @@ import torch
 from test_step import run_benchmark_job_without
 
 from lapo_ray import MissingPathError, UsageError
-from lapo_ray.benchmarks import official_step, paper_collect
+from lapo_ray.benchmarks import official, paper_collect
 from lapo_ray.benchmarks.paper_report import FIGURES, lookup
 from lapo_ray.benchmarks.paper_train import Lockstep, guarded_step, make_trainee, time_alone
 from lapo_ray.config import PRETRAIN_PRESETS, PaperBenchConfig, PolicyConfig
@@ -225,12 +225,12 @@ class WorldModel(nn.Module):
 def test_the_official_step_is_timed_from_a_checkout_and_leaves_no_stand_ins(tmp_path):
     (tmp_path / "lapo").mkdir()
     (tmp_path / "lapo" / "models.py").write_text(OFFICIAL_MODELS)
-    got = official_step.time_official_step(str(tmp_path), torch.device("cpu"), batch_size=2, steps=2, warmup=1)
+    got = official.time_official_step(str(tmp_path), torch.device("cpu"), batch_size=2, steps=2, warmup=1)
     assert got["timed"] and got["samples_per_s"] > 0 and got["precision"] == "fp32" and got["parameters"] > 0
     assert not {"config", "data_loader"} & set(sys.modules)
-    assert official_step.time_official_step("", torch.device("cpu"))["why"] == "no --official-lapo checkout given"
+    assert official.time_official_step("", torch.device("cpu"))["why"] == "no --official-lapo checkout given"
     with pytest.raises(UsageError, match="no lapo/models.py"):
-        official_step.time_official_step(str(tmp_path / "lapo" / "nothing"), torch.device("cpu"))
+        official.time_official_step(str(tmp_path / "lapo" / "nothing"), torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- the training pieces

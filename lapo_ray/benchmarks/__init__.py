@@ -12,7 +12,7 @@ the job prints; ``run_benchmark`` runs one (``registry``). One module a benchmar
 * ``resident``: triplets/s of the training split held on the device (``--data.device-resident``)
   beside the streaming pipeline's;
 * ``paper`` (with ``paper_collect``, ``paper_train``, ``paper_probe``, ``paper_report`` and
-  ``official_step``): the paper-scale stage 1 as one command on one machine without Ray: collection,
+  ``official``): the paper-scale stage 1 as one command on one machine without Ray: collection,
   the corpus held on the device, stage 1 and the ceiling trained within a time limit, the probe at
   regular steps, samples/s, MFU, peak memory and the official LAPO step beside it.
 

@@ -3,7 +3,7 @@
 
 Its steps, each below by name: collect a corpus on the machine's cores with the experiment's recipe
 (``paper_collect``), hold its training split on the device (``data.resident``, the path of
-``--data.device-resident``), time the official LAPO step there (``official_step``), time stage 1
+``--data.device-resident``), time the official LAPO step there (``official``), time stage 1
 alone (``paper_train``: samples/s, FLOPs, MFU, peak memory), train stage 1 and the supervised
 ceiling for the paper's budget or as much of it as the time limit allows, probe them at regular
 steps (``paper_probe``), and write JSON and markdown (``paper_report``) as it goes. Everything is
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lapo_ray import UsageError
-from lapo_ray.benchmarks.official_step import time_official_step
+from lapo_ray.benchmarks.official import time_official_step
 from lapo_ray.benchmarks.paper_collect import corpus_for
 from lapo_ray.benchmarks.paper_probe import ProbeBook, probe_data
 from lapo_ray.benchmarks.paper_report import (

@@ -1,4 +1,6 @@
-"""The official LAPO stage-1 step (schmidtdominik/LAPO), timed on this device beside lapo_ray's.
+"""The official LAPO code (schmidtdominik/LAPO), from a checkout the user gives: its stage-1 step
+timed beside lapo_ray's, its trained IDM read as a probe encoder, and lapo_ray's weights written
+in its layout (the fidelity study, docs/results/fidelity.py).
 
 The official code is never part of lapo_ray: the user gives a checkout (``--official-lapo PATH``,
 the repository or its ``lapo/`` folder), and its ``models.py`` is imported from there. That file
@@ -12,6 +14,10 @@ model predicts o[t+1], their summed losses go through AdamW with gradients clipp
 at the official config (IMPALA scale 4, U-Net base 24, VQ 2 x 4 latents of 16 dims, 64 codes), on
 uint8 batches already on the device and normalised there as its loader does. Its loader itself,
 host-side, is left out, as lapo_ray's own loader is in the step benchmark.
+
+At equal sizes the two implementations' networks are the same parameter for parameter (IMPALA
+channels 16/32/32 times a scale, 256 features, a U-Net with BatchNorm): only the names differ,
+and ``dynamics_to_official`` / ``policy_to_official`` rename them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -156,3 +163,82 @@ def _timed(step, warmup: int, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def official_idm_encoder(checkout: str, weights: str, vq: OfficialVQConfig, impala_scale: int,
+                         device: torch.device = torch.device("cpu")):
+    """A trained official IDM (the ``idm`` state dict in ``weights``) as lapo_ray's probe reads an
+    encoder: uint8 triplets (B, 3, H, W, C) in, its continuous latent ``la`` (what the official
+    ``eval_latent_repr`` decodes too) and its codes (B, codebooks, latents) out. The frames are
+    normalised as the official loader does (``obs / 255 - 0.5``, channels first, the three frames
+    stacked by its ``merge_TC_dims``)."""
+    models = load_official_models(checkout, device)
+    latent_dim = vq.num_codebooks * vq.num_discrete_latents * vq.emb_dim
+    idm = models.IDM(vq, (9, 64, 64), latent_dim, impala_scale).to(device)
+    idm.load_state_dict(torch.load(weights, map_location=device)["idm"])
+    idm.eval()
+
+    @torch.no_grad()
+    def encode(frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = frames.to(device).permute(0, 1, 4, 2, 3).contiguous().float() / 255 - 0.5
+        out, _, _ = idm(x)
+        return {"latent": out["la"], "codes": out["la_qinds"].reshape(len(x), vq.num_codebooks, vq.num_discrete_latents)}
+
+    return encode
+
+
+# ---- lapo_ray's weights in the official layout ------------------------------------------------
+
+_VQ_BUFFERS = {"embeddings": "embedding", "ema_cluster_size": "ema_count", "ema_w": "ema_weight"}
+
+
+def _impala_key(key: str) -> str:
+    """lapo_ray's ImpalaCNN (``convs.i.resj.convk``, ``fc``) -> the official ``get_impala``
+    (``conv_stack.i.res_blockj.convk``, ``fc``)."""
+    key = re.sub(r"^convs\.(\d+)\.res(\d)\.", r"conv_stack.\1.res_block\2.", key)
+    return re.sub(r"^convs\.", "conv_stack.", key)
+
+
+def _residual_key(key: str) -> str:
+    """lapo_ray's ResidualLayer (``conv0``, ``conv1``) -> the official Sequential(ReLU, Conv,
+    ReLU, Conv), whose convolutions are its items 1 and 3."""
+    return key.replace("res.conv0.", "res.res_block.1.").replace("res.conv1.", "res.res_block.3.")
+
+
+def dynamics_to_official(state: dict[str, torch.Tensor], frame_size: int = 64
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A lapo_ray ``LatentDynamics`` state dict as the official ``IDM`` and ``WorldModel`` ones
+    (``idm_fdm.pt``'s ``idm`` and ``wm``). The U-Net's bottleneck is the official ``down``'s
+    last item, after its log2(frame size) - 1 downsampling blocks."""
+    levels = frame_size.bit_length() - 2
+    idm, wm = {}, {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part == "idm" and rest.startswith("encoder."):
+            idm[_impala_key(rest.removeprefix("encoder."))] = value
+        elif part == "idm" and rest.startswith("head."):
+            idm["policy_head." + rest.removeprefix("head.")] = value
+        elif part == "idm" and rest.startswith("vq."):
+            idm["vq." + _VQ_BUFFERS[rest.removeprefix("vq.")]] = value
+        elif part == "wm":
+            rest = re.sub(r"^bottleneck\.", f"down.{levels}.", rest)
+            rest = re.sub(r"^head\.1\.conv([01])\.", lambda m: f"final_conv.1.res_block.{1 + 2 * int(m[1])}.", rest)
+            wm[_residual_key(re.sub(r"^head\.", "final_conv.", rest))] = value
+        else:
+            raise UsageError(f"{key}: no official counterpart (the action head of --stage1.action-labels has none)")
+    return idm, wm
+
+
+def policy_to_official(state: dict[str, torch.Tensor], value_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A lapo_ray ``LatentPolicy`` state dict as the official ``Policy``'s, with ``value_head``
+    (an official policy's own, untrained: lapo_ray's latent policy has none, and the official
+    stage 3 loads strictly)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder.cnn."):
+            out[_impala_key(key.removeprefix("encoder.cnn."))] = value
+        elif key.startswith("head."):
+            out["policy_head." + key.removeprefix("head.")] = value
+        else:
+            raise UsageError(f"{key}: no official counterpart")
+    return {**out, **{"value_head." + k: v for k, v in value_head.items()}}

@@ -1,0 +1,546 @@
+"""Does lapo_ray reproduce LAPO? The official code and lapo_ray side by side, on the same frames.
+
+    PYTHONPATH=. python docs/results/fidelity.py --official /path/to/LAPO --out artifacts/fidelity
+
+``--official`` is a checkout of schmidtdominik/LAPO (its root, which holds ``lapo/``); it is read
+and run, never changed, and never committed here. The study:
+
+1. makes a Python environment for the official code under ``--out`` (``official-env``: this
+   Python with its packages, plus the official ``requirements.txt`` packages lapo_ray lacks, at
+   their pinned versions where it pins them);
+2. collects each corpus with lapo_ray's collection and writes it in the official layout
+   (``data.official.export_official``: training episodes into ``train/``, validation episodes
+   into ``test/``), so both sides read the same frames and lapo_ray holds out what the official
+   code calls test data;
+3. trains stage 1 on each corpus with both implementations at the matched settings below, 3 seeds
+   each, one run at a time with the same threads;
+4. puts every IDM, the official ones included, through lapo_ray's probe on the same held-out
+   triplets, against one floor (the untrained IDM of lapo_ray's seed 0) and one ceiling (the
+   supervised IDM lapo_ray's seed-0 run trained), and writes docs/results/fidelity.md and its plot.
+
+Every step keeps what it made under ``--out`` and is skipped when run again, so the study resumes
+where it stopped. The official code runs unchanged; what it assumes about its surroundings is
+adapted from outside, in ``official_entry`` (run in the official environment): its working
+folder (``config.yaml`` and ``expert_data/`` are read from there), wandb off, the train chunk
+length of its loader (the exported chunks' length), its seeds (the official scripts seed
+nothing) and timers around its loop and its in-loop evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+# The corpora: lapo_ray's collection recipe for each (CollectConfig fields), and the Procgen game.
+CORPORA = {
+    # The README's default corpus: sticky-random CoinRun, where lapo_ray's latent is known to work.
+    "coinrun-random": {"game": "coinrun", "frames": 60_000},
+    # A game where a supervised IDM stands clearest of the majority action (../../shared notes:
+    # ninja 0.25 against about 0.07 at a small budget).
+    "ninja-random": {"game": "ninja", "frames": 60_000},
+}
+SEEDS = (0, 1, 2)
+VAL_FRACTION = 0.35  # pretraining's default: a third of the corpus held out, 20k probe triplets
+CHUNK_FRAMES = 4_096  # one length for train/ and test/ chunks: little is left out of 60k frames
+
+# Stage 1 at the matched settings: lapo_ray's default budget (docs/results/default-run.md), with
+# networks the official code can build (its IMPALA channels are fixed at 16/32/32 times a scale).
+STAGE1 = {"steps": 400, "batch": 64, "lr": 1e-3, "warmup": 50, "final_lr_frac": 0.01}
+MODEL = {"impala_scale": 1, "wm_base": 8, "codebooks": 2, "latents": 2, "emb_dim": 8, "codes": 16,
+         "commitment": 0.05, "decay": 0.99}
+
+
+READING = """**Reading.** Not written yet: the study has not finished a corpus."""
+
+SETTINGS = """| setting | both sides |
+|---|---|
+| frames | 64x64 RGB, `obs / 255 - 0.5`; the IDM reads (o[t-1], o[t], o[t+1]) stacked on channels |
+| IDM | IMPALA CNN, channels 16/32/32 x scale 1, 256 features, linear head to the 32-dim latent |
+| world model | U-Net, base 8 channels, BatchNorm, the latent at the input and the bottleneck, tanh / 2 out |
+| VQ-EMA | 2 codebooks x 2 latents x 8 dims, 16 codes each, commitment 0.05, decay 0.99, no dead-code reseeding |
+| optimiser | AdamW, lr 1e-3 (10% to 100% over 50 steps, then linear to 1% at the end), grad norm clipped at 2, fp32 |
+| budget | 400 steps of 64 triplets, one process, the machine's 2 threads |
+| data | the same exported chunks: train/ to train, test/ held out |"""
+
+
+def lapo_flags(corpus: str, out: str, seed: int, ceiling_from: str | None) -> list[str]:
+    """jobs/pretrain.py's flags for one lapo_ray stage-1 run at the matched settings."""
+    s, m = STAGE1, MODEL
+    # The official loop runs steps + 1 iterations (0 .. steps) on a schedule that ends at steps + 1:
+    # one more lapo_ray step makes both the count and the schedule the same.
+    flags = ["--corpus", corpus, "--out", out, "--stages", "stage1", "--stage1.seed", str(seed),
+             "--stage1.steps", str(s["steps"] + 1), "--stage1.batch-size", str(s["batch"]), "--stage1.lr", str(s["lr"]),
+             "--stage1.warmup-steps", str(s["warmup"]), "--stage1.final-lr-frac", str(s["final_lr_frac"]),
+             "--stage1.weight-decay", "0.01", "--stage1.grad-clip", "2", "--stage1.precision", "fp32",
+             "--stage1.report-every", "100", "--stage1.checkpoint-every", str(s["steps"]),
+             "--model.idm.impala-scale", str(m["impala_scale"]), "--model.idm.impala-channels", "16,32,32",
+             "--model.idm.impala-features", "256", "--model.wm.base-channels", str(m["wm_base"]),
+             "--model.wm.norm", "batch", "--model.vq.num-codebooks", str(m["codebooks"]),
+             "--model.vq.num-discrete-latents", str(m["latents"]), "--model.vq.emb-dim", str(m["emb_dim"]),
+             "--model.vq.num-embs", str(m["codes"]), "--model.vq.commitment-cost", str(m["commitment"]),
+             "--model.vq.decay", str(m["decay"]), "--model.vq.dead-code-threshold", "0",
+             "--stage1.torch-threads", "2",
+             # Held in memory, each epoch a seeded permutation of every training triplet: the official
+             # loader's sampling (DataLoader, shuffle=True), not the stream's local shuffle buffer.
+             "--data.device-resident", "true",
+             "--data.val-fraction", str(VAL_FRACTION), "--wandb.mode", "disabled"]
+    if ceiling_from:
+        flags += ["--probe.ceiling-from", ceiling_from]
+    return flags
+
+
+def official_overrides(game: str, exp_name: str) -> list[str]:
+    """The official config's command-line overrides (OmegaConf dot-list) for the same run."""
+    s, m = STAGE1, MODEL
+    return [f"env_name={game}", f"exp_name={exp_name}", f"stage1.steps={s['steps']}", f"stage1.bs={s['batch']}",
+            f"stage1.lr={s['lr']}", f"model.idm_impala_scale={m['impala_scale']}", f"model.wm_scale={m['wm_base']}",
+            f"model.vq.num_codebooks={m['codebooks']}", f"model.vq.num_discrete_latents={m['latents']}",
+            f"model.vq.emb_dim={m['emb_dim']}", f"model.vq.num_embs={m['codes']}",
+            f"model.vq.commitment_cost={m['commitment']}", f"model.vq.decay={m['decay']}"]
+
+
+# ---- the official code's process -------------------------------------------------------------
+
+
+def official_entry(argv: list[str]) -> None:
+    """Run one official script unchanged, in the official environment: ``argv`` is the checkout's
+    ``lapo/`` folder, the script, the working folder, the seed, the train chunk length and the
+    script's own overrides. Writes ``weights.pt`` (the IDM's and world model's state dicts, plain
+    tensors) and ``timing.json`` into the working folder."""
+    import random
+    import runpy
+
+    import numpy as np
+    import torch
+
+    lapo_dir, script, workdir, seed, chunk, *overrides = argv
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ["WANDB_SILENT"] = "true"
+    # Its torch.load calls read pickled configs, which torch >= 2.6 refuses by default.
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.set_num_threads(2)
+    sys.path.insert(0, lapo_dir)
+    os.chdir(workdir)
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+    import data_loader
+    import doy
+    import utils
+
+    data_loader.TRAIN_CHUNK_LEN = int(chunk)
+    stamps: list[float] = []
+    evals: list[float] = []
+    loop, evaluate = doy.loop, utils.eval_latent_repr
+
+    def timed_loop(*args, **kwargs):
+        for step in loop(*args, **kwargs):
+            stamps.append(time.perf_counter())
+            yield step
+
+    def timed_eval(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evals.append(time.perf_counter() - t0)
+
+    doy.loop, utils.eval_latent_repr = timed_loop, timed_eval
+    sys.argv = [script, *overrides]
+    t0 = time.perf_counter()
+    scope = runpy.run_path(os.path.join(lapo_dir, script), run_name="__main__")
+    wall = time.perf_counter() - t0
+    torch.save({"idm": scope["idm"].state_dict(), "wm": scope["wm"].state_dict()}, "weights.pt")
+    with open("timing.json", "w") as f:
+        json.dump({"wall_s": wall, "step_stamps": stamps, "eval_s": evals, "threads": torch.get_num_threads()}, f)
+
+
+# ---- the steps -------------------------------------------------------------------------------
+
+
+def official_env(out: str, checkout: str) -> str:
+    """The official environment's python: a venv over this Python's packages (torch, numpy,
+    procgen, wandb, rich, matplotlib ...) with the official requirements lapo_ray lacks added at
+    their pins. gym is pinned to 0.23.1 there (its PPO loop uses gym's old step API)."""
+    env = os.path.join(out, "official-env")
+    python = os.path.join(env, "bin", "python")
+    done = os.path.join(env, ".complete")
+    if os.path.exists(done):
+        return python
+    shutil.rmtree(env, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", env], check=True)
+    # Pure-Python packages with their dependencies; then, without theirs, those that would fetch
+    # another torch (tensordict) or undo this Python's pins (doy, gym), their own light ones named.
+    subprocess.run([python, "-m", "pip", "install", "-q", "rich", "tqdm", "omegaconf", "funcy", "torchinfo",
+                    "cloudpickle", "orjson", "pyvers", "gym-notices"], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "doy==1.9.2", "gym==0.23.1", "tensordict"],
+                   check=True)
+    subprocess.run([python, "-c", "import doy, omegaconf, tensordict, funcy, gym; print(gym.__version__)"], check=True)
+    open(done, "w").close()
+    return python
+
+
+def make_corpus(out: str, name: str) -> str:
+    """``<out>/data/<name>/<game>``: the corpus collected by lapo_ray and written in the official
+    layout (train/ and test/ chunks of CHUNK_FRAMES)."""
+    from lapo_ray.config import CollectConfig
+    from lapo_ray.data.collect import collect
+    from lapo_ray.data.official import export_official
+    from lapo_ray.data.sources import open_source
+
+    recipe = CORPORA[name]
+    game = os.path.join(out, "data", name, recipe["game"])
+    if os.path.exists(game):
+        return game
+    collected = os.path.join(out, "collected", name)
+    collect(CollectConfig(out=collected, **recipe))
+    source = open_source(collected)
+    spec = source.split(source.scan(), VAL_FRACTION, 0)
+    record = export_official(source, os.path.dirname(game), recipe["game"], spec, CHUNK_FRAMES, CHUNK_FRAMES)
+    print(f"fidelity: {name}: {record['train']['frames']} train and {record['test']['frames']} test frames in the "
+          f"official layout ({record['train']['frames_left_out'] + record['test']['frames_left_out']} left out)",
+          flush=True)
+    return game
+
+
+def run_dir(out: str, corpus: str, side: str, seed: int) -> str:
+    return os.path.join(out, "runs", corpus, f"{side}-s{seed}")
+
+
+def train_lapo(out: str, corpus: str, game_dir: str, seed: int) -> dict:
+    where = run_dir(out, corpus, "lapo_ray", seed)
+    done = os.path.join(where, "fidelity.json")
+    if os.path.exists(done):
+        return _read(done)
+    ceiling = None if seed == SEEDS[0] else run_dir(out, corpus, "lapo_ray", SEEDS[0])
+    t0 = time.time()
+    _logged([sys.executable, os.path.join(REPO, "jobs", "pretrain.py"), *lapo_flags(game_dir, where, seed, ceiling)],
+            os.path.join(out, "logs", f"{corpus}-lapo_ray-s{seed}.log"), REPO)
+    rows = [json.loads(line) for line in open(os.path.join(where, "metrics.jsonl"))
+            if '"stage": "stage1"' in line or '"stage":"stage1"' in line]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]  # after the first window
+    result = {"wall_s": time.time() - t0, "samples_per_s": sum(rates) / len(rates) if rates else None}
+    _write(done, result)
+    return result
+
+
+def train_official(out: str, corpus: str, game_dir: str, seed: int, python: str, checkout: str) -> dict:
+    where = run_dir(out, corpus, "official", seed)
+    done = os.path.join(where, "fidelity.json")
+    if os.path.exists(done):
+        return _read(done)
+    shutil.rmtree(where, ignore_errors=True)
+    os.makedirs(where)
+    shutil.copy(os.path.join(checkout, "lapo", "config.yaml"), where)  # its config.get() reads ./config.yaml
+    os.symlink(os.path.dirname(game_dir), os.path.join(where, "expert_data"))  # its paths.py: ./expert_data
+    game = os.path.basename(game_dir)
+    _logged([python, os.path.abspath(__file__), "--official-entry", os.path.join(checkout, "lapo"), "stage1_idm.py",
+             where, str(seed), str(CHUNK_FRAMES), *official_overrides(game, f"{corpus}-s{seed}")],
+            os.path.join(out, "logs", f"{corpus}-official-s{seed}.log"), where)
+    timing = _read(os.path.join(where, "timing.json"))
+    stamps = timing["step_stamps"]
+    window = stamps[-1] - stamps[100]  # the steps after lapo_ray's first report window, as there
+    result = {"wall_s": timing["wall_s"], "eval_s": sum(timing["eval_s"]), "threads": timing["threads"],
+              "samples_per_s": STAGE1["batch"] * (len(stamps) - 1 - 100) / window}
+    _write(done, result)
+    return result
+
+
+def official_vq():
+    from lapo_ray.benchmarks.official import OfficialVQConfig
+
+    m = MODEL
+    return OfficialVQConfig(num_codebooks=m["codebooks"], num_discrete_latents=m["latents"], emb_dim=m["emb_dim"],
+                            num_embs=m["codes"], commitment_cost=m["commitment"], decay=m["decay"])
+
+
+def equivalence(out: str, checkout: str) -> dict:
+    """One training step of both implementations from the same weights on the same batch: lapo_ray's
+    stage-1 model at the matched sizes, its weights renamed into the official IDM and world model
+    (strict loading), then the latents, codes, prediction, loss, codebook after the EMA update and
+    gradients compared."""
+    done = os.path.join(out, "equivalence.json")
+    if os.path.exists(done):
+        return _read(done)
+    import torch
+    import torch.nn.functional as F
+
+    from lapo_ray.benchmarks.official import dynamics_to_official, load_official_models
+    from lapo_ray.config.models import IDMConfig, ModelConfig, VQConfig, WorldModelConfig
+    from lapo_ray.models import LatentDynamics
+
+    m, vq = MODEL, official_vq()
+    cfg = ModelConfig(idm=IDMConfig(impala_scale=m["impala_scale"], impala_channels=(16, 32, 32)),
+                      wm=WorldModelConfig(base_channels=m["wm_base"], norm="batch"),
+                      vq=VQConfig(num_codebooks=vq.num_codebooks, num_discrete_latents=vq.num_discrete_latents,
+                                  emb_dim=vq.emb_dim, num_embs=vq.num_embs, commitment_cost=vq.commitment_cost,
+                                  decay=vq.decay, dead_code_threshold=0.0))
+    torch.manual_seed(0)
+    ours = LatentDynamics(cfg)
+    official = load_official_models(checkout, torch.device("cpu"))
+    idm = official.IDM(vq, (9, 64, 64), cfg.latent_dim, m["impala_scale"])
+    wm = official.WorldModel(cfg.latent_dim, in_depth=6, out_depth=3, base_size=m["wm_base"])
+    idm_state, wm_state = dynamics_to_official(ours.state_dict())
+    idm.load_state_dict(idm_state, strict=True)
+    wm.load_state_dict(wm_state, strict=True)
+    frames = torch.randint(0, 256, (32, 3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    obs = frames.permute(0, 1, 4, 2, 3).contiguous().float() / 255 - 0.5  # the official loader's (B, T, C, H, W)
+    for model in (ours, idm, wm):
+        model.train()
+    mine = ours(frames)
+    theirs, vq_loss, _ = idm(obs)
+    pred = wm(obs[:, :2], theirs["la_q"])
+    loss = F.mse_loss(pred, obs[:, -1]) + vq_loss
+    mine["loss"].backward()
+    loss.backward()
+    grad_idm, grad_wm = dynamics_to_official({k: p.grad for k, p in ours.named_parameters()})
+    official_grads = {**{("idm", k): p.grad for k, p in idm.named_parameters()},
+                      **{("wm", k): p.grad for k, p in wm.named_parameters()}}
+    ours_grads = {**{("idm", k): g for k, g in grad_idm.items()}, **{("wm", k): g for k, g in grad_wm.items()}}
+    result = {
+        "parameters": {"lapo_ray": sum(p.numel() for p in ours.parameters()),
+                       "official": sum(p.numel() for p in [*idm.parameters(), *wm.parameters()])},
+        "latent_max_abs_diff": float((mine["latent"] - theirs["la"]).detach().abs().max()),
+        "codes_equal": bool((mine["codes"].flatten(1) == theirs["la_qinds"].flatten(1)).all()),
+        "prediction_max_abs_diff": float((mine["pred"].float() - pred).detach().abs().max()),
+        "loss": [float(mine["loss"]), float(loss)],
+        "codebook_after_update_max_abs_diff": float((ours.idm.vq.embeddings - idm.vq.embedding).abs().max()),
+        "grad_max_abs_diff": max(float((ours_grads[k] - g).abs().max()) for k, g in official_grads.items()),
+        "grad_norm": [float(torch.nn.utils.get_total_norm(list(ours_grads.values()))),
+                      float(torch.nn.utils.get_total_norm(list(official_grads.values())))],
+    }
+    _write(done, result)
+    return result
+
+
+def probe_corpus(out: str, corpus: str, game_dir: str, checkout: str) -> dict:
+    """Every trained IDM of ``corpus``, both sides, through lapo_ray's probe on the same held-out
+    triplets (the official ``test/`` episodes), against one floor and one ceiling fitted once:
+    the untrained IDM of lapo_ray's seed 0 and the supervised IDM its run trained."""
+    done = os.path.join(out, "probe", f"{corpus}.json")
+    if os.path.exists(done):
+        return _read(done)
+    from lapo_ray.benchmarks.official import official_idm_encoder
+    from lapo_ray.config import PretrainConfig, config_from_dict
+    from lapo_ray.data.sources import open_source
+    from lapo_ray.evaluation.latents import codebook_usage
+    from lapo_ray.evaluation.references import encode_probe_triplets, fit_probes, idm_encoder, probe_figures
+    from lapo_ray.pipelines.assessment import reference_encoders
+    from lapo_ray.runtime import init_ray
+    from lapo_ray.train.checkpoint import Checkpoint
+    from lapo_ray.train.run import load_run
+
+    init_ray()
+    t0 = time.time()
+    first = run_dir(out, corpus, "lapo_ray", SEEDS[0])
+    cfg = config_from_dict(PretrainConfig, load_run(first).config)
+    source = open_source(game_dir)
+    scan = source.scan()
+    spec = source.split(scan, cfg.data.val_fraction, cfg.data.split_seed)
+    refs = reference_encoders(cfg, load_run(first).dynamics, Checkpoint.finished(os.path.join(first, "ceiling")))
+    m, vq = MODEL, official_vq()
+    encoders = {"untrained": refs["untrained"], "supervised": refs["supervised"]}
+    for seed in SEEDS:
+        encoders[f"lapo_ray-s{seed}"] = idm_encoder(load_run(run_dir(out, corpus, "lapo_ray", seed)).dynamics.eval())
+        encoders[f"official-s{seed}"] = official_idm_encoder(
+            checkout, os.path.join(run_dir(out, corpus, "official", seed), "weights.pt"), vq, m["impala_scale"])
+    enc = encode_probe_triplets(source, cfg.data, cfg.probe.triplets, scan.files, spec, encoders, 1)
+    fitted = fit_probes(enc, cfg.probe, ["untrained", "supervised"])
+    result = {"held_out_triplets": int(len(enc["action"])), "models": {}}
+    for name in encoders:
+        if name in fitted:
+            continue
+        one = {"action": enc["action"], "episode_id": enc["episode_id"], "untrained/codes": enc["untrained/codes"],
+               "supervised/logits": enc["supervised/logits"],
+               "trained/latent": enc[f"{name}/latent"], "trained/codes": enc[f"{name}/codes"]}
+        fig = probe_figures(one, cfg.probe, ("trained", "untrained"), fitted=fitted)
+        usage = codebook_usage(enc[f"{name}/codes"], m["codes"])
+        result["models"][name] = {**{k: v for k, v in fig.items() if not isinstance(v, (dict, list))},
+                                  "perplexity": fig["perplexity_trained"], "codes_used": [u["used"] for u in usage]}
+    result["seconds"] = time.time() - t0
+    _write(done, result)
+    return result
+
+
+# ---- the page ---------------------------------------------------------------------------------
+
+# (key in the probe's or the run's figures, what the page calls it, decimals)
+FIGURES = (("probe_acc", "probe accuracy", 3), ("gap_closed", "gap closed", 2), ("info_bits_trained", "bits", 3),
+           ("nmi_trained", "code-action NMI", 3), ("perplexity", "codebook perplexity (mean)", 2),
+           ("codes_used", "codes used (mean per codebook)", 1), ("samples_per_s", "samples/s", 0),
+           ("wall_s", "wall (s, start-up included)", 0))
+
+
+def side_values(probe: dict, runs: dict, side: str, key: str) -> list[float]:
+    values = []
+    for seed in SEEDS:
+        fig = {**runs[(side, seed)], **probe["models"][f"{side}-s{seed}"]}
+        v = fig.get(key)
+        if isinstance(v, list):
+            v = sum(v) / len(v)
+        if v is not None:
+            values.append(float(v))
+    return values
+
+
+def corpus_table(corpus: str, probe: dict, runs: dict) -> list[str]:
+    from lapo_ray.evaluation.stats import mean_interval, welch_difference
+
+    any_model = next(iter(probe["models"].values()))
+    lines = [f"### {corpus}", "",
+             f"{probe['held_out_triplets']} held-out triplets; floor {any_model['floor_untrained_idm']:.3f}, ceiling "
+             f"{any_model['ceiling_supervised_idm']:.3f}, majority action {any_model['majority_rate']:.3f}.", "",
+             "| figure | official | lapo_ray | lapo_ray - official |", "|---|---|---|---|"]
+    for key, label, dec in FIGURES:
+        cells = []
+        per_side = {side: side_values(probe, runs, side, key) for side in ("official", "lapo_ray")}
+        for side in ("official", "lapo_ray"):
+            v = per_side[side]
+            if len(v) >= 2:
+                mean, half = mean_interval(v)
+                cells.append(f"{mean:.{dec}f} ± {half:.{dec}f}")
+            else:
+                cells.append(" / ".join(f"{x:.{dec}f}" for x in v) or "n/a")
+        if all(len(v) >= 2 for v in per_side.values()):
+            d = welch_difference(per_side["lapo_ray"], per_side["official"])
+            cells.append(f"{d.diff:+.{dec}f} [{d.low:+.{dec}f}, {d.high:+.{dec}f}]")
+        else:
+            cells.append("n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Per seed (probe accuracy, gap closed): " + "; ".join(
+        f"{side} s{seed} {probe['models'][f'{side}-s{seed}']['probe_acc']:.3f}, "
+        f"{probe['models'][f'{side}-s{seed}']['gap_closed'] or float('nan'):.2f}"
+        for side in ("official", "lapo_ray") for seed in SEEDS))
+    return lines + [""]
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lapo_ray.evaluation.stats import mean_interval
+
+    keys = [f for f in FIGURES if f[0] in ("probe_acc", "gap_closed", "nmi_trained", "samples_per_s")]
+    fig, axes = plt.subplots(len(results), len(keys), figsize=(3.2 * len(keys), 2.8 * len(results)), squeeze=False)
+    for row, (corpus, (probe, runs)) in enumerate(results.items()):
+        for col, (key, label, _) in enumerate(keys):
+            ax = axes[row][col]
+            for x, side in enumerate(("official", "lapo_ray")):
+                v = side_values(probe, runs, side, key)
+                ax.scatter([x] * len(v), v, color=f"C{x}", alpha=0.6)
+                if len(v) >= 2:
+                    mean, half = mean_interval(v)
+                    ax.errorbar(x + 0.15, mean, yerr=half, color=f"C{x}", capsize=4, marker="_", ms=14)
+            ax.set_xticks([0, 1], ["official", "lapo_ray"])
+            ax.set_xlim(-0.5, 1.5)
+            ax.set_title(f"{corpus}: {label}", fontsize=9)
+    fig.suptitle("stage 1 at matched settings: 3 seeds per side, mean and 95% interval", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_page(page: str, results: dict, checkout: str, times: dict) -> None:
+    commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    png = os.path.splitext(page)[0] + ".png"
+    if results:
+        plot(results, png)
+    lines = [f"<!-- written by docs/results/fidelity.py; the reading below is kept from READING -->",
+             "# Fidelity: lapo_ray against the official LAPO code", "",
+             f"Official code: schmidtdominik/LAPO at `{commit}`, run unchanged (docs/results/fidelity.py says how "
+             "it is adapted from outside). Command:", "",
+             "    PYTHONPATH=. python docs/results/fidelity.py --official /path/to/LAPO --out artifacts/fidelity", "",
+             READING, "", "## Matched settings", "", SETTINGS, "", "## Stage 1", "",
+             f"![stage 1 side by side]({os.path.basename(png)})", ""]
+    for corpus, (probe, runs) in results.items():
+        lines += corpus_table(corpus, probe, runs)
+    lines += ["## Time each part took", "", "| part | minutes |", "|---|---:|",
+              *[f"| {k} | {v / 60:.1f} |" for k, v in times.items()], ""]
+    tmp = page + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, page)
+
+
+def _logged(cmd: list[str], log: str, cwd: str) -> None:
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    if proc.returncode != 0:
+        raise SystemExit(f"fidelity: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); its output: {log}")
+
+
+def _read(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--official-entry":
+        official_entry(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--official", required=True, help="checkout of schmidtdominik/LAPO (the folder holding lapo/)")
+    ap.add_argument("--out", default="artifacts/fidelity", help="work folder: data, runs, logs (resumable)")
+    ap.add_argument("--page", default=os.path.join(HERE, "fidelity.md"), help="the page to write")
+    ap.add_argument("--corpora", default=",".join(CORPORA), help="comma list of " + ", ".join(CORPORA))
+    args = ap.parse_args()
+    checkout = os.path.abspath(args.official)
+    if not os.path.isfile(os.path.join(checkout, "lapo", "stage1_idm.py")):
+        print(f"--official {args.official}: no lapo/stage1_idm.py there; give a checkout of schmidtdominik/LAPO",
+              file=sys.stderr)
+        raise SystemExit(2)
+    out = os.path.abspath(args.out)
+    python = official_env(out, checkout)
+    corpora = [c for c in args.corpora.split(",") if c]
+    jobs = [(c, side, seed) for c in corpora for seed in SEEDS for side in ("lapo_ray", "official")]
+    times_file = os.path.join(out, "times.json")
+    times = _read(times_file) if os.path.exists(times_file) else {}
+    t0, ran, results = time.time(), 0, {}
+    for i, (corpus, side, seed) in enumerate(jobs):
+        started = time.time()
+        game_dir = make_corpus(out, corpus)
+        run = (train_lapo(out, corpus, game_dir, seed) if side == "lapo_ray"
+               else train_official(out, corpus, game_dir, seed, python, checkout))
+        if time.time() - started > 5:
+            ran += 1
+            times[f"{corpus} {side} s{seed}"] = time.time() - started
+            _write(times_file, times)
+            rate = (time.time() - t0) / ran
+            print(f"fidelity: {i + 1}/{len(jobs)} runs ({corpus} {side} s{seed}: {run['samples_per_s']:.0f} "
+                  f"samples/s), {rate / 60:.1f} min a run, ETA {rate * (len(jobs) - i - 1) / 60:.0f} min", flush=True)
+        if (side, seed) == ("official", SEEDS[-1]):
+            started = time.time()
+            probe = probe_corpus(out, corpus, game_dir, checkout)
+            if time.time() - started > 5:
+                times[f"{corpus} probe"] = time.time() - started
+                _write(times_file, times)
+            runs = {(s, k): _read(os.path.join(run_dir(out, corpus, s, k), "fidelity.json"))
+                    for s in ("lapo_ray", "official") for k in SEEDS}
+            results[corpus] = (probe, runs)
+            write_page(args.page, results, checkout, times)
+            print(f"fidelity: {corpus} probed; {args.page} written", flush=True)
+
+
+if __name__ == "__main__":
+    main()
