@@ -33,10 +33,13 @@ from lapo_ray.benchmarks import format_processes, role
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE = 100 * 2**20
 # Bounds, per process over the whole epoch: resident memory at most 1.5 GiB (a Ray Train worker
-# with PyTorch loaded and its batches in flight measured 1.1 GiB here, a read worker 0.75), and
-# a median private memory at the epoch's end at most 128 MiB above its median just after the
-# warm-up (the first third): a process that kept what it streamed would grow by two thirds of the
-# corpus, 213 MiB, while the buffers' level moved medians by up to 89 MiB with nothing kept
+# with PyTorch loaded and its batches in flight measured 1.1 GiB here with Ray's default blocks,
+# a read worker 0.75), and a median private memory at the epoch's end at most 128 MiB above its
+# median just after the warm-up (the first third): a process that kept what it streamed would
+# grow by two thirds of the corpus, 213 MiB. With Ray's default blocks (up to 128 MiB) and a
+# 2,048-triplet shuffle buffer the Train worker's level alone moved its medians by up to 130 MiB
+# with nothing kept (757 -> 887 MiB, a failed CI run on 2026-12-07), so the epoch streams 16 MiB
+# blocks through a 256-triplet buffer: its level then sat at 480 MiB and ended at 457
 # (benchmarks.stream._private_memory_by_third).
 PEAK_RSS_BOUND = 1536 * 2**20
 GROWTH_BOUND = 128 * 2**20
@@ -62,6 +65,7 @@ def test_an_epoch_of_a_corpus_three_times_the_object_store_streams_in_bounded_me
         proc = subprocess.run(
             [sys.executable, "jobs/benchmark.py", "stream", "--num-cpus", "2", "--json", str(out),
              "--object-store-mb", str(STORE >> 20), "--store-factor", "3.2", "--batch-size", "256",
+             "--block-mb", "16", "--local-shuffle-buffer", "256",
              "--corpus", str(tmp_path / "corpus")],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     finally:
