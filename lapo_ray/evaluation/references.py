@@ -175,7 +175,7 @@ def probe_references(cfg: PretrainConfig, source: Source, files: list[str], spec
     report["stage1_steps"] = steps_done
     report["probe_set"] = ("validation episodes, split in halves by episode; the probe's epoch is picked on "
                            f"{cfg.probe.val_fraction:.0%} of the training half's episodes")
-    print(f"probe: {len(actions)} triplets, {time.monotonic() - t0:.0f}s: "
+    print(f"probe: {len(enc['action'])} triplets, {time.monotonic() - t0:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)), flush=True)
     return report, enc
 
