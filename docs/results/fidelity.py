@@ -161,6 +161,11 @@ def official_entry(argv: list[str]) -> None:
     import data_loader
     import doy
     import utils
+    import wandb
+
+    # Its config.wandb_init passes mode="online", which WANDB_MODE does not override.
+    init = wandb.init
+    wandb.init = lambda *args, **kwargs: init(*args, **{**kwargs, "mode": "disabled"})
 
     data_loader.TRAIN_CHUNK_LEN = int(chunk)
     stamps: list[float] = []
@@ -527,7 +532,7 @@ def write_page(page: str, results: dict, checkout: str, times: dict, same_step: 
     png = os.path.splitext(page)[0] + ".png"
     if results:
         plot(results, png)
-    lines = [f"<!-- written by docs/results/fidelity.py; the reading below is kept from READING -->",
+    lines = ["<!-- written by docs/results/fidelity.py; the reading below is kept from READING -->",
              "# Fidelity: lapo_ray against the official LAPO code", "",
              f"Official code: schmidtdominik/LAPO at `{commit}`, run unchanged (docs/results/fidelity.py says how "
              "it is adapted from outside). Command:", "",
@@ -560,6 +565,7 @@ def _read(path: str):
 
 
 def _write(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

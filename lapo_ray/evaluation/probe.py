@@ -237,7 +237,8 @@ def encode_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], frames: np.nda
                       batch_size: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(frames), batch_size):
-        out.append(fn(torch.from_numpy(frames[i : i + batch_size])).float().cpu().numpy())
+        # A copy: the frames may be a read-only view of Ray's object store, which torch warns of.
+        out.append(fn(torch.from_numpy(np.array(frames[i : i + batch_size]))).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -127,8 +127,8 @@ class VQEmbeddingEMA(nn.Module):
             self._split_into_dead_codes()
 
     # Data-dependent control flow (which codes are dead) that reads values back to the host: it
-    # runs eagerly under torch.compile, and only when dead_code_threshold > 0 (the cpu preset).
-    @torch.compiler.disable
+    # runs eagerly under torch.compile (``keep_dead_code_split_eager``), and only when
+    # dead_code_threshold > 0 (the cpu preset).
     @torch.no_grad()
     def _split_into_dead_codes(self) -> None:
         """Move each dead code next to the most used code of its codebook and split that code's
@@ -167,3 +167,15 @@ class VQEmbeddingEMA(nn.Module):
         flat = codes.transpose(0, 1).reshape(n, -1)
         q = torch.gather(self.embeddings, 1, flat.unsqueeze(-1).expand(-1, -1, d))
         return q.view(n, b, -1, d).permute(1, 0, 3, 2).reshape(b, -1)
+
+
+def keep_dead_code_split_eager() -> None:
+    """Have torch.compile leave the dead-code split eager (a graph break around it). Called by
+    ``train.step.compile_model`` before it compiles, not applied at import: ``torch.compiler.disable``
+    imports torch._dynamo, which cost every process that imports the models 1.5 s (measured with
+    ``python -X importtime``, 2026-12-07), Ray Train workers and labelling actors included."""
+    split = VQEmbeddingEMA._split_into_dead_codes
+    if not getattr(split, "_lapo_eager", False):
+        eager = torch.compiler.disable(split)
+        eager._lapo_eager = True
+        VQEmbeddingEMA._split_into_dead_codes = eager

@@ -145,7 +145,7 @@ def local_checkpoint(uri: str) -> Iterator[str]:
 def new_dynamics(ckpt: Checkpoint):
     """An untrained stage-1 model (IDM + world model) of the shape ``ckpt``'s config names; any
     folder with a ``config.json`` of a run will do (a checkpoint, an export)."""
-    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
+    # lazy: the models import PyTorch's nn stack; jobs that read a checkpoint's state need no model
     from lapo_ray.models import LatentDynamics
 
     # A run with --stage1.action-labels saved its label head too.
@@ -179,7 +179,7 @@ def load_latent_policy(uri: str):
 
 def load_supervised_idm(uri: str) -> torch.nn.Module:
     """The supervised IDM from its checkpoint alone (its config travels with it)."""
-    # lazy: models import torch._dynamo (about 2 s); jobs that read a checkpoint's state need no model
+    # lazy: the models import PyTorch's nn stack; jobs that read a checkpoint's state need no model
     from lapo_ray.models import SupervisedIDM
 
     with local_checkpoint(uri) as d:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from lapo_ray.config import StageConfig
+from lapo_ray.models.vq import keep_dead_code_split_eager
 
 
 def use_bf16(cfg: StageConfig, device: torch.device) -> bool:
@@ -68,6 +69,7 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> Callable[...
 
     ``mode="reduce-overhead"`` adds CUDA graphs on GPUs. The model's state stays in ``model``
     (checkpoints read the uncompiled module, without the ``_orig_mod.`` prefix)."""
+    keep_dead_code_split_eager()
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
