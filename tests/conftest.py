@@ -29,6 +29,9 @@ os.environ.pop("RAY_AUTH_TOKEN", None)
 # the suite trains about 25 stages. Inherited by every Ray Train controller the tests start,
 # jobs submitted to test heads included. Jobs keep Ray's default: 2 s is nothing to a real run.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# And every Ray Train run starts a PreemptionWatcher actor, a process of its own that imports Ray
+# and polls the node's drain state; no test drains a node (node loss is a kill).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # pytest-xdist runs the suite in two worker processes (pyproject's addopts), whole files each.

@@ -52,6 +52,7 @@ CORPORA = {
     "coinrun-demonstrator": {"game": "coinrun", "experiment": True, "val_fraction": 0.25},
 }
 SEEDS = (0, 1, 2)
+THREADS = 2  # PyTorch's intra-op threads on both sides: this machine's cores
 CHUNK_FRAMES = 4_096  # one length for train/ and test/ chunks: little is left out of 60k frames
 
 # Stage 1 at the matched settings: lapo_ray's default budget (docs/results/default-run.md), with
@@ -112,13 +113,42 @@ def lapo_flags(corpus: str, out: str, seed: int, ceiling_from: str | None) -> li
              "--model.vq.num-discrete-latents", str(m["latents"]), "--model.vq.emb-dim", str(m["emb_dim"]),
              "--model.vq.num-embs", str(m["codes"]), "--model.vq.commitment-cost", str(m["commitment"]),
              "--model.vq.decay", str(m["decay"]), "--model.vq.dead-code-threshold", "0",
-             "--stage1.torch-threads", "2",
+             "--stage1.torch-threads", str(THREADS),
              # Held in memory, each epoch a seeded permutation of every training triplet: the official
              # loader's sampling (DataLoader, shuffle=True), not the stream's local shuffle buffer.
              "--data.device-resident", "true",
              "--wandb.mode", "disabled"]
     if ceiling_from:
         flags += ["--probe.ceiling-from", ceiling_from]
+    return flags
+
+
+# Stage 3 at the matched settings: the official stage 3's PPO (64 envs x 64 steps, 8 minibatches,
+# 3 epochs, its per-part schedules with lr 1e-2), long enough for its schedules (the trunk's lr
+# ramps up until 200k steps) and, as the issue asks, for scratch not to have caught up.
+STAGE3 = {"corpus": "coinrun-demonstrator", "env_steps": 250_000, "envs": 64}
+STAGE3_SIDES = ("official", "official-scratch", "lapo_ray-1runner", "lapo_ray-2runners", "lapo_ray-scratch")
+
+
+def stage2_flags() -> list[str]:
+    """lapo_ray's stage 2 for the one latent policy both sides' online decoding starts from: the
+    policy the official code builds (IMPALA 16/32/32 x the scale), lapo_ray's stage-2 budget, fp32."""
+    return ["--stages", "stage1,label,stage2", "--allow-config-change", "true",
+            "--model.policy.impala-scale", str(MODEL["impala_scale"]), "--model.policy.impala-channels", "16", "32", "32",
+            "--model.policy.impala-features", "256", "--stage2.precision", "fp32", "--stage2.steps", "1000"]
+
+
+def finetune_flags(pretrain: str, out: str, seed: int, side: str) -> list[str]:
+    """jobs/finetune.py's flags for one lapo_ray stage-3 run at the matched settings."""
+    runners = 2 if side == "lapo_ray-2runners" else 1
+    flags = ["--preset", "paper", "--pretrain", pretrain, "--out", out, "--seed", str(seed),
+             "--num-env-runners", str(runners), "--envs-per-runner", str(STAGE3["envs"] // runners),
+             "--cpus-per-env-runner", str(THREADS / runners / 2), "--ppo.env-steps", str(STAGE3["env_steps"]),
+             # The official value loss is 0.5 x vf_coef 0.5 = 0.25 on the squared error, unclamped.
+             "--ppo.vf-coeff", "0.25", "--ppo.vf-clip", "1e9", "--wandb.mode", "disabled"]
+    if side == "lapo_ray-scratch":
+        flags += ["--scratch", "true", "--ppo.scratch-lr", str(SCRATCH_LR), "--scratch-policy.impala-scale",
+                  str(MODEL["impala_scale"]), "--scratch-policy.impala-channels", "16", "32", "32"]
     return flags
 
 
@@ -151,7 +181,7 @@ def official_entry(argv: list[str]) -> None:
     os.environ["WANDB_SILENT"] = "true"
     # Its torch.load calls read pickled configs, which torch >= 2.6 refuses by default.
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     sys.path.insert(0, lapo_dir)
     os.chdir(workdir)
     random.seed(int(seed))
@@ -185,13 +215,73 @@ def official_entry(argv: list[str]) -> None:
             evals.append(time.perf_counter() - t0)
 
     doy.loop, utils.eval_latent_repr = timed_loop, timed_eval
+    if script == SCRATCH:
+        _official_scratch(overrides)
+        return
+    if script == "stage3_decoding.py":
+        _official_stage3_inputs(overrides)
     sys.argv = [script, *overrides]
     t0 = time.perf_counter()
     scope = runpy.run_path(os.path.join(lapo_dir, script), run_name="__main__")
     wall = time.perf_counter() - t0
-    torch.save({"idm": scope["idm"].state_dict(), "wm": scope["wm"].state_dict()}, "weights.pt")
-    with open("timing.json", "w") as f:
-        json.dump({"wall_s": wall, "step_stamps": stamps, "eval_s": evals, "threads": torch.get_num_threads()}, f)
+    if script == "stage1_idm.py":
+        torch.save({"idm": scope["idm"].state_dict(), "wm": scope["wm"].state_dict()}, "weights.pt")
+        with open("timing.json", "w") as f:
+            json.dump({"wall_s": wall, "step_stamps": stamps, "eval_s": evals, "threads": torch.get_num_threads()}, f)
+    else:
+        _write_episodes(scope["logger"], wall)
+
+
+# The official repository has no PPO-from-scratch script: this name runs its ppo.train on a fresh
+# official Policy, in the official stage 3's environment, with Adam at SCRATCH_LR decaying
+# linearly to 0 (lapo_ray's --scratch schedule).
+SCRATCH = "ppo_scratch"
+SCRATCH_LR = 5e-4
+
+
+def _official_stage3_inputs(overrides: list[str]) -> None:
+    """The official stage 3 reads ``idm_fdm.pt`` and ``latent_policy.pt`` of its experiment, each
+    with its pickled config: written here from ``weights.pt`` (lapo_ray's latent policy and stage 1
+    in the official names, ``stage3_weights``) and the official config at the matched sizes."""
+    import config
+    import paths
+    import torch
+
+    exp = dict(o.split("=", 1) for o in overrides)["exp_name"]
+    cfg = config.get(use_cli_args=False, override_args=[o for o in overrides if not o.startswith("stage3.")])
+    cfg.stage_exp_name = "fidelity"  # a string: stage 3 appends to it
+    weights = torch.load("weights.pt")
+    torch.save({"idm": weights["idm"], "wm": weights["wm"], "step": cfg.stage1.steps, "cfg": cfg, "logger": None},
+               paths.get_models_path(exp))
+    torch.save({"policy": weights["policy"], "cfg": cfg, "logger": None}, paths.get_latent_policy_path(exp))
+
+
+def _official_scratch(overrides: list[str]) -> None:
+    import config
+    import doy
+    import env_utils
+    import ppo
+    import torch
+    import utils
+
+    cfg = config.get(use_cli_args=False, override_args=overrides)
+    policy = utils.create_policy(cfg.model, action_dim=cfg.model.ta_dim)
+    envs = env_utils.setup_procgen_env(num_envs=cfg.stage3.num_envs, env_id=cfg.env_name, gamma=cfg.stage3.gamma)
+    opt, lr_sched = doy.LRScheduler.make(
+        torch.optim.Adam, all=(doy.PiecewiseLinearSchedule([0, cfg.stage3.steps], [SCRATCH_LR, 0]), [policy]))
+    logger = doy.Logger(use_wandb=False)
+    t0 = time.perf_counter()
+    ppo.train(policy, opt, lr_sched, logger, cfg.stage3, envs)
+    _write_episodes(logger, time.perf_counter() - t0)
+
+
+def _write_episodes(logger, wall: float) -> None:
+    """The official PPO loop's episode log (one finished episode per vector step: its loop breaks
+    after the first env that finished) as ``episodes.json``."""
+    with open("episodes.json", "w") as f:
+        json.dump({"env_steps": list(logger.data_x["episodic_return"]),
+                   "episode_return": [float(v) for v in logger.data["episodic_return"]],
+                   "sps": [float(v) for v in logger.data["SPS"]], "wall_s": wall}, f)
 
 
 # ---- the steps -------------------------------------------------------------------------------
@@ -527,7 +617,50 @@ def step_lines(eq: dict) -> list[str]:
             f"| codebook after the EMA update | | | {eq['codebook_after_update_max_abs_diff']:.1e} |", ""]
 
 
-def write_page(page: str, results: dict, checkout: str, times: dict, same_step: dict) -> None:
+def stage3_lines(stage3: dict, png: str) -> list[str]:
+    """The stage-3 table (area under the curve, final return, env steps/s) and the curves' plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lapo_ray.evaluation.stats import curve_band, curve_mean, mean_interval
+
+    grid = np.linspace(4096, STAGE3["env_steps"], 60)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ["## Stage 3: online decoding from one latent policy", "",
+             f"CoinRun, {STAGE3['env_steps']:,} env steps, {len(SEEDS)} seeds per side; both LAPO sides start from "
+             f"lapo_ray's stage 2 on its seed-0 stage 1 of {STAGE3['corpus']} (converted for the official code), "
+             "scratch from a fresh policy of the same size. Return: mean of the last 20 episodes; AUC: the "
+             "curve's mean height over the run.", "",
+             f"![stage 3 curves]({os.path.basename(png)})", "",
+             "| side | AUC | final return | env steps/s |", "|---|---|---|---|"]
+    for i, side in enumerate(STAGE3_SIDES):
+        runs = [stage3[(side, seed)] for seed in SEEDS if (side, seed) in stage3]
+        if not runs:
+            continue
+        mean, half = curve_band([r["curve"] for r in runs], grid)
+        ax.plot(grid, mean, color=f"C{i}", label=side)
+        ax.fill_between(grid, mean - half, mean + half, color=f"C{i}", alpha=0.2)
+        cells = []
+        for values in ([curve_mean(r["curve"]) for r in runs], [r["curve"][-1][1] for r in runs],
+                       [r["env_steps_per_s"] for r in runs]):
+            m, h = mean_interval(values) if len(values) >= 2 else (values[0], float("nan"))
+            cells.append(f"{m:.2f} ± {h:.2f}" if len(values) >= 2 else f"{m:.2f}")
+        lines.append(f"| {side} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("return (last 20 episodes)")
+    ax.legend(fontsize=8)
+    ax.set_title("stage 3 on CoinRun: mean and 95% band over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return lines + [""]
+
+
+def write_page(page: str, results: dict, checkout: str, times: dict, same_step: dict,
+               stage3: dict | None = None) -> None:
     commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     png = os.path.splitext(page)[0] + ".png"
     if results:
@@ -542,12 +675,108 @@ def write_page(page: str, results: dict, checkout: str, times: dict, same_step: 
              f"![stage 1 side by side]({os.path.basename(png)})", ""]
     for corpus, (probe, runs) in results.items():
         lines += corpus_table(corpus, probe, runs)
+    if stage3:
+        lines += stage3_lines(stage3, os.path.splitext(page)[0] + "-stage3.png")
     lines += ["## Time each part took", "", "| part | minutes |", "|---|---:|",
               *[f"| {k} | {v / 60:.1f} |" for k, v in times.items()], ""]
     tmp = page + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
     os.replace(tmp, page)
+
+
+# ---- stage 3 -------------------------------------------------------------------------------------
+
+
+def latent_policy(out: str) -> str:
+    """The run folder of the one latent policy both sides' online decoding starts from: lapo_ray's
+    stage 2 on its seed-0 stage 1 of the stage-3 corpus, trained here once."""
+    from lapo_ray.train.checkpoint import Checkpoint
+
+    corpus = STAGE3["corpus"]
+    where = run_dir(out, corpus, "lapo_ray", SEEDS[0])
+    if Checkpoint.finished(os.path.join(where, "stage2")) is None:
+        _logged([sys.executable, os.path.join(REPO, "jobs", "pretrain.py"),
+                 *lapo_flags(os.path.join(out, "data", corpus, CORPORA[corpus]["game"]), where, SEEDS[0], None),
+                 *stage2_flags()], os.path.join(out, "logs", f"{corpus}-lapo_ray-s0-stage2.log"), REPO)
+    return where
+
+
+def stage3_weights(out: str, checkout: str) -> str:
+    """``<out>/stage3/weights.pt``: the latent policy (``latent_policy``) and its stage 1 in the
+    official names, plus an untrained official value head (lapo_ray's latent policy has none; the
+    official stage 3 loads strictly)."""
+    path = os.path.join(out, "stage3", "weights.pt")
+    if os.path.exists(path):
+        return path
+    import torch
+
+    from lapo_ray.benchmarks.official import dynamics_to_official, load_official_models, policy_to_official
+    from lapo_ray.train.run import load_run
+
+    run = load_run(latent_policy(out))
+    idm, wm = dynamics_to_official(run.dynamics.state_dict())
+    official = load_official_models(checkout, torch.device("cpu"))
+    torch.manual_seed(0)
+    value_head = official.Policy((3, 64, 64), run.model_config.latent_dim, MODEL["impala_scale"]).value_head
+    policy = policy_to_official(run.latent_policy.state_dict(), value_head.state_dict())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"idm": idm, "wm": wm, "policy": policy}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> dict:
+    """One stage-3 run; its curve as (env steps, mean return of the last 20 episodes) at every
+    4,096 env steps, the same statistic on both sides (RLlib's window in lapo_ray, rebuilt from
+    the official loop's episode log), plus env steps/s and wall time."""
+    where = os.path.join(out, "stage3", f"{side}-s{seed}")
+    done = os.path.join(where, "fidelity.json")
+    if os.path.exists(done):
+        return _read(done)
+    corpus = STAGE3["corpus"]
+    game = CORPORA[corpus]["game"]
+    t0 = time.time()
+    log = os.path.join(out, "logs", f"stage3-{side}-s{seed}.log")
+    if side.startswith("lapo_ray"):
+        from lapo_ray.train.metrics import read_metrics
+
+        pretrain = latent_policy(out) if side != "lapo_ray-scratch" else run_dir(out, corpus, "lapo_ray", SEEDS[0])
+        _logged([sys.executable, os.path.join(REPO, "jobs", "finetune.py"),
+                 *finetune_flags(pretrain, where, seed, side)], log, REPO)
+        rows = [r for r in read_metrics(where) if r.get("env_steps")]
+        curve = [(r["env_steps"], r["episode_return"]) for r in rows if r["episode_return"] == r["episode_return"]]
+        sps = [r["env_steps_per_s"] for r in rows[1:]]
+    else:
+        shutil.rmtree(where, ignore_errors=True)
+        os.makedirs(where)
+        shutil.copy(os.path.join(checkout, "lapo", "config.yaml"), where)
+        os.symlink(os.path.join(out, "data", corpus), os.path.join(where, "expert_data"))
+        overrides = [*official_overrides(game, f"stage3-s{seed}"), f"model.policy_impala_scale={MODEL['impala_scale']}",
+                     f"stage3.steps={STAGE3['env_steps']}", f"stage3.num_envs={STAGE3['envs']}"]
+        if side == "official":
+            shutil.copy(stage3_weights(out, checkout), os.path.join(where, "weights.pt"))
+        script = "stage3_decoding.py" if side == "official" else SCRATCH
+        _logged([python, os.path.abspath(__file__), "--official-entry", os.path.join(checkout, "lapo"), script,
+                 where, str(seed), str(CHUNK_FRAMES), *overrides], log, where)
+        episodes = _read(os.path.join(where, "episodes.json"))
+        curve = window_curve(episodes["env_steps"], episodes["episode_return"])
+        sps = episodes["sps"][1:]
+    result = {"curve": curve, "env_steps_per_s": sum(sps) / len(sps) if sps else None, "wall_s": time.time() - t0}
+    _write(done, result)
+    return result
+
+
+def window_curve(steps: list[int], returns: list[float], every: int = 4096, window: int = 20) -> list[tuple]:
+    """At every ``every`` env steps, the mean return of the last ``window`` episodes logged by then."""
+    curve, i = [], 0
+    for at in range(every, (max(steps) // every + 1) * every + 1, every):
+        while i < len(steps) and steps[i] <= at:
+            i += 1
+        if i:
+            last = returns[max(0, i - window):i]
+            curve.append((at, sum(last) / len(last)))
+    return curve
 
 
 def _logged(cmd: list[str], log: str, cwd: str) -> None:
@@ -583,13 +812,19 @@ def main() -> None:
     ap.add_argument("--corpora", default=",".join(CORPORA), help="comma list of " + ", ".join(CORPORA))
     ap.add_argument("--smoke", action="store_true",
                     help="a few minutes' run of every step (small corpora, 60 steps, 2 seeds) to check the study")
+    ap.add_argument("--stage3", action="store_true",
+                    help=f"also run stage 3 on {STAGE3['corpus']} (hours on 2 cores: 15 PPO runs)")
     args = ap.parse_args()
     if args.smoke:
-        global SEEDS
+        global SEEDS, STAGE3_SIDES
         SEEDS = (0, 1)
         STAGE1.update(steps=60, warmup=10, report=20)
         for recipe in CORPORA.values():
             recipe["frames"] = 16_000
+        # The official stage 3's schedules end at 200k steps (its lr points must increase), so a
+        # smoke run leaves it out and runs the other four sides on the random corpus.
+        STAGE3.update(corpus="coinrun-random", env_steps=12_288, envs=16)
+        STAGE3_SIDES = tuple(side for side in STAGE3_SIDES if side != "official")
     checkout = os.path.abspath(args.official)
     if not os.path.isfile(os.path.join(checkout, "lapo", "stage1_idm.py")):
         print(f"--official {args.official}: no lapo/stage1_idm.py there; give a checkout of schmidtdominik/LAPO",
@@ -626,6 +861,23 @@ def main() -> None:
             results[corpus] = (probe, runs)
             write_page(args.page, results, checkout, times, same_step)
             print(f"fidelity: {corpus} probed; {args.page} written", flush=True)
+    if not args.stage3:
+        return
+    if STAGE3["corpus"] not in results:
+        raise SystemExit(f"fidelity: stage 3 starts from {STAGE3['corpus']}'s stage 1: add it to --corpora")
+    stage3, t0, ran = {}, time.time(), 0
+    jobs = [(side, seed) for seed in SEEDS for side in STAGE3_SIDES]
+    for i, (side, seed) in enumerate(jobs):
+        started = time.time()
+        stage3[(side, seed)] = train_stage3(out, side, seed, python, checkout)
+        if time.time() - started > 5:
+            ran += 1
+            times[f"stage 3 {side} s{seed}"] = time.time() - started
+            _write(times_file, times)
+            rate = (time.time() - t0) / ran
+            print(f"fidelity: stage 3 {i + 1}/{len(jobs)} runs, {rate / 60:.1f} min a run, "
+                  f"ETA {rate * (len(jobs) - i - 1) / 60:.0f} min", flush=True)
+        write_page(args.page, results, checkout, times, same_step, stage3)
 
 
 if __name__ == "__main__":
