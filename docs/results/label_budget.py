@@ -11,9 +11,11 @@ random takes the first k of a seeded shuffle, coverage runs k-center greedy on t
 a seeded candidate pool. Each cell's decode.json is kept under --out, so a rerun skips finished
 cells; the table and plot are rewritten after each one.
 
-Returns are left out here: on a corpus of random play, the action accuracy is what selection can
-change, and the decoded agent's return is the random policy's (measured with one episode per
-level set only, to keep the run in minutes).
+Returns: ``--episodes N`` plays each cell's decoded agent for N episodes on its training levels
+(and N on held-out levels) and adds the mean return to the table, for a corpus whose actions come
+from a demonstrator. On a corpus of random play the action accuracy is what selection can change,
+and the decoded agent's return is the random policy's: the default, one episode, keeps that run
+in minutes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lapo_ray.evaluation.stats import mean_interval
 SELECTIONS = ("random", "coverage")
 
 # What the committed table shows; the script prints it under every table it writes.
+NO_READING = "**Reading.** Not written yet."
 READING = """**Reading** (2026-12-07, the README's default run, 400 stage-1 steps, gap closed 0.42).
 Coverage selection does not help here: it is behind random at every k, clearly at k = 256
 (-0.044 ± 0.011, paired over 3 seeds) and within the noise elsewhere. Below 256 labels neither
@@ -39,13 +42,14 @@ the decoder learns the action frequencies of a sample unlike the held-out triple
 random-play corpus, where the latent says little about the action (probe 0.18 against a majority
 rate of 0.06), matching the corpus's own distribution was worth more than spreading. Whether it holds on the experiment's
 demonstrator corpus is not measured yet."""
+READINGS = {"label_budget.md": READING}
 
 
 def cell_dir(out: str, select: str, k: int, seed: int) -> str:
     return os.path.join(out, f"{select}-k{k}-s{seed}")
 
 
-def run_cells(pretrain: str, out: str, ks: list[int], seeds: int, table: str) -> dict:
+def run_cells(pretrain: str, out: str, ks: list[int], seeds: int, table: str, episodes: int = 1) -> dict:
     from lapo_ray.rl.decode import decode_offline
 
     cells = [(k, s, seed) for k in ks for s in SELECTIONS for seed in range(seeds)]
@@ -56,14 +60,14 @@ def run_cells(pretrain: str, out: str, ks: list[int], seeds: int, table: str) ->
         if not os.path.exists(done):
             cfg = DecodeConfig(out=where, pretrain=pretrain, seed=seed,
                                decoder=DecoderConfig(k=k, select=select),
-                               eval=EvalConfig(episodes=1, num_envs=1))
+                               eval=EvalConfig(episodes=episodes, num_envs=min(episodes, 16)))
             decode_offline(cfg)
             ran += 1
             rate = (time.time() - t0) / ran
             print(f"label-budget: {i + 1}/{len(cells)} cells, {rate:.0f} s a cell, "
                   f"ETA {rate * (len(cells) - i - 1) / 60:.0f} min", flush=True)
         results[(k, select, seed)] = storage.read_json(done)
-        write_table(results, pretrain, out, ks, seeds, table)
+        write_table(results, pretrain, out, ks, seeds, table, episodes)
     return results
 
 
@@ -75,6 +79,10 @@ def summarise(results: dict, ks: list[int]) -> list[dict]:
             accs = [r["decoder_val_accuracy"] for (kk, s, _), r in sorted(results.items()) if kk == k and s == select]
             if accs:
                 row[select] = (*mean_interval(accs), len(accs))
+            rets = [r["train_levels"]["return_mean"] for (kk, s, _), r in sorted(results.items())
+                    if kk == k and s == select]
+            if rets:
+                row[f"{select}_return"] = (*mean_interval(rets), len(rets))
         pairs = [results[(k, "coverage", seed)]["decoder_val_accuracy"] - r["decoder_val_accuracy"]
                  for (kk, s, seed), r in sorted(results.items())
                  if kk == k and s == "random" and (k, "coverage", seed) in results]
@@ -86,30 +94,38 @@ def summarise(results: dict, ks: list[int]) -> list[dict]:
     return rows
 
 
-def write_table(results: dict, pretrain: str, out: str, ks: list[int], seeds: int, table: str) -> None:
+def write_table(results: dict, pretrain: str, out: str, ks: list[int], seeds: int, table: str,
+                episodes: int = 1) -> None:
     rows = summarise(results, ks)
     cell = lambda v: "n/a" if not v else f"{v[0]:.3f} ± {v[1]:.3f} ({v[2]})"  # noqa: E731
     any_result = next(iter(results.values()))
+    png = os.path.splitext(os.path.basename(table))[0] + ".png"
+    returns = episodes > 1
     lines = [
         "# Which frames to label: random against coverage selection",
         "",
         f"Made by `PYTHONPATH=. python docs/results/label_budget.py --pretrain {pretrain} --out {out} "
-        f"--ks {' '.join(map(str, ks))} --seeds {seeds}` on 2 CPU cores. Corpus: `{any_result['corpus']}`; "
+        f"--ks {' '.join(map(str, ks))} --seeds {seeds}" + (f" --episodes {episodes}" if returns else "")
+        + f" --table {table}` on 2 CPU cores. Corpus: `{any_result['corpus']}`; "
         f"held-out triplets: {any_result['val_triplets']:,} of the validation episodes, drawn by the seed, the same "
         "for both selections at one seed. Decoder action accuracy, mean ± 95% t half-width over seeds (number of "
-        "seeds); the last column is coverage minus random, paired by seed.",
+        "seeds); coverage − random is paired by seed."
+        + (f" Returns: the decoded agent's mean over {episodes} episodes of its training levels, then over seeds."
+           if returns else ""),
         "",
-        "| k labelled | random | coverage (k-center greedy) | majority action | coverage − random |",
-        "|---:|---|---|---|---|",
+        "| k labelled | random | coverage (k-center greedy) | majority action | coverage − random |"
+        + (" return, random | return, coverage |" if returns else ""),
+        "|---:|---|---|---|---|" + ("---|---|" if returns else ""),
     ]
     for r in rows:
         maj = "n/a" if r["majority"] is None else f"{r['majority']:.3f}"
         diff = "n/a" if not r.get("difference") else f"{r['difference'][0]:+.3f} ± {r['difference'][1]:.3f}"
-        lines.append(f"| {r['k']} | {cell(r.get('random'))} | {cell(r.get('coverage'))} | {maj} | {diff} |")
-    lines += ["", "![decoder accuracy against k](label_budget.png)", "", READING, ""]
+        ret = (f" {cell(r.get('random_return'))} | {cell(r.get('coverage_return'))} |" if returns else "")
+        lines.append(f"| {r['k']} | {cell(r.get('random'))} | {cell(r.get('coverage'))} | {maj} | {diff} |" + ret)
+    lines += ["", f"![decoder accuracy against k]({png})", "", READINGS.get(os.path.basename(table), NO_READING), ""]
     with open(table, "w") as f:
         f.write("\n".join(lines))
-    _plot(rows, os.path.join(os.path.dirname(table), "label_budget.png"))
+    _plot(rows, os.path.join(os.path.dirname(table), png))
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -137,9 +153,11 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where each cell's decode.json goes (resumable)")
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 64, 256, 1024])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--table", default="docs/results/label_budget.md")
+    ap.add_argument("--table", default="docs/results/label_budget.md", help="the page; its plot goes beside it")
+    ap.add_argument("--episodes", type=int, default=1,
+                    help="episodes each decoded agent plays per level set; above 1 the page gives returns too")
     args = ap.parse_args()
-    run_cells(args.pretrain, args.out, args.ks, args.seeds, args.table)
+    run_cells(args.pretrain, args.out, args.ks, args.seeds, args.table, args.episodes)
 
 
 if __name__ == "__main__":
