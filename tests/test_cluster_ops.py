@@ -743,25 +743,3 @@ def test_job_stop_ends_a_running_pretrain_cleanly(job_head, tmp_path_factory):
             break
         assert time.monotonic() < deadline, f"left running after stop: actors {alive}, placement groups {groups}"
         time.sleep(1)
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_label_job(job_head, pretrained_run, tmp_path):
-    """jobs/label.py submitted to the same head: videos labelled with the shared run's stage 1,
-    read and written through file:// URIs."""
-    from test_label import _shards, _videos
-
-    videos = _videos(tmp_path / "videos", [50, 60])
-    out = tmp_path / "out"
-    job = f"lapo-label-{uuid.uuid4().hex[:6]}"
-    r = job_head.cli("job", "submit", "--address", job_head.dashboard, "--working-dir", str(REPO),
-                     "--submission-id", job, "--no-wait", "--", "python", "jobs/label.py",
-                     "--checkpoint", str(pretrained_run["out"]), "--corpus", f"file://{videos}",
-                     "--out", f"file://{out}", timeout=120)
-    assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
-    status = _wait_job(job_head, job, timeout=300)
-    logs = _job_logs(job_head, job)
-    assert status == "SUCCEEDED", logs[-6000:]
-    assert "ETA" in logs and '"rows": 106' in logs, logs[-3000:]
-    assert json.loads((out / "latents" / "manifest.json").read_text())["rows"] == 48 + 58
-    assert sorted(_shards(out)) == ["clip00.mp4.parquet", "clip01.mp4.parquet"]

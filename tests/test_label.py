@@ -175,9 +175,11 @@ def test_label_a_video_folder_and_an_npz_corpus(trained, tmp_path, capsys, ray_l
     videos = _videos(tmp_path / "videos", [40, 55, 70])
     npz = tmp_path / "npz"
     write_lapo_npz(npz, n_files=2, n=130, seed=3)
-    for corpus, checkpoint in ((videos, str(trained)), (npz, f"file://{ckpt}")):
+    # The videos are read and their labels written through file:// URIs, the npz corpus by paths;
+    # the npz run reads its checkpoint through a URI.
+    for corpus, checkpoint, uri in ((videos, str(trained), "file://"), (npz, f"file://{ckpt}", "")):
         out = tmp_path / f"out-{corpus.name}"
-        assert job.main(["--checkpoint", checkpoint, "--corpus", str(corpus), "--out", str(out),
+        assert job.main(["--checkpoint", checkpoint, "--corpus", f"{uri}{corpus}", "--out", f"{uri}{out}",
                          "--label.batch-size", "32"]) == 0
         printed = capsys.readouterr().out
         assert "labelling: " in printed and "steps/s" in printed and "ETA" in printed, printed
@@ -207,7 +209,7 @@ def test_label_a_video_folder_and_an_npz_corpus(trained, tmp_path, capsys, ray_l
         assert job_file["checkpoint"] == (ckpt if corpus is videos else f"file://{ckpt}")
         # Asked again: nothing is relabelled.
         before = {k: p.stat().st_mtime_ns for k, p in _shards(out).items()}
-        assert job.main(["--checkpoint", checkpoint, "--corpus", str(corpus), "--out", str(out)]) == 0
+        assert job.main(["--checkpoint", checkpoint, "--corpus", f"{uri}{corpus}", "--out", f"{uri}{out}"]) == 0
         assert {k: p.stat().st_mtime_ns for k, p in _shards(out).items()} == before
 
     # A bad file: pretraining's one-line error, and --data.on-bad-files skip labels the rest.

@@ -282,25 +282,56 @@ def check_pretraining_runs(out: str) -> None:
 
 
 @pytest.mark.slow
-def test_finetuning_offline_logs_env_steps_and_the_return_curve(tmp_path, empty_home, ray_local):
+def test_finetuning_offline_logs_env_steps_the_return_curve_and_each_iterations_own_time(
+        tmp_path, empty_home, ray_local, monkeypatch):
     import math
+    import types
 
-    from lapo_ray.rl.algo import finetune
+    from ray.rllib.core.learner.learner_group import LearnerGroup
+
+    from lapo_ray.rl import algo
     from test_rl import tiny_finetune
 
+    # RLlib's timers are EMAs (coefficient 0.01): a learner update that takes eight seconds longer in
+    # the third iteration would move them by ~0.08 s (the first iteration is slow anyway: warm-up).
+    # metrics.jsonl must show the eight seconds themselves, and the parts must fit inside the
+    # iteration's wall time. The finetune loop's clock jumps 8 s inside the third update instead of
+    # the test sleeping them: nothing real is waited for, and a jump in the clock the loop reads is
+    # the same to it as a slow update, without the real updates' noise on shared cores
+    # (docs/results/rl-notes.md).
+    skipped = [0.0]
+    monkeypatch.setattr(algo, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0]))
+    calls = []
+    update = LearnerGroup.update
+
+    def update_slow_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            skipped[0] += 8.0
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(LearnerGroup, "update", update_slow_once)
     cfg = tiny_finetune(None, str(tmp_path / "ft-scratch"))
     cfg.wandb = WandbConfig(mode="offline", group="exp-9")
-    cfg.ppo.env_steps = 2 * cfg.train_batch
-    finetune(cfg)
+    cfg.ppo.env_steps, cfg.checkpoint_every = 4 * cfg.train_batch, 100
+    algo.finetune(cfg)
 
     (run,) = read_offline_runs(cfg.out)
     assert (run.run.run_group, run.run.job_type, run.run.display_name) == ("exp-9", "finetune-scratch",
                                                                              "ft-scratch-finetune-scratch")
     rows = read_metrics(cfg.out)
-    assert [h["_step"] for h in run.history] == [r["env_steps"] for r in rows] == [cfg.train_batch, 2 * cfg.train_batch]
+    assert [h["_step"] for h in run.history] == [r["env_steps"] for r in rows] == [
+        k * cfg.train_batch for k in (1, 2, 3, 4)]
     for h, row in zip(run.history, rows):
         for key in ("episode_return", "policy_loss", "vf_loss", "iteration_seconds", "iteration"):
             assert h[key] == row[key] or (math.isnan(h[key]) and math.isnan(row[key])), key
+    assert len(calls) == 4
+    learn = [r["learn_seconds"] for r in rows]
+    assert learn[2] - max(learn[1], learn[3]) > 5.0, learn  # an EMA would have moved by ~0.08 s
+    for r in rows:
+        assert 0 < r["sample_seconds"] and 0 < r["learn_seconds"]
+        assert r["sample_seconds"] + r["learn_seconds"] <= r["iteration_seconds"]
+    assert len({r["sample_seconds"] for r in rows}) == 4  # each iteration its own measurement
     img = run.images["plots/return"]
     curve = Path(cfg.out, "plots", "return.png").read_bytes()
     assert curve[:8] == PNG and img["sha256"] == hashlib.sha256(curve).hexdigest()
