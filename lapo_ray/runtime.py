@@ -36,6 +36,13 @@ JOB_ENV = {
 }
 
 
+# Only where lapo_ray starts the instance itself, on one machine: a local instance has no node a
+# cluster could drain, so Ray Train's preemption watcher (an actor per run that polls the drain
+# state, whose start also printed an error-level line about its restart policy into the job's
+# console) has nothing to watch. Jobs on a cluster keep it.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def job_env() -> dict[str, str]:
     """JOB_ENV, less the variables the submitted job's runtime_env already sets (Ray refuses to
     merge two values for one key)."""
@@ -56,6 +63,8 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     if ray.is_initialized():
         return
     env = job_env()
+    if not os.environ.get("RAY_ADDRESS"):
+        env.update({k: os.environ.get(k, v) for k, v in LOCAL_ENV.items()})
     for k, v in env.items():  # the driver reads some of them itself (Ray Train's state tracking)
         os.environ.setdefault(k, v)
     runtime_env = {"env_vars": env} if env else None
