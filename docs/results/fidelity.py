@@ -662,13 +662,15 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
 def write_page(page: str, results: dict, checkout: str, times: dict, same_step: dict,
                stage3: dict | None = None) -> None:
     commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    ours = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     png = os.path.splitext(page)[0] + ".png"
     if results:
         plot(results, png)
     lines = ["<!-- written by docs/results/fidelity.py; the reading below is kept from READING -->",
              "# Fidelity: lapo_ray against the official LAPO code", "",
              f"Official code: schmidtdominik/LAPO at `{commit}`, run unchanged (docs/results/fidelity.py says how "
-             "it is adapted from outside). Command:", "",
+             f"it is adapted from outside); lapo_ray at `{ours}` when this page was written. Command:", "",
              "    PYTHONPATH=. python docs/results/fidelity.py --official /path/to/LAPO --out artifacts/fidelity", "",
              READING, "", "## Matched settings", "", SETTINGS, "", DIFFERENCES, "", *step_lines(same_step),
              "## Stage 1", "",
