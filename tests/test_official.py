@@ -100,6 +100,11 @@ def test_an_export_reads_back_frame_for_frame_with_validation_episodes_as_test(t
     trained = tags(np.concatenate([e.frames for e in back_eps if e.episode_id not in val]))
     assert held <= tags(np.concatenate([e.frames for e in test])) and not held & trained
     assert os.path.exists(os.path.join(game, EXPORT_RECORD))
+    # Both splits number their chunks from 0; labelled shards are named after the split too.
+    from lapo_ray.train.labelling import shard_name
+
+    names = [shard_name(back, p) for p in back.scan_files()]
+    assert len(set(names)) == len(names) and names[0] == "train-0.npz.parquet" and "test-0.npz.parquet" in names
 
 
 def test_an_export_never_leaves_a_half_written_game_folder(tmp_path):

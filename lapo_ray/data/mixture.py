@@ -145,6 +145,12 @@ class MultiSource(Source):
 
     # ------------------------------------------------------------------ scanning and splits
 
+    def file_stem(self, path: str) -> str:
+        for part in self.parts:
+            if path in part.scan_files():
+                return part.file_stem(path)
+        return super().file_stem(path)
+
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         scans = [p.scan(on_bad) for p in self.parts]
         for p, s in zip(self.parts, scans):

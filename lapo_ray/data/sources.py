@@ -93,6 +93,10 @@ class Source:
         labelling actor reads its file itself and writes one output shard for it)."""
         raise NotImplementedError
 
+    def file_stem(self, path: str) -> str:
+        """What a per-file output (a labelled shard) is named after: the file's name."""
+        return posixpath.basename(path.split("?", 1)[0])
+
     def split(self, scan: ScanReport, val_fraction: float, seed: int) -> SplitSpec:
         """The validation episodes of ``scan`` (this source's scan), by ``SplitSpec.for_episodes``."""
         return SplitSpec.for_episodes(scan.episode_ids, val_fraction, seed)
@@ -403,6 +407,11 @@ class LapoGameSource(LapoNpzSource):
         self.test_paths = frozenset(test.paths)
         self.name = f"lapo-npz:{folder}"
         self.frame_shape, self.has_actions, self.max_segment_frames = OBS_SHAPE, True, max_segment_frames
+
+    def file_stem(self, path: str) -> str:
+        """``train-0.npz`` and ``test-0.npz``: both splits number their chunks from 0."""
+        name = super().file_stem(path)
+        return f"{'test' if path in self.test_paths else 'train'}-{name}"
 
     def split(self, scan: ScanReport, val_fraction: float, seed: int) -> SplitSpec:
         index = self.file_index

@@ -45,9 +45,10 @@ RUN_FILE = "labelling.json"
 COLUMNS = ["episode_id", "step", "obs", "latent", "codes", "action"]
 
 
-def shard_name(file_uri: str) -> str:
-    """The output shard of one input file: its name, as Parquet (a corpus shard keeps its own)."""
-    name = posixpath.basename(file_uri.split("?", 1)[0])
+def shard_name(source: Source, file_uri: str) -> str:
+    """The output shard of one input file: its name as its source gives it (``Source.file_stem``),
+    as Parquet (a corpus shard keeps its own)."""
+    name = source.file_stem(file_uri)
     return name if name.endswith(".parquet") else f"{name}.parquet"
 
 
@@ -79,7 +80,7 @@ class IDMLabeller:
         """Label every triplet centre of ``path`` into its shard; a row group at a time, so the
         actor never holds more than one of the input's row groups."""
         n, writer = 0, None
-        with storage.atomic_output(storage.join(self.dest, shard_name(path))) as out:
+        with storage.atomic_output(storage.join(self.dest, shard_name(self.source, path))) as out:
             for table in self.source.file_segments(path):
                 batcher = TripletBatcher(self.shape, self.batch_size, offset=self.model.cfg.frame_offset)
                 for b in batcher.batches(iter_segments(table, self.shape)):
@@ -164,7 +165,7 @@ def label_corpus(source: Source, checkpoint_uri: str, out_uri: str, cfg: LabelCo
     dest = storage.join(out_uri, LATENTS_DIR)
     manifest_uri = storage.join(dest, "manifest.json")
     files = list(files or source.scan_files())
-    names = [shard_name(f) for f in files]
+    names = [shard_name(source, f) for f in files]
     run = {"checkpoint": checkpoint_uri, "source": source.name, "shards": names}
     run_uri = storage.join(dest, RUN_FILE)
     if storage.exists(manifest_uri) and storage.exists(run_uri) and storage.read_json(run_uri) == run:
@@ -231,7 +232,7 @@ def _label_files(source: Source, checkpoint_uri: str, dest: str, cfg: LabelConfi
     kept = len(files) - len(todo)
     for i, r in enumerate(ds.iter_rows()):
         progress.update(int(r["rows"]) if counts else 1,
-                        extra=f"shard {kept + i + 1}/{len(files)} {shard_name(str(r['path']))}: "
+                        extra=f"shard {kept + i + 1}/{len(files)} {shard_name(source, str(r['path']))}: "
                               f"{int(r['rows'])} steps in {float(r['seconds']):.1f}s")
 
 
