@@ -851,50 +851,57 @@ def main() -> None:
     same_step = equivalence(out, checkout)
     corpora = [c for c in args.corpora.split(",") if c]
     jobs = [(c, side, seed) for c in corpora for seed in SEEDS for side in ("lapo_ray", "official")]
-    times_file = os.path.join(out, "times.json")
-    times = _read(times_file) if os.path.exists(times_file) else {}
-    t0, ran, results = time.time(), 0, {}
+    clock = Clock(os.path.join(out, "times.json"))
+    results = {}
     for i, (corpus, side, seed) in enumerate(jobs):
-        started = time.time()
         game_dir = make_corpus(out, corpus)
-        run = (train_lapo(out, corpus, game_dir, seed) if side == "lapo_ray"
-               else train_official(out, corpus, game_dir, seed, python, checkout))
-        if time.time() - started > 5:
-            ran += 1
-            times[f"{corpus} {side} s{seed}"] = time.time() - started
-            _write(times_file, times)
-            rate = (time.time() - t0) / ran
-            print(f"fidelity: {i + 1}/{len(jobs)} runs ({corpus} {side} s{seed}: {run['samples_per_s']:.0f} "
-                  f"samples/s), {rate / 60:.1f} min a run, ETA {rate * (len(jobs) - i - 1) / 60:.0f} min", flush=True)
+        train = train_lapo if side == "lapo_ray" else lambda *a: train_official(*a, python, checkout)
+        clock.run(f"{corpus} {side} s{seed}", lambda: train(out, corpus, game_dir, seed), i, len(jobs),
+                  lambda r: f" ({corpus} {side} s{seed}: {r['samples_per_s']:.0f} samples/s)")
         if (side, seed) == ("official", SEEDS[-1]):
-            started = time.time()
-            probe = probe_corpus(out, corpus, game_dir, checkout)
-            if time.time() - started > 5:
-                times[f"{corpus} probe"] = time.time() - started
-                _write(times_file, times)
+            probe = clock.run(f"{corpus} probe", lambda: probe_corpus(out, corpus, game_dir, checkout))
             runs = {(s, k): _read(os.path.join(run_dir(out, corpus, s, k), "fidelity.json"))
                     for s in ("lapo_ray", "official") for k in SEEDS}
             results[corpus] = (probe, runs)
-            write_page(args.page, results, checkout, times, same_step)
+            write_page(args.page, results, checkout, clock.times, same_step)
             print(f"fidelity: {corpus} probed; {args.page} written", flush=True)
     if not args.stage3:
         return
     if STAGE3["corpus"] not in results:
         raise SystemExit(f"fidelity: stage 3 starts from {STAGE3['corpus']}'s stage 1: add it to --corpora")
-    stage3, t0, ran = {}, time.time(), 0
+    stage3 = {}
+    clock.new_loop()
     jobs = [(side, seed) for seed in SEEDS for side in STAGE3_SIDES]
     for i, (side, seed) in enumerate(jobs):
-        started = time.time()
-        stage3[(side, seed)] = train_stage3(out, side, seed, python, checkout)
-        if time.time() - started > 5:
-            ran += 1
-            times[f"stage 3 {side} s{seed}"] = time.time() - started
-            _write(times_file, times)
-            rate = (time.time() - t0) / ran
-            print(f"fidelity: stage 3 {i + 1}/{len(jobs)} runs, {rate / 60:.1f} min a run, "
-                  f"ETA {rate * (len(jobs) - i - 1) / 60:.0f} min", flush=True)
-        write_page(args.page, results, checkout, times, same_step, stage3)
+        stage3[(side, seed)] = clock.run(f"stage 3 {side} s{seed}",
+                                         lambda: train_stage3(out, side, seed, python, checkout), i, len(jobs))
+        write_page(args.page, results, checkout, clock.times, same_step, stage3)
 
+
+class Clock:
+    """How long each part of the study took (``times.json``, the page's last table), and the rate
+    and ETA of a loop of runs. A part that returns at once was finished by an earlier call."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.times = _read(path) if os.path.exists(path) else {}
+        self.new_loop()
+
+    def new_loop(self) -> None:
+        self.t0, self.ran = time.time(), 0
+
+    def run(self, name: str, fn, i: int | None = None, total: int = 0, said=lambda result: ""):
+        started = time.time()
+        result = fn()
+        if time.time() - started > 5:
+            self.times[name] = time.time() - started
+            _write(self.path, self.times)
+            if i is not None:
+                self.ran += 1
+                rate = (time.time() - self.t0) / self.ran
+                print(f"fidelity: {i + 1}/{total} runs{said(result)}, {rate / 60:.1f} min a run, "
+                      f"ETA {rate * (total - i - 1) / 60:.0f} min", flush=True)
+        return result
 
 if __name__ == "__main__":
     main()
