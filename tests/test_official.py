@@ -105,6 +105,12 @@ def test_an_export_reads_back_frame_for_frame_with_validation_episodes_as_test(t
 
     names = [shard_name(back, p) for p in back.scan_files()]
     assert len(set(names)) == len(names) and names[0] == "train-0.npz.parquet" and "test-0.npz.parquet" in names
+    # Read beside another source, each file keeps its source's name and gets the source's index.
+    from lapo_ray.data.mixture import MultiSource
+
+    both = MultiSource([back, source])
+    names = [shard_name(both, p) for p in both.scan_files()]
+    assert len(set(names)) == len(names) and names[0] == "train-0.npz#0.parquet" and names[-1] == "1.npz#1.parquet"
 
 
 def test_an_export_never_leaves_a_half_written_game_folder(tmp_path):

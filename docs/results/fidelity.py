@@ -401,14 +401,9 @@ def train_official(out: str, corpus: str, game_dir: str, seed: int, python: str,
     done = os.path.join(where, "fidelity.json")
     if os.path.exists(done):
         return _read(done)
-    shutil.rmtree(where, ignore_errors=True)
-    os.makedirs(where)
-    shutil.copy(os.path.join(checkout, "lapo", "config.yaml"), where)  # its config.get() reads ./config.yaml
-    os.symlink(os.path.dirname(game_dir), os.path.join(where, "expert_data"))  # its paths.py: ./expert_data
-    game = os.path.basename(game_dir)
-    _logged([python, os.path.abspath(__file__), "--official-entry", os.path.join(checkout, "lapo"), "stage1_idm.py",
-             where, str(seed), str(CHUNK_FRAMES), *official_overrides(game, f"{corpus}-s{seed}")],
-            os.path.join(out, "logs", f"{corpus}-official-s{seed}.log"), where)
+    run_official(python, checkout, "stage1_idm.py", where, os.path.dirname(game_dir), seed,
+                 official_overrides(os.path.basename(game_dir), f"{corpus}-s{seed}"),
+                 os.path.join(out, "logs", f"{corpus}-official-s{seed}.log"))
     timing = _read(os.path.join(where, "timing.json"))
     stamps = timing["step_stamps"]
     first = STAGE1["report"]  # the steps after lapo_ray's first report window, as there
@@ -764,17 +759,12 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         curve = [(r["env_steps"], r["episode_return"]) for r in rows if r["episode_return"] == r["episode_return"]]
         sps = [r["env_steps_per_s"] for r in rows[1:]]
     else:
-        shutil.rmtree(where, ignore_errors=True)
-        os.makedirs(where)
-        shutil.copy(os.path.join(checkout, "lapo", "config.yaml"), where)
-        os.symlink(os.path.join(out, "data", corpus), os.path.join(where, "expert_data"))
         overrides = [*official_overrides(game, f"stage3-s{seed}"), f"model.policy_impala_scale={MODEL['impala_scale']}",
                      f"stage3.steps={STAGE3['env_steps']}", f"stage3.num_envs={STAGE3['envs']}"]
-        if side == "official":
-            shutil.copy(stage3_weights(out, checkout), os.path.join(where, "weights.pt"))
-        script = "stage3_decoding.py" if side == "official" else SCRATCH
-        _logged([python, os.path.abspath(__file__), "--official-entry", os.path.join(checkout, "lapo"), script,
-                 where, str(seed), str(CHUNK_FRAMES), *overrides], log, where)
+        lapo = side == "official"  # the official stage 3 from lapo_ray's latent policy, or its scratch PPO
+        run_official(python, checkout, "stage3_decoding.py" if lapo else SCRATCH, where,
+                     os.path.join(out, "data", corpus), seed, overrides, log,
+                     weights=stage3_weights(out, checkout) if lapo else None)
         episodes = _read(os.path.join(where, "episodes.json"))
         curve = window_curve(episodes["env_steps"], episodes["episode_return"])
         sps = episodes["sps"][1:]
@@ -793,6 +783,22 @@ def window_curve(steps: list[int], returns: list[float], every: int = 4096, wind
             last = returns[max(0, i - window):i]
             curve.append((at, sum(last) / len(last)))
     return curve
+
+
+def run_official(python: str, checkout: str, script: str, where: str, expert_data: str, seed: int,
+                 overrides: list[str], log: str, weights: str | None = None) -> None:
+    """One official script (or SCRATCH) in a fresh working folder ``where``, as ``official_entry``
+    in the official environment: the folder holds the checkout's ``config.yaml`` (its
+    ``config.get()`` reads ./config.yaml), ``expert_data`` (its paths.py reads ./expert_data) and,
+    for stage 3, ``weights.pt``."""
+    shutil.rmtree(where, ignore_errors=True)
+    os.makedirs(where)
+    shutil.copy(os.path.join(checkout, "lapo", "config.yaml"), where)
+    os.symlink(expert_data, os.path.join(where, "expert_data"))
+    if weights:
+        shutil.copy(weights, os.path.join(where, "weights.pt"))
+    _logged([python, os.path.abspath(__file__), "--official-entry", os.path.join(checkout, "lapo"), script, where,
+             str(seed), str(CHUNK_FRAMES), *overrides], log, where)
 
 
 def _logged(cmd: list[str], log: str, cwd: str) -> None:

@@ -146,10 +146,9 @@ class MultiSource(Source):
     # ------------------------------------------------------------------ scanning and splits
 
     def file_stem(self, path: str) -> str:
-        for part in self.parts:
-            if path in part.scan_files():
-                return part.file_stem(path)
-        return super().file_stem(path)
+        """The part's own stem of the file, with the part's index: two sources may name files alike."""
+        index, own = self._files[path]
+        return f"{self.parts[index].file_stem(own)}#{index}"
 
     def scan(self, on_bad: OnBad = "raise") -> ScanReport:
         scans = [p.scan(on_bad) for p in self.parts]

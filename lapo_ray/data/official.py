@@ -39,21 +39,15 @@ EXPORT_RECORD = "export.json"
 def source_episodes(source: Source) -> Iterator[Episode]:
     """Every episode of ``source``, whole, in the order its files hold them, read in this process
     (no Ray): segments overlap by two frames (``corpus.segment_bounds``), which are dropped
-    again here. An episode is yielded once the file that ends it has been read."""
-    pending: dict[int, list[dict[str, Any]]] = {}
-    order: list[int] = []
+    again here. A file's episodes are yielded once the file has been read."""
     for path in source.scan_files():
+        # Collected corpora write each episode into one shard: a file's episodes are whole.
+        segments: dict[int, list[dict[str, Any]]] = {}
         for table in source.file_segments(path):
             for row in table.to_pylist():
-                eid = int(row["episode_id"])
-                if eid not in pending:
-                    pending[eid] = []
-                    order.append(eid)
-                pending[eid].append(row)
-        # Collected corpora write each episode into one shard: everything read so far is whole.
-        for eid in order:
-            yield _join_segments(eid, pending.pop(eid), source.frame_shape)
-        order = []
+                segments.setdefault(int(row["episode_id"]), []).append(row)
+        for eid, rows in segments.items():
+            yield _join_segments(eid, rows, source.frame_shape)
 
 
 def _join_segments(eid: int, rows: list[dict[str, Any]], frame_shape) -> Episode:

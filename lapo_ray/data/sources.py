@@ -400,13 +400,11 @@ class LapoGameSource(LapoNpzSource):
     ``--data.val-fraction`` says: the frames lapo_ray trains on are then the official loader's."""
 
     def __init__(self, folder: str, max_segment_frames: int = 256):
-        train, test = (LapoNpzSource(storage.join(folder, s), max_segment_frames=max_segment_frames)
-                       for s in ("train", "test"))
-        self.folder = folder
-        self.paths = [*train.paths, *test.paths]
+        super().__init__(storage.join(folder, "train"), max_segment_frames=max_segment_frames)
+        test = LapoNpzSource(storage.join(folder, "test"), max_segment_frames=max_segment_frames)
+        self.folder, self.name = folder, f"lapo-npz:{folder}"
+        self.paths = [*self.paths, *test.paths]
         self.test_paths = frozenset(test.paths)
-        self.name = f"lapo-npz:{folder}"
-        self.frame_shape, self.has_actions, self.max_segment_frames = OBS_SHAPE, True, max_segment_frames
 
     def file_stem(self, path: str) -> str:
         """``train-0.npz`` and ``test-0.npz``: both splits number their chunks from 0."""
