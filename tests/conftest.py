@@ -233,11 +233,23 @@ def pytest_sessionfinish(session, exitstatus):
 _RAY_FIXTURES = {"ray_local"}
 
 
+# pytest-xdist (--dist loadfile) hands each worker the next whole file, in collection order, when
+# it runs short of work. In name order the longest files came last (test_train, test_sweep), so one
+# worker ran a long file while the other sat idle: files are handed out longest first (the per-file
+# totals in docs/testing.md), the rest keep their order after them, and so do a file's own tests.
+# test_probe_job goes second: it makes the shared pretraining run that test_label and test_wandb
+# wait for.
+LONGEST_FIRST = ("test_cluster_ops", "test_probe_job", "test_train", "test_multinode", "test_sweep", "test_rl",
+                 "test_label", "test_multi_corpus", "test_large_corpus", "test_data")
+
+
 def pytest_collection_modifyitems(config, items):
     unmarked = [item.nodeid for item in items
                 if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("these tests start Ray but are not marked slow:\n  " + "\n  ".join(unmarked))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

@@ -338,12 +338,49 @@ def test_a_probe_of_a_run_on_its_own_corpus_repeats_the_runs_probe(pretrained_ru
         "probe"]["n_train"] + got["probe"]["n_val"] + got["probe"]["n_test"]
     assert os.path.exists(os.path.join(run, "plots", "atlas.png"))
     assert "## Latent-action atlas" in open(os.path.join(run, "report.md")).read()
+    check_the_runs_ceiling(pretrained_run, theirs)
     # A second probe into the same folder replaces the first.
     assert _job("probe").main(["--checkpoint", run, "--corpus", str(pretrained_run["corpus"]), "--out", str(out),
                                "--probe.ceiling", "false", "--atlas-rows", "2"]) == 0
     again = outputs(out)["probe"]
     assert again["ceiling"] is None and "ceiling_supervised_idm" not in again
     assert 1 <= len(again["atlas"]["rows"]) <= 2
+
+
+def check_the_runs_ceiling(pretrained_run, theirs: dict) -> None:
+    """The ceiling the run's probe trained in the shared stage loop: a finished stage of its own at
+    stage 1's step count, weights moved from their seeded start, and its own head the probe's
+    direct classifier on the probe's test half of the run's labelled validation triplets."""
+    from lapo_ray.config import PretrainConfig, config_from_dict
+    from lapo_ray.data.sources import open_source
+    from lapo_ray.evaluation.probe import majority_rate
+    from lapo_ray.evaluation.references import load_probe_set
+    from lapo_ray.pipelines.pretrain import split_spec
+    from lapo_ray.train.checkpoint import Checkpoint, load_supervised_idm
+    from lapo_ray.train.stages import SupervisedIDMTask
+
+    run = str(pretrained_run["out"])
+    cfg = config_from_dict(PretrainConfig, json.load(open(os.path.join(run, "config.json"))))
+    ceiling = Checkpoint.latest(os.path.join(run, "ceiling"))
+    state = json.load(open(os.path.join(ceiling.uri, "state.json")))
+    assert (state["stage"], state["step"], state["done"]) == ("ceiling", cfg.stage1.steps, True)
+    assert theirs["stage1_steps"] == cfg.stage1.steps and "per_source" not in theirs  # one source
+    assert len(theirs["perplexity_trained"]) == cfg.model.vq.num_codebooks
+    sup = load_supervised_idm(ceiling.uri)
+    torch.manual_seed(cfg.stage1.seed)
+    assert not torch.allclose(sup.head.weight, SupervisedIDMTask(cfg.model).build().head.weight)
+
+    src = open_source(str(pretrained_run["corpus"]))
+    scan = src.scan()
+    spec = split_spec(scan, cfg.data, src)
+    held = load_probe_set(src, cfg.data, cfg.probe.triplets, scan.files, spec)
+    # Every labelled validation triplet (the corpus holds fewer than the 2,000 asked for).
+    assert len(held.actions) == theirs["n_train"] + theirs["n_val"] + theirs["n_test"] < cfg.probe.triplets
+    test = held.test_mask
+    assert theirs["n_test"] == test.sum() and theirs["majority_rate"] == majority_rate(held.actions, test)
+    with torch.no_grad():
+        pred = sup(torch.from_numpy(held.frames[test])).argmax(-1).numpy()
+    assert theirs["direct_supervised_classifier"] == pytest.approx(float(np.mean(pred == held.actions[test])))
 
 
 @pytest.mark.slow

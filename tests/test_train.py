@@ -210,51 +210,6 @@ def test_a_stage_that_cannot_fit_the_cpus_fails_at_once_naming_the_flags(corpus,
         label_corpus(CorpusSource(corpus), "unused", str(tmp_path / "run"), LabelConfig(num_actors=2))
 
 
-@pytest.mark.slow
-def test_the_probe_trains_the_ceiling_in_the_stage_loop(corpus, one_worker):
-    from lapo_ray.evaluation.probe import majority_rate, probe_halves
-    from lapo_ray.evaluation.references import load_probe_set
-    from lapo_ray.pipelines.pretrain import measure_probe
-    from lapo_ray.train.checkpoint import load_supervised_idm
-    from lapo_ray.train.stages import SupervisedIDMTask
-
-    cfg = one_worker["cfg"]
-    cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, triplets=10_000, max_epochs=20, patience=3))
-    src = CorpusSource(corpus)
-    scan = src.scan()
-    files = scan.files
-    spec = SplitSpec(cfg.data.val_fraction, cfg.data.split_seed)  # the split run_stage1 trained on
-    report, enc = measure_probe(cfg, src, scan, spec, Checkpoint.latest(f"{cfg.out}/stage1"), cfg.to_dict())
-    assert report["stage1_steps"] == 6 and "per_source" not in report  # one source: no per-source probe
-    # The supervised IDM ran in the shared stage loop: a finished checkpoint of its own, with
-    # stage 1's step count, and weights that moved from the seeded initialisation.
-    ceiling = Checkpoint.latest(f"{cfg.out}/ceiling")
-    state = json.load(open(os.path.join(ceiling.uri, "state.json")))
-    assert state["done"] is True and state["step"] == 6 and state["stage"] == "ceiling"
-    sup = load_supervised_idm(ceiling.uri)
-    torch.manual_seed(cfg.stage1.seed)
-    init = SupervisedIDMTask(cfg.model).build()
-    assert not torch.allclose(sup.head.weight, init.head.weight)
-
-    # All labelled validation triplets (5 of 24 episodes; fewer than asked for), split by episode.
-    actions = enc["action"]
-    assert len(actions) == report["n_train"] + report["n_val"] + report["n_test"]
-    assert 200 < len(actions) < 400
-    test = probe_halves(enc["episode_id"])
-    assert report["n_test"] == test.sum() and report["majority_rate"] == majority_rate(actions, test)
-    # The direct classifier is that checkpoint's own head, on the probe's test half.
-    frames = load_probe_set(src, cfg.data, 10_000, files, spec)
-    assert np.array_equal(frames.actions, actions) and np.array_equal(frames.test_mask, test)
-    with torch.no_grad():
-        pred = sup(torch.from_numpy(frames.frames[test])).argmax(-1).numpy()
-    assert report["direct_supervised_classifier"] == pytest.approx(float(np.mean(pred == actions[test])))
-    for key in ("probe_acc", "floor_untrained_idm", "ceiling_supervised_idm", "gap_closed", "nmi_trained",
-                "nmi_untrained"):
-        assert key in report, key
-    assert enc["supervised/latent"].shape == (len(actions), cfg.model.latent_dim)
-    assert len(report["perplexity_trained"]) == cfg.model.vq.num_codebooks
-
-
 def test_a_run_made_before_an_option_existed_continues_and_another_config_is_refused(tmp_path):
     """config.json written before --stage1.placement-strategy, --stage1.shard-locality and
     --data.block-mb existed: their defaults keep the old behaviour, so it is no change; a real

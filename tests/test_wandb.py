@@ -325,6 +325,9 @@ def test_finetuning_offline_logs_env_steps_the_return_curve_and_each_iterations_
     for h, row in zip(run.history, rows):
         for key in ("episode_return", "policy_loss", "vf_loss", "iteration_seconds", "iteration"):
             assert h[key] == row[key] or (math.isnan(h[key]) and math.isnan(row[key])), key
+        # PPO from scratch on 2 env runners: finite losses, and no decoder to supervise.
+        assert all(math.isfinite(row[key]) for key in ("policy_loss", "vf_loss", "entropy")), row
+        assert math.isnan(row["decoder_accuracy"])
     assert len(calls) == 4
     learn = [r["learn_seconds"] for r in rows]
     assert learn[2] - max(learn[1], learn[3]) > 5.0, learn  # an EMA would have moved by ~0.08 s
