@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from lapo_ray import load_run
 from lapo_ray.config import PRETRAIN_PRESETS
 from lapo_ray.config.label import LABEL_PRESETS, LabelJobConfig
 from test_data import encode_video, moving_square_frames, write_lapo_npz
@@ -257,6 +258,22 @@ def test_a_killed_job_resumes_without_rewriting_finished_shards(trained, tmp_pat
     shards = _shards(out)
     assert len(shards) == 10 and not list((out / "latents").glob(".*tmp-*"))
     assert {name: (shards[name].stat().st_mtime_ns, _hash(shards[name])) for name in kept} == kept
+    # A kept shard and a resumed one each hold the IDM's latents of their own file's triplet centres.
+    import pyarrow.parquet as pq
+
+    from lapo_ray.data.sources import open_source
+    from lapo_ray.data.triplets import iter_plain_batches
+    from lapo_ray.train.labelling import shard_name
+
+    src = open_source(str(videos))
+    model = load_run(str(trained)).dynamics
+    files = {shard_name(src, f): f for f in src.scan_files()}
+    for name in (min(kept), min(set(shards) - set(kept))):
+        frames = np.concatenate([b["frames"] for b in iter_plain_batches(src, "all", 512, files=[files[name]])])
+        with torch.no_grad():
+            want = model.encode(torch.from_numpy(frames))[0].numpy()
+        got = np.stack(pq.read_table(shards[name]).column("latent").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")

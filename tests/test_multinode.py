@@ -2,8 +2,8 @@
 (``ray.cluster_utils.Cluster``), each node its own raylet, object store, CPU budget and labels.
 
 The head has no CPUs: what Ray pins to the driver's node (Ray Train's controller, Ray Data's
-split coordinator, both 0-CPU actors) lives there, and every worker, read task and labelling
-actor runs on the worker nodes. What this cannot show: traffic between hosts over a real
+split coordinator, both 0-CPU actors) lives there, and every worker and read task runs on the
+worker nodes. What this cannot show: traffic between hosts over a real
 network (here every node is on one machine and shares its loopback and disk), and GPUs (NCCL).
 """
 
@@ -13,9 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_ray.config import LabelConfig, WandbConfig
+from lapo_ray.config import WandbConfig
 from lapo_ray.data.corpus import write_corpus
 from lapo_ray.data.sources import CorpusSource
 from lapo_ray.train.metrics import MetricsSink, read_metrics
@@ -361,85 +358,3 @@ def test_a_removed_node_is_replaced_and_training_resumes_exactly(cluster, runs):
     print(f"node removed with checkpoint {two['checkpoint_seen']} registered and rows up to "
           f"{two['rows_before'][-1]['step']}; resumed from {resumed}; first step after the restart {restart:.1f}s after "
           f"the removal; largest difference of any parameter or buffer from the undisturbed run: {diff:g}")
-
-
-# --------------------------------------------------------------------------- labelling
-
-
-class SlowCorpusSource(CorpusSource):
-    """Each file takes a second longer to read: time to stop a labelling run between shards."""
-
-    def file_segments(self, path):
-        time.sleep(1.0)
-        yield from super().file_segments(path)
-
-
-_LABEL_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import ray
-from lapo_ray.config import LabelConfig
-from lapo_ray.train.labelling import label_corpus
-from test_multinode import SlowCorpusSource
-ray.init(address={address!r}, log_to_driver=False)
-label_corpus(SlowCorpusSource({corpus!r}), {ckpt!r}, {out!r}, LabelConfig(num_actors=2, cpus_per_actor=0.5))
-"""
-
-
-@pytest.mark.slow
-def test_a_killed_labelling_run_resumes_without_rewriting_finished_shards(cluster, corpus, tmp_path):
-    from lapo_ray.config import PRETRAIN_PRESETS
-    from lapo_ray.data.triplets import iter_plain_batches
-    from lapo_ray.models import LatentDynamics
-    from lapo_ray.train.checkpoint import load_dynamics, save_checkpoint
-    from lapo_ray.train.labelling import label_corpus
-
-    cfg = PRETRAIN_PRESETS["cpu"]()
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "ckpt")
-    save_checkpoint(ckpt, LatentDynamics(cfg.model), None, {"step": 0}, cfg.to_dict())
-    out = tmp_path / "out"
-    latents = out / "latents"
-    src = CorpusSource(corpus)
-    n_files = len(src.scan_files())
-    script = _LABEL_SCRIPT.format(tests=TESTS, address=cluster.address, corpus=corpus, ckpt=ckpt, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def finished():
-        return sorted(p for p in os.listdir(latents) if p.endswith(".parquet")) if latents.exists() else []
-
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(finished()) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # the driver, as a lost client or an OOM kill would end it
-    log = proc.communicate()[0].decode(errors="replace")
-    done = finished()
-    assert 2 <= len(done) < n_files and not (latents / "manifest.json").exists(), (done, log[-3000:])
-    # Every shard there is whole: readable, with one row per triplet centre of its input file.
-    import pyarrow.parquet as pq
-
-    per_file = {os.path.basename(f): sum(len(b["step"]) for b in iter_plain_batches(src, "all", 512, files=[f]))
-                for f in src.scan_files()}
-    for name in done:
-        assert pq.ParquetFile(latents / name).metadata.num_rows == per_file[name], name
-    kept = {name: (os.stat(latents / name).st_ino, os.stat(latents / name).st_mtime_ns) for name in done}
-
-    manifest = label_corpus(src, ckpt, str(out), LabelConfig(num_actors=2, cpus_per_actor=0.5))
-    assert manifest["shards"] == n_files and manifest["shards_kept_from_earlier_run"] == len(done)
-    assert manifest["rows"] == src.manifest.num_triplets
-    for name, (ino, mtime) in kept.items():
-        st = os.stat(latents / name)
-        assert (st.st_ino, st.st_mtime_ns) == (ino, mtime), f"{name} was rewritten on resume"
-    names = sorted(os.listdir(latents))
-    assert names == sorted([*per_file, "labelling.json", "manifest.json"]), names  # no temporary leftovers
-
-    # Resumed and kept shards hold the IDM's latents of their own triplets.
-    model = load_dynamics(ckpt)
-    for name in (done[0], next(n for n in per_file if n not in kept)):
-        table = pq.read_table(latents / name)
-        f = next(f for f in src.scan_files() if os.path.basename(f) == name)
-        frames = np.concatenate([b["frames"] for b in iter_plain_batches(src, "all", 512, files=[f])])
-        with torch.no_grad():
-            want = model.encode(torch.from_numpy(frames))[0].numpy()
-        got = np.stack(table.column("latent").to_numpy(zero_copy_only=False))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
