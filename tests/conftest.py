@@ -238,7 +238,8 @@ _RAY_FIXTURES = {"ray_local"}
 # worker ran a long file while the other sat idle: files are handed out longest first (the per-file
 # totals in docs/testing.md), the rest keep their order after them, and so do a file's own tests.
 # test_probe_job goes second: it makes the shared pretraining run that test_label and test_wandb
-# wait for.
+# wait for. Files named on the command line keep the order they are given in (a run in reverse
+# order checks that no test leans on one before it).
 LONGEST_FIRST = ("test_cluster_ops", "test_probe_job", "test_train", "test_multinode", "test_sweep", "test_rl",
                  "test_label", "test_multi_corpus", "test_large_corpus", "test_data")
 
@@ -248,8 +249,9 @@ def pytest_collection_modifyitems(config, items):
                 if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("these tests start Ray but are not marked slow:\n  " + "\n  ".join(unmarked))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
