@@ -62,19 +62,22 @@ MODEL = {"impala_scale": 1, "wm_base": 8, "codebooks": 2, "latents": 2, "emb_dim
          "commitment": 0.05, "decay": 0.99}
 
 
-READING = """**Reading** (2026-12-07; coinrun-random only: ninja-random, the demonstrator corpus and
-stage 3 are still to run). One training step from the same weights gives the same loss to 8 decimals
-and the same gradients to 1e-6 (below): at matched sizes the two implementations compute the same
-function and the same update. Trained 401 steps at the matched settings, 3 seeds a side, they agree
-within the 95% intervals on every figure: the bits of action information the latent carries
-(0.442 and 0.445), the code-action NMI (0.039 and 0.036) and the codebooks, collapsed on both sides
-to about 2 of 16 codes each (perplexity 1.5). The probe accuracy reads lower on lapo_ray's side
-(0.163 against 0.183, difference -0.020, interval [-0.049, +0.009]), within the noise of 3 seeds:
-each side's seeds spread as widely as the difference (0.153-0.180 and 0.172-0.192), so more seeds
-are what settles it. lapo_ray steps 1.6x faster at the same precision and threads (172 against 109
-samples/s, fp32, 2 threads). At these settings, the official VQ without dead-code reseeding, neither
-latent closes much of the floor-to-ceiling gap, which is itself only 0.04 wide here; lapo_ray's
-default recipe (dead-code reseeding, GroupNorm, IMPALA 8/16/32) closes 0.42 on the same corpus and
+READING = """**Reading** (2026-12-07; stage 1 on all three corpora; stage 3 is still to run). One training
+step from the same weights gives the same loss to 8 decimals and the same gradients to 1e-6
+(below): at matched sizes the two implementations compute the same function and the same update.
+Trained 401 steps at the matched settings, 3 seeds a side, they agree within the 95% intervals on
+every latent figure on all three corpora. The probe's difference (lapo_ray - official) is -0.020
+[-0.049, +0.009] on sticky-random CoinRun, -0.017 [-0.045, +0.012] on sticky-random Ninja and
++0.005 [-0.003, +0.013] on the demonstrator corpus: no sign that holds across corpora, and each
+side's seeds spread about as widely as the differences. The bits, the code-action NMI and the
+codebooks agree as closely; on every corpus both codebooks collapse to about 2 of 16 codes
+(perplexity 1.4-1.7). lapo_ray steps 1.6-1.7x faster at the same precision and threads (172, 183
+and 177 samples/s against 109, 108 and 106; fp32, 2 threads). At these settings (the official VQ
+without dead-code reseeding, 401 steps) neither latent closes much of the floor-to-ceiling gap on
+any corpus: on Ninja, where a supervised IDM stands well clear of the majority action (ceiling
+0.257, majority 0.075), both sit at the untrained IDM's floor (0.111 and 0.094 against 0.116); on
+the demonstrator corpus they close 0.09 and 0.15 of a gap 0.085 wide. lapo_ray's default recipe
+(dead-code reseeding, GroupNorm, IMPALA 8/16/32) closes 0.42 on sticky-random CoinRun at the same
 budget (docs/results/default-run.md), which points at the recipe, not at the implementation, for
 what works at this budget (the reseeding's share: docs/results/choices.md)."""
 
