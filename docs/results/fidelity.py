@@ -766,6 +766,7 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         return _read(done)
     corpus = STAGE3["corpus"]
     game = CORPORA[corpus]["game"]
+    weights = stage3_weights(out, checkout)  # made before t0: main() makes it before any run
     t0 = time.time()
     log = os.path.join(out, "logs", f"stage3-{side}-s{seed}.log")
     measured = STAGE3["measured_steps"]
@@ -786,7 +787,7 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         lapo = side == "official"  # the official stage 3 from lapo_ray's latent policy, or its scratch PPO
         run_official(python, checkout, "stage3_decoding.py" if lapo else SCRATCH, where,
                      os.path.join(out, "data", corpus), seed, overrides, log,
-                     weights=stage3_weights(out, checkout) if lapo else None,
+                     weights=weights if lapo else None,
                      iterations=measured // (STAGE3["envs"] * OFFICIAL_ROLLOUT))
         episodes = _read(os.path.join(where, "episodes.json"))
         curve = window_curve(episodes["env_steps"], episodes["episode_return"])
@@ -923,6 +924,8 @@ def main() -> None:
     if STAGE3["corpus"] not in results:
         raise SystemExit(f"fidelity: stage 3 starts from {STAGE3['corpus']}'s stage 1: add it to --corpora")
     stage3 = {}
+    # The one latent policy, made before any run so that no run's wall time holds its training.
+    clock.run("stage 3 latent policy (lapo_ray stage 2, converted)", lambda: stage3_weights(out, checkout))
     clock.new_loop()
     jobs = [(side, seed) for seed in SEEDS for side in STAGE3_SIDES]
     for i, (side, seed) in enumerate(jobs):
