@@ -152,6 +152,33 @@ def lapo_flags(corpus: str, out: str, seed: int, ceiling_from: str | None) -> li
 STAGE3 = {"corpus": "coinrun-demonstrator", "env_steps": 250_000, "measured_steps": 65_536, "envs": 64}
 STAGE3_SIDES = ("official", "official-scratch", "lapo_ray-1runner", "lapo_ray-2runners", "lapo_ray-scratch")
 
+STAGE3_DIFFERENCES = """Matched in stage 3: the agent (frozen convolutions; a zero-initialised RL head beside the
+decoded latent policy, their logits averaged; each part on the official schedule, lr 1e-2 scaled per
+part), PPO's settings (64 envs x 64 steps, 8 minibatches, 3 epochs, clip 0.2, entropy 0.0025,
+gamma 0.999, lambda 0.95, gradient norm 0.5, advantages normalised), the value loss's weight (the
+official 0.5 x 0.5 on the squared error), rewards scaled by the running std of the discounted
+return and clipped to +-10, and CoinRun's easy levels, unbounded. What differs, and why:
+
+- **How the decoder learns online.** The official stage 3 leaves its decoder at its random
+  initialisation for the first 10k steps; from then it resets the decoder and refits it from
+  scratch on every (IDM latent, action) pair collected so far (3 epochs, batch 512, Adam at 1e-3)
+  after every update until 50k steps, then after every 20th. lapo_ray's learner (an RLlib
+  Learner, which holds no growing store of the run) keeps the 16,384 most recent pairs and takes
+  one cross-entropy step on 4,096 of them at every PPO minibatch step from the first iteration,
+  with the decoder's part schedule (1e-3). Both use label smoothing 0.05 and no RL gradient.
+- **Value clipping.** The official loss clips the value prediction to +-0.2 around the old one;
+  RLlib's PPO loss has no such clip (its `vf_clip` clamps the loss instead, set off here).
+- **Iteration size.** RLlib's env runners collect a few steps over 64 x 64 an iteration (4,159 at
+  one runner); the official loop exactly 4,096. Curves are read against env steps.
+- **The return curve.** Both are the mean return of the last 20 finished episodes. The official
+  loop logs one finished episode per vector step (it stops at the first env that finished), so
+  its window reaches further back in time than RLlib's, which counts every episode.
+- **Scratch.** The official repository has no PPO from scratch: the study runs its `ppo.train` on
+  a fresh official policy of the same size with Adam at 5e-4 decaying linearly to 0 over the
+  schedule, lapo_ray's `--scratch` schedule.
+- **Offline decoding at k = 256.** The official code has none (its stage 3 is online only), so
+  it is not on this page; lapo_ray's is in docs/results/label_budget*.md."""
+
 
 def stage2_flags() -> list[str]:
     """lapo_ray's stage 2 for the one latent policy both sides' online decoding starts from: the
@@ -663,7 +690,7 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
              "scratch from a fresh policy of the same size. Return: mean of the last 20 episodes; AUC: the "
              "curve's mean height over the steps measured; final: the return at the last of them.", "",
              f"![stage 3 curves]({os.path.basename(png)})", "",
-             "| side | AUC | final return | env steps/s |", "|---|---|---|---|"]
+             "| side | AUC | final return | env steps/s | wall, minutes |", "|---|---|---|---|---|"]
     for i, side in enumerate(STAGE3_SIDES):
         runs = [stage3[(side, seed)] for seed in SEEDS if (side, seed) in stage3]
         if not runs:
@@ -673,7 +700,7 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
         ax.fill_between(grid, mean - half, mean + half, color=f"C{i}", alpha=0.2)
         cells = []
         for values in ([curve_mean(r["curve"]) for r in runs], [r["curve"][-1][1] for r in runs],
-                       [r["env_steps_per_s"] for r in runs]):
+                       [r["env_steps_per_s"] for r in runs], [r["wall_s"] / 60 for r in runs]):
             m, h = mean_interval(values) if len(values) >= 2 else (values[0], float("nan"))
             cells.append(f"{m:.2f} ± {h:.2f}" if len(values) >= 2 else f"{m:.2f}")
         lines.append(f"| {side} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
@@ -684,7 +711,7 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    return lines + [""]
+    return lines + ["", STAGE3_DIFFERENCES, ""]
 
 
 def write_page(page: str, results: dict, checkout: str, times: dict, same_step: dict,
