@@ -152,6 +152,12 @@ def lapo_flags(corpus: str, out: str, seed: int, ceiling_from: str | None) -> li
 STAGE3 = {"corpus": "coinrun-demonstrator", "env_steps": 250_000, "measured_steps": 65_536, "envs": 64}
 STAGE3_SIDES = ("official", "official-scratch", "lapo_ray-1runner", "lapo_ray-2runners", "lapo_ray-scratch")
 
+# The comparisons the stage-3 reading rests on: each implementation against the other at the same
+# start, each LAPO side against its own scratch, and RLlib's 2 env runners against 1.
+STAGE3_CONTRASTS = (("lapo_ray-1runner", "official"), ("lapo_ray-scratch", "official-scratch"),
+                    ("official", "official-scratch"), ("lapo_ray-1runner", "lapo_ray-scratch"),
+                    ("lapo_ray-2runners", "lapo_ray-1runner"))
+
 STAGE3_DIFFERENCES = """Matched in stage 3: the agent (frozen convolutions; a zero-initialised RL head beside the
 decoded latent policy, their logits averaged; each part on the official schedule, lr 1e-2 scaled per
 part), PPO's settings (64 envs x 64 steps, 8 minibatches, 3 epochs, clip 0.2, entropy 0.0025,
@@ -678,7 +684,7 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from lapo_ray.evaluation.stats import curve_band, curve_mean, mean_interval
+    from lapo_ray.evaluation.stats import curve_band, curve_mean, mean_interval, welch_difference
 
     grid = np.linspace(4096, STAGE3["measured_steps"], 50)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -704,6 +710,18 @@ def stage3_lines(stage3: dict, png: str) -> list[str]:
             m, h = mean_interval(values) if len(values) >= 2 else (values[0], float("nan"))
             cells.append(f"{m:.2f} ± {h:.2f}" if len(values) >= 2 else f"{m:.2f}")
         lines.append(f"| {side} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    lines += ["", "Differences between sides (Welch t over seeds, which are replicates, not pairs; 95% intervals):",
+              "", "| a - b | AUC | final return | env steps/s |", "|---|---|---|---|"]
+    for a, b in STAGE3_CONTRASTS:
+        runs = [[stage3[(side, seed)] for seed in SEEDS if (side, seed) in stage3] for side in (a, b)]
+        if min(len(r) for r in runs) < 2:
+            continue
+        cells = []
+        for read in (lambda r: curve_mean(r["curve"]), lambda r: r["curve"][-1][1], lambda r: r["env_steps_per_s"]):
+            d = welch_difference([read(r) for r in runs[0]], [read(r) for r in runs[1]])
+            cells.append(f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    ax.set_ylim(0, 10)  # CoinRun pays 10 for the coin, 0 otherwise: a band beyond is the t interval's width
     ax.set_xlabel("env steps")
     ax.set_ylabel("return (last 20 episodes)")
     ax.legend(fontsize=8)
