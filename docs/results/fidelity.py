@@ -18,8 +18,11 @@ and run, never changed, and never committed here. The study:
    triplets, against one floor (the untrained IDM of lapo_ray's seed 0) and one ceiling (the
    supervised IDM lapo_ray's seed-0 run trained), and writes docs/results/fidelity.md and its plot.
 
-Every step keeps what it made under ``--out`` and is skipped when run again, so the study resumes
-where it stopped. The official code runs unchanged; what it assumes about its surroundings is
+Every finished part writes its figures under RECORDS (docs/results/fidelity-records/, committed
+with the page) and is skipped when run again, so the study resumes where it stopped, on this
+machine or another: ``--out`` holds only what can be made again (corpora, checkpoints, logs, the
+official environment). The page is remade from the records alone once every part is recorded.
+Stage 3's latent policy is kept there too, so its runs go on from the same start. The official code runs unchanged; what it assumes about its surroundings is
 adapted from outside, in ``official_entry`` (run in the official environment): its working
 folder (``config.yaml`` and ``expert_data/`` are read from there), wandb off, the train chunk
 length of its loader (the exported chunks' length), its seeds (the official scripts seed
@@ -53,6 +56,10 @@ CORPORA = {
     "coinrun-demonstrator": {"game": "coinrun", "experiment": True, "val_fraction": 0.25},
 }
 SEEDS = (0, 1, 2)
+# Where each finished part's figures are kept (small JSON, committed with the page): the page is
+# remade from them, and a lost --out (a new machine) costs only the parts not recorded yet. --out
+# holds what is large and can be made again: corpora, checkpoints, logs, the official environment.
+RECORDS = os.path.join(HERE, "fidelity-records")
 THREADS = 2  # PyTorch's intra-op threads on both sides: this machine's cores
 CHUNK_FRAMES = 4_096  # one length for train/ and test/ chunks: little is left out of 60k frames
 
@@ -427,8 +434,10 @@ def run_dir(out: str, corpus: str, side: str, seed: int) -> str:
 
 def train_lapo(out: str, corpus: str, game_dir: str, seed: int) -> dict:
     where = run_dir(out, corpus, "lapo_ray", seed)
-    done = os.path.join(where, "fidelity.json")
-    if os.path.exists(done):
+    done = record("runs", corpus, f"lapo_ray-s{seed}.json")
+    # A run whose checkpoints are gone (another machine) is trained again while its corpus is not
+    # probed yet: the probe reads them.
+    if os.path.exists(done) and os.path.isdir(os.path.join(where, "stage1")):
         return _read(done)
     ceiling = None if seed == SEEDS[0] else run_dir(out, corpus, "lapo_ray", SEEDS[0])
     t0 = time.time()
@@ -448,8 +457,8 @@ def train_lapo(out: str, corpus: str, game_dir: str, seed: int) -> dict:
 
 def train_official(out: str, corpus: str, game_dir: str, seed: int, python: str, checkout: str) -> dict:
     where = run_dir(out, corpus, "official", seed)
-    done = os.path.join(where, "fidelity.json")
-    if os.path.exists(done):
+    done = record("runs", corpus, f"official-s{seed}.json")
+    if os.path.exists(done) and os.path.exists(os.path.join(where, "weights.pt")):
         return _read(done)
     run_official(python, checkout, "stage1_idm.py", where, os.path.dirname(game_dir), seed,
                  official_overrides(os.path.basename(game_dir), f"{corpus}-s{seed}"),
@@ -476,7 +485,7 @@ def equivalence(out: str, checkout: str) -> dict:
     stage-1 model at the matched sizes, its weights renamed into the official IDM and world model
     (strict loading), then the latents, codes, prediction, loss, codebook after the EMA update and
     gradients compared."""
-    done = os.path.join(out, "equivalence.json")
+    done = record("equivalence.json")
     if os.path.exists(done):
         return _read(done)
     import torch
@@ -534,7 +543,7 @@ def probe_corpus(out: str, corpus: str, game_dir: str, checkout: str) -> dict:
     """Every trained IDM of ``corpus``, both sides, through lapo_ray's probe on the same held-out
     triplets (the official ``test/`` episodes), against one floor and one ceiling fitted once:
     the untrained IDM of lapo_ray's seed 0 and the supervised IDM its run trained."""
-    done = os.path.join(out, "probe", f"{corpus}.json")
+    done = record("probe", f"{corpus}.json")
     if os.path.exists(done):
         return _read(done)
     from lapo_ray.benchmarks.official import official_idm_encoder
@@ -764,26 +773,47 @@ def write_page(page: str, results: dict, checkout: str, times: dict, same_step: 
 
 
 def latent_policy(out: str) -> str:
-    """The run folder of the one latent policy both sides' online decoding starts from: lapo_ray's
-    stage 2 on its seed-0 stage 1 of the stage-3 corpus, trained here once."""
+    """The one latent policy both sides' online decoding starts from: lapo_ray's stage 2 on its
+    seed-0 stage 1 of the stage-3 corpus. Kept under RECORDS as a pretrain folder of its own
+    (the final stage-1 and stage-2 checkpoints without optimiser state, ~6 MB), so that stage 3's
+    runs, hours in all, can go on from another machine with the same start."""
     from lapo_ray.train.checkpoint import Checkpoint
 
+    start = record("stage3", "start")
+    if os.path.isdir(start):
+        return start
     corpus = STAGE3["corpus"]
+    game_dir = make_corpus(out, corpus)
+    train_lapo(out, corpus, game_dir, SEEDS[0])
     where = run_dir(out, corpus, "lapo_ray", SEEDS[0])
     if Checkpoint.finished(os.path.join(where, "stage2")) is None:
         _logged([sys.executable, os.path.join(REPO, "jobs", "pretrain.py"),
-                 *lapo_flags(os.path.join(out, "data", corpus, CORPORA[corpus]["game"]), where, SEEDS[0], None),
-                 *stage2_flags()], os.path.join(out, "logs", f"{corpus}-lapo_ray-s0-stage2.log"), REPO)
-    return where
+                 *lapo_flags(game_dir, where, SEEDS[0], None), *stage2_flags()],
+                os.path.join(out, "logs", f"{corpus}-lapo_ray-s0-stage2.log"), REPO)
+    tmp = start + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stage in ("stage1", "stage2"):
+        ckpt = Checkpoint.finished(os.path.join(where, stage)).uri
+        to = os.path.join(tmp, stage, os.path.basename(ckpt))
+        os.makedirs(to)
+        for name in ("model.pt", "state.json", "config.json"):
+            shutil.copy(os.path.join(ckpt, name), to)
+    if os.path.exists(os.path.join(where, "config.json")):
+        shutil.copy(os.path.join(where, "config.json"), tmp)
+    os.replace(tmp, start)
+    return start
 
 
 def stage3_weights(out: str, checkout: str) -> str:
-    """``<out>/stage3/weights.pt``: the latent policy (``latent_policy``) and its stage 1 in the
-    official names, plus an untrained official value head (lapo_ray's latent policy has none; the
-    official stage 3 loads strictly)."""
-    path = os.path.join(out, "stage3", "weights.pt")
-    if os.path.exists(path):
+    """The latent policy (``latent_policy``) and its stage 1 in the official names, plus an
+    untrained official value head (lapo_ray's latent policy has none; the official stage 3 loads
+    strictly), next to it under RECORDS; ``start.json`` names its hash, which every stage-3 record
+    carries (a record from another start is not read)."""
+    path = record("stage3", "official-weights.pt")
+    if os.path.exists(path) and os.path.exists(record("stage3", "start.json")):
         return path
+    import hashlib
+
     import torch
 
     from lapo_ray.benchmarks.official import dynamics_to_official, load_official_models, policy_to_official
@@ -795,9 +825,11 @@ def stage3_weights(out: str, checkout: str) -> str:
     torch.manual_seed(0)
     value_head = official.Policy((3, 64, 64), run.model_config.latent_dim, MODEL["impala_scale"]).value_head
     policy = policy_to_official(run.latent_policy.state_dict(), value_head.state_dict())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"idm": idm, "wm": wm, "policy": policy}, path + ".tmp")
     os.replace(path + ".tmp", path)
+    with open(path, "rb") as f:
+        _write(record("stage3", "start.json"), {"sha256": hashlib.sha256(f.read()).hexdigest(),
+                                                 "made": time.strftime("%Y-%m-%d"), "corpus": STAGE3["corpus"]})
     return path
 
 
@@ -806,8 +838,8 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
     4,096 env steps, the same statistic on both sides (RLlib's window in lapo_ray, rebuilt from
     the official loop's episode log), plus env steps/s and wall time."""
     where = os.path.join(out, "stage3", f"{side}-s{seed}")
-    done = os.path.join(where, "fidelity.json")
-    if os.path.exists(done):
+    done = record("stage3", f"{side}-s{seed}.json")
+    if os.path.exists(done) and (side, seed) in stage3_records():
         return _read(done)
     corpus = STAGE3["corpus"]
     game = CORPORA[corpus]["game"]
@@ -816,9 +848,8 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
     log = os.path.join(out, "logs", f"stage3-{side}-s{seed}.log")
     measured = STAGE3["measured_steps"]
     if side.startswith("lapo_ray"):
-        pretrain = latent_policy(out) if side != "lapo_ray-scratch" else run_dir(out, corpus, "lapo_ray", SEEDS[0])
         _logged([sys.executable, os.path.join(REPO, "jobs", "finetune.py"),
-                 *finetune_flags(pretrain, where, seed, side)], log, REPO,
+                 *finetune_flags(latent_policy(out), where, seed, side)], log, REPO,
                 enough=lambda: any(r["env_steps"] >= measured for r in iteration_rows(where)))
         # RLlib collects a few steps over 64 x 64 an iteration (4,159 at 1 runner): the rows up to
         # the first at or past the measured steps, the official side's last iteration's end.
@@ -837,7 +868,8 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         episodes = _read(os.path.join(where, "episodes.json"))
         curve = window_curve(episodes["env_steps"], episodes["episode_return"])
         sps = episodes["sps"][1:]
-    result = {"curve": curve, "env_steps_per_s": sum(sps) / len(sps) if sps else None, "wall_s": time.time() - t0}
+    result = {"curve": curve, "env_steps_per_s": sum(sps) / len(sps) if sps else None, "wall_s": time.time() - t0,
+              "start": _read(record("stage3", "start.json"))["sha256"]}
     _write(done, result)
     return result
 
@@ -903,6 +935,11 @@ def _logged(cmd: list[str], log: str, cwd: str, env: dict | None = None, enough=
         raise SystemExit(f"fidelity: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); its output: {log}")
 
 
+def record(*parts: str) -> str:
+    """The path of one part's figures under RECORDS."""
+    return os.path.join(RECORDS, *parts)
+
+
 def _read(path: str):
     with open(path) as f:
         return json.load(f)
@@ -928,7 +965,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="a few minutes' run of every step (small corpora, 60 steps, 2 seeds) to check the study")
     ap.add_argument("--stage3", action="store_true",
-                    help=f"also run stage 3 on {STAGE3['corpus']} (hours on 2 cores: 15 PPO runs)")
+                    help=f"also run stage 3 on {STAGE3['corpus']} (hours on 2 cores: 15 PPO runs); "
+                    "with --corpora '' stage 3 alone")
     args = ap.parse_args()
     if args.smoke:
         global SEEDS, STAGE3_SIDES
@@ -946,37 +984,59 @@ def main() -> None:
               file=sys.stderr)
         raise SystemExit(2)
     out = os.path.abspath(args.out)
+    if args.smoke:
+        global RECORDS
+        RECORDS = os.path.join(out, "records")
     python = official_env(out, checkout)
     same_step = equivalence(out, checkout)
     corpora = [c for c in args.corpora.split(",") if c]
-    jobs = [(c, side, seed) for c in corpora for seed in SEEDS for side in ("lapo_ray", "official")]
-    clock = Clock(os.path.join(out, "times.json"))
+    clock = Clock(record("times.json"))
+    # A corpus whose probe is recorded is finished: its page section is remade from the records alone.
+    todo = [c for c in corpora if not os.path.exists(record("probe", f"{c}.json"))]
+    jobs = [(c, side, seed) for c in todo for seed in SEEDS for side in ("lapo_ray", "official")]
     results = {}
+    for corpus in corpora:
+        if corpus not in todo:
+            results[corpus] = stage1_results(corpus)
     for i, (corpus, side, seed) in enumerate(jobs):
         game_dir = make_corpus(out, corpus)
         train = train_lapo if side == "lapo_ray" else lambda *a: train_official(*a, python, checkout)
         clock.run(f"{corpus} {side} s{seed}", lambda: train(out, corpus, game_dir, seed), i, len(jobs),
                   lambda r: f" ({corpus} {side} s{seed}: {r['samples_per_s']:.0f} samples/s)")
         if (side, seed) == ("official", SEEDS[-1]):
-            probe = clock.run(f"{corpus} probe", lambda: probe_corpus(out, corpus, game_dir, checkout))
-            runs = {(s, k): _read(os.path.join(run_dir(out, corpus, s, k), "fidelity.json"))
-                    for s in ("lapo_ray", "official") for k in SEEDS}
-            results[corpus] = (probe, runs)
+            clock.run(f"{corpus} probe", lambda: probe_corpus(out, corpus, game_dir, checkout))
+            results[corpus] = stage1_results(corpus)
             write_page(args.page, results, checkout, clock.times, same_step)
             print(f"fidelity: {corpus} probed; {args.page} written", flush=True)
+    results = {c: results[c] for c in corpora if c in results}
     if not args.stage3:
+        write_page(args.page, results, checkout, clock.times, same_step, stage3_records())
         return
-    if STAGE3["corpus"] not in results:
-        raise SystemExit(f"fidelity: stage 3 starts from {STAGE3['corpus']}'s stage 1: add it to --corpora")
-    stage3 = {}
     # The one latent policy, made before any run so that no run's wall time holds its training.
     clock.run("stage 3 latent policy (lapo_ray stage 2, converted)", lambda: stage3_weights(out, checkout))
     clock.new_loop()
     jobs = [(side, seed) for seed in SEEDS for side in STAGE3_SIDES]
     for i, (side, seed) in enumerate(jobs):
-        stage3[(side, seed)] = clock.run(f"stage 3 {side} s{seed}",
-                                         lambda: train_stage3(out, side, seed, python, checkout), i, len(jobs))
-        write_page(args.page, results, checkout, clock.times, same_step, stage3)
+        clock.run(f"stage 3 {side} s{seed}", lambda: train_stage3(out, side, seed, python, checkout), i, len(jobs))
+        write_page(args.page, results, checkout, clock.times, same_step, stage3_records())
+
+
+def stage1_results(corpus: str) -> tuple[dict, dict]:
+    """(probe figures, {(side, seed): run figures}) of a probed corpus, from the records."""
+    runs = {(s, k): _read(record("runs", corpus, f"{s}-s{k}.json")) for s in ("lapo_ray", "official") for k in SEEDS}
+    return _read(record("probe", f"{corpus}.json")), runs
+
+
+def stage3_records() -> dict:
+    """{(side, seed): figures} of the stage-3 runs recorded from the current latent policy."""
+    start = _read(record("stage3", "start.json")) if os.path.exists(record("stage3", "start.json")) else None
+    found = {}
+    for side in STAGE3_SIDES:
+        for seed in SEEDS:
+            path = record("stage3", f"{side}-s{seed}.json")
+            if os.path.exists(path) and start and _read(path).get("start") == start["sha256"]:
+                found[(side, seed)] = _read(path)
+    return found
 
 
 class Clock:
