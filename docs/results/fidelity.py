@@ -775,7 +775,7 @@ def write_page(page: str, results: dict, checkout: str, times: dict, same_step: 
 def latent_policy(out: str) -> str:
     """The one latent policy both sides' online decoding starts from: lapo_ray's stage 2 on its
     seed-0 stage 1 of the stage-3 corpus. Kept under RECORDS as a pretrain folder of its own
-    (the final stage-1 and stage-2 checkpoints without optimiser state, ~6 MB), so that stage 3's
+    (the final stage-1 and stage-2 checkpoints without optimiser state, 8.3 MB), so that stage 3's
     runs, hours in all, can go on from another machine with the same start."""
     from lapo_ray.train.checkpoint import Checkpoint
 
@@ -805,32 +805,44 @@ def latent_policy(out: str) -> str:
 
 
 def stage3_weights(out: str, checkout: str) -> str:
-    """The latent policy (``latent_policy``) and its stage 1 in the official names, plus an
-    untrained official value head (lapo_ray's latent policy has none; the official stage 3 loads
-    strictly), next to it under RECORDS; ``start.json`` names its hash, which every stage-3 record
-    carries (a record from another start is not read)."""
-    path = record("stage3", "official-weights.pt")
+    """``<out>/stage3/weights.pt``: the latent policy (``latent_policy``) and its stage 1 in the
+    official names, plus an untrained official value head (lapo_ray's latent policy has none; the
+    official stage 3 loads strictly). Made again on another machine from the recorded start."""
+    path = os.path.join(out, "stage3", "weights.pt")
     if os.path.exists(path) and os.path.exists(record("stage3", "start.json")):
         return path
-    import hashlib
-
     import torch
 
     from lapo_ray.benchmarks.official import dynamics_to_official, load_official_models, policy_to_official
     from lapo_ray.train.run import load_run
 
-    run = load_run(latent_policy(out))
+    start = latent_policy(out)
+    run = load_run(start)
     idm, wm = dynamics_to_official(run.dynamics.state_dict())
     official = load_official_models(checkout, torch.device("cpu"))
     torch.manual_seed(0)
     value_head = official.Policy((3, 64, 64), run.model_config.latent_dim, MODEL["impala_scale"]).value_head
     policy = policy_to_official(run.latent_policy.state_dict(), value_head.state_dict())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"idm": idm, "wm": wm, "policy": policy}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    with open(path, "rb") as f:
-        _write(record("stage3", "start.json"), {"sha256": hashlib.sha256(f.read()).hexdigest(),
-                                                 "made": time.strftime("%Y-%m-%d"), "corpus": STAGE3["corpus"]})
+    if not os.path.exists(record("stage3", "start.json")):
+        _write(record("stage3", "start.json"), {"sha256": start_hash(start), "made": time.strftime("%Y-%m-%d"),
+                                                 "corpus": STAGE3["corpus"]})
     return path
+
+
+def start_hash(start: str) -> str:
+    """The latent policy's identity: a hash of its stage-1 and stage-2 weights, which every stage-3
+    record carries (a record from another start is not read)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for stage in ("stage1", "stage2"):
+        (ckpt,) = os.listdir(os.path.join(start, stage))
+        with open(os.path.join(start, stage, ckpt, "model.pt"), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> dict:
