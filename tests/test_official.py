@@ -203,3 +203,42 @@ def test_lapo_ray_weights_take_the_official_names_and_shapes():
     assert torch.equal(official_policy["policy_head.weight"], policy.state_dict()["head.weight"])
     with pytest.raises(UsageError, match="action_head.weight: no official counterpart"):
         dynamics_to_official(LatentDynamics(cfg, num_actions=15).state_dict())
+
+
+def fidelity_study():
+    """docs/results/fidelity.py as a module (an analysis script, not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "fidelity.py")
+    spec = importlib.util.spec_from_file_location("fidelity_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_official_episode_log_becomes_the_same_curve_as_rllibs_window():
+    study = fidelity_study()
+    # Episodes finished at these env steps with these returns; the curve is read every 4 steps.
+    steps, returns = [1, 2, 3, 5, 9, 10, 11], [0.0, 10.0, 10.0, 0.0, 10.0, 10.0, 10.0]
+    assert study.window_curve(steps, returns, every=4, window=2) == [(4, 10.0), (8, 5.0), (12, 10.0)]
+    # Every episode so far while fewer than the window have finished; nothing before the first.
+    assert study.window_curve([6, 7], [3.0, 5.0], every=4, window=20) == [(8, 4.0)]
+
+
+def test_stage3_records_from_another_latent_policy_are_not_read(tmp_path):
+    import json
+
+    study = fidelity_study()
+    study.RECORDS = str(tmp_path)
+    start = tmp_path / "stage3" / "start"
+    for stage in ("stage1", "stage2"):
+        (start / stage / "checkpoint_0").mkdir(parents=True)
+        (start / stage / "checkpoint_0" / "model.pt").write_bytes(stage.encode())
+    sha = study.start_hash(str(start))
+    (tmp_path / "stage3" / "start.json").write_text(json.dumps({"sha256": sha}))
+    for name, by in (("official-s0", sha), ("official-s1", "an earlier start"), ("lapo_ray-1runner-s0", sha)):
+        (tmp_path / "stage3" / f"{name}.json").write_text(json.dumps({"curve": [], "start": by}))
+    assert sorted(study.stage3_records()) == [("lapo_ray-1runner", 0), ("official", 0)]
+    # A changed weight is another start: nothing recorded from the first one is read.
+    (start / "stage2" / "checkpoint_0" / "model.pt").write_bytes(b"retrained")
+    assert study.start_hash(str(start)) != sha
