@@ -777,9 +777,9 @@ def write_page(page: str, results: dict, checkout: str, times: dict, same_step: 
              f"Official code: schmidtdominik/LAPO at `{commit}`, run unchanged (docs/results/fidelity.py says how "
              f"it is adapted from outside); lapo_ray at `{ours}` when this page was written. Command:", "",
              "    PYTHONPATH=. python docs/results/fidelity.py --official /path/to/LAPO --out artifacts/fidelity", "",
-             READING, "", "## Matched settings", "", SETTINGS, "", DIFFERENCES, "", *step_lines(same_step),
-             "## Stage 1", "",
-             f"![stage 1 side by side]({os.path.basename(png)})", ""]
+             READING, "", "## Matched settings", "", SETTINGS, "", DIFFERENCES, "", *step_lines(same_step)]
+    if results:
+        lines += ["## Stage 1", "", f"![stage 1 side by side]({os.path.basename(png)})", ""]
     for corpus, (probe, runs) in results.items():
         lines += corpus_table(corpus, probe, runs)
     if stage3:
