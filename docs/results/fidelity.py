@@ -22,8 +22,8 @@ Every finished part writes its figures under RECORDS (docs/results/fidelity-reco
 with the page) and is skipped when run again, so the study resumes where it stopped, on this
 machine or another: ``--out`` holds only what can be made again (corpora, checkpoints, logs, the
 official environment). The page is remade from the records alone once every part is recorded.
-Stage 3's latent policy is kept there too, so its runs go on from the same start. The official code runs unchanged; what it assumes about its surroundings is
-adapted from outside, in ``official_entry`` (run in the official environment): its working
+Stage 3's latent policy is kept there too, so its runs go on from the same start. The official
+code runs unchanged; what it assumes about its surroundings is adapted from outside, in ``official_entry`` (run in the official environment): its working
 folder (``config.yaml`` and ``expert_data/`` are read from there), wandb off, the train chunk
 length of its loader (the exported chunks' length), its seeds (the official scripts seed
 nothing) and timers around its loop and its in-loop evaluation.
@@ -176,10 +176,9 @@ stage 1 on the demonstrator corpus, whose latent says little of the action (lapo
 probes 0.414 against a floor of 0.404 and a ceiling of 0.48), so the decoded policy begins below
 a fresh policy's near-uniform play (the official decoder stays at its random initialisation for
 the first 10k steps; lapo_ray's learns from the first iteration, from the same weak latents).
-lapo_ray's LAPO
-runs 1.76x the official one's env steps/s (243 against 138, +105 [+75, +135]) and takes 4.9
-minutes to the official 8.0; from scratch the two run alike (157 against 151, +7 [-11, +25]). The
-difference is in the frozen trunk: lapo_ray sets `requires_grad` off on the convolutions, so PPO's
+lapo_ray's LAPO runs 1.76x the official one's env steps/s (243 against 138, +105 [+75, +135])
+and takes 4.9 minutes to the official 8.0; from scratch the two run alike (157 against 151,
++7 [-11, +25]). The difference is in the frozen trunk: lapo_ray sets `requires_grad` off on the convolutions, so PPO's
 backward pass stops above them, while the official stage 3 only leaves `conv_stack` out of its
 optimiser and backpropagates through it at every minibatch (read in both codes, not profiled).
 Two env runners against one: +16 [-13, +45] env steps/s on 2 cores, returns alike."""
@@ -832,15 +831,14 @@ def stage3_weights(out: str, checkout: str) -> str:
     official names, plus an untrained official value head (lapo_ray's latent policy has none; the
     official stage 3 loads strictly). Made again on another machine from the recorded start."""
     path = os.path.join(out, "stage3", "weights.pt")
-    if os.path.exists(path) and os.path.exists(record("stage3", "start.json")):
+    if os.path.exists(path):
         return path
     import torch
 
     from lapo_ray.benchmarks.official import dynamics_to_official, load_official_models, policy_to_official
     from lapo_ray.train.run import load_run
 
-    start = latent_policy(out)
-    run = load_run(start)
+    run = load_run(latent_policy(out))
     idm, wm = dynamics_to_official(run.dynamics.state_dict())
     official = load_official_models(checkout, torch.device("cpu"))
     torch.manual_seed(0)
@@ -849,15 +847,13 @@ def stage3_weights(out: str, checkout: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"idm": idm, "wm": wm, "policy": policy}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    if not os.path.exists(record("stage3", "start.json")):
-        _write(record("stage3", "start.json"), {"sha256": start_hash(start), "made": time.strftime("%Y-%m-%d"),
-                                                 "corpus": STAGE3["corpus"]})
     return path
 
 
 def start_hash(start: str) -> str:
     """The latent policy's identity: a hash of its stage-1 and stage-2 weights, which every stage-3
-    record carries (a record from another start is not read)."""
+    record carries (a record from another start is not read). Derived each time, never stored
+    beside them, so a start made again cannot keep an old hash."""
     import hashlib
 
     h = hashlib.sha256()
@@ -874,8 +870,9 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
     the official loop's episode log), plus env steps/s and wall time."""
     where = os.path.join(out, "stage3", f"{side}-s{seed}")
     done = record("stage3", f"{side}-s{seed}.json")
-    if os.path.exists(done) and (side, seed) in stage3_records():
-        return _read(done)
+    recorded = stage3_record(side, seed, start_hash(latent_policy(out)))
+    if recorded is not None:
+        return recorded
     corpus = STAGE3["corpus"]
     game = CORPORA[corpus]["game"]
     weights = stage3_weights(out, checkout)  # made before t0: main() makes it before any run
@@ -904,7 +901,7 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         curve = window_curve(episodes["env_steps"], episodes["episode_return"])
         sps = episodes["sps"][1:]
     result = {"curve": curve, "env_steps_per_s": sum(sps) / len(sps) if sps else None, "wall_s": time.time() - t0,
-              "start": _read(record("stage3", "start.json"))["sha256"]}
+              "start": start_hash(latent_policy(out))}
     _write(done, result)
     return result
 
@@ -1062,16 +1059,20 @@ def stage1_results(corpus: str) -> tuple[dict, dict]:
     return _read(record("probe", f"{corpus}.json")), runs
 
 
+def stage3_record(side: str, seed: int, start: str) -> dict | None:
+    """One stage-3 run's recorded figures if it ran from the start of hash ``start``, else None."""
+    path = record("stage3", f"{side}-s{seed}.json")
+    found = _read(path) if os.path.exists(path) else None
+    return found if found is not None and found.get("start") == start else None
+
+
 def stage3_records() -> dict:
-    """{(side, seed): figures} of the stage-3 runs recorded from the current latent policy."""
-    start = _read(record("stage3", "start.json")) if os.path.exists(record("stage3", "start.json")) else None
-    found = {}
-    for side in STAGE3_SIDES:
-        for seed in SEEDS:
-            path = record("stage3", f"{side}-s{seed}.json")
-            if os.path.exists(path) and start and _read(path).get("start") == start["sha256"]:
-                found[(side, seed)] = _read(path)
-    return found
+    """{(side, seed): figures} of the stage-3 runs recorded from the recorded latent policy."""
+    if not os.path.isdir(record("stage3", "start")):
+        return {}
+    start = start_hash(record("stage3", "start"))
+    found = {(side, seed): stage3_record(side, seed, start) for side in STAGE3_SIDES for seed in SEEDS}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 class Clock:
