@@ -165,23 +165,23 @@ STAGE3_CONTRASTS = (("lapo_ray-1runner", "official"), ("lapo_ray-scratch", "offi
                     ("official", "official-scratch"), ("lapo_ray-1runner", "lapo_ray-scratch"),
                     ("lapo_ray-2runners", "lapo_ray-1runner"))
 
-STAGE3_READING = """**Reading** (2026-12-07, 15 runs, 3 seeds a side). From the same latent policy the two
-implementations agree: the area under the curve differs by +0.08 [-0.40, +0.55] (lapo_ray with
-one env runner - official; 4.42 against 4.35) and the final return by +0.67 [-3.70, +5.03]; from
-scratch by -0.21 [-0.90, +0.48]. Neither LAPO side leads its own scratch here: both are behind
-in area (official -0.92 [-1.65, -0.19], lapo_ray -0.63 [-1.23, -0.02]) because both start low
-(2.8 and 2.4 at 8k steps, against 5.5 and 6.5 from scratch) and catch up between 16k and 25k.
-The start explains it on both sides alike: the latent policy comes from the matched 401-step
-stage 1 on the demonstrator corpus, whose latent says little of the action (lapo_ray's seed 0
-probes 0.414 against a floor of 0.404 and a ceiling of 0.48), so the decoded policy begins below
-a fresh policy's near-uniform play (the official decoder stays at its random initialisation for
-the first 10k steps; lapo_ray's learns from the first iteration, from the same weak latents).
-lapo_ray's LAPO runs 1.76x the official one's env steps/s (243 against 138, +105 [+75, +135])
-and takes 4.9 minutes to the official 8.0; from scratch the two run alike (157 against 151,
-+7 [-11, +25]). The difference is in the frozen trunk: lapo_ray sets `requires_grad` off on the convolutions, so PPO's
-backward pass stops above them, while the official stage 3 only leaves `conv_stack` out of its
-optimiser and backpropagates through it at every minibatch (read in both codes, not profiled).
-Two env runners against one: +16 [-13, +45] env steps/s on 2 cores, returns alike."""
+STAGE3_READING = """**Reading** (2026-12-07, 15 runs, 3 seeds a side). From the same latent policy
+the two implementations agree: the area under the curve differs by +0.08 [-0.40, +0.55] (lapo_ray
+with one env runner - official; 4.42 against 4.35) and the final return by +0.67 [-3.70, +5.03];
+from scratch by -0.21 [-0.90, +0.48]. Neither LAPO side leads its own scratch here: both are behind
+in area (official -0.92 [-1.65, -0.19], lapo_ray -0.63 [-1.23, -0.02]) because both start low (2.8
+and 2.4 at 8k steps, against 5.5 and 6.5 from scratch) and catch up between 16k and 25k. The start
+explains it on both sides alike: the latent policy comes from the matched 401-step stage 1 on the
+demonstrator corpus, whose latent says little of the action (lapo_ray's seed 0 probes 0.414 against
+a floor of 0.404 and a ceiling of 0.48), so the decoded policy begins below a fresh policy's near-
+uniform play (the official decoder stays at its random initialisation for the first 10k steps;
+lapo_ray's learns from the first iteration, from the same weak latents). lapo_ray's LAPO runs 1.76x
+the official one's env steps/s (243 against 138, +105 [+75, +135]) and takes 4.9 minutes to the
+official 8.0; from scratch the two run alike (157 against 151, +7 [-11, +25]). The difference is in
+the frozen trunk: lapo_ray sets `requires_grad` off on the convolutions, so PPO's backward pass
+stops above them, while the official stage 3 only leaves `conv_stack` out of its optimiser and
+backpropagates through it at every minibatch (read in both codes, not profiled). Two env runners
+against one: +16 [-13, +45] env steps/s on 2 cores, returns alike."""
 
 STAGE3_DIFFERENCES = """Matched in stage 3: the agent (frozen convolutions; a zero-initialised RL head beside the
 decoded latent policy, their logits averaged; each part on the official schedule, lr 1e-2 scaled per
