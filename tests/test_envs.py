@@ -343,3 +343,17 @@ def test_action_names_are_procgens_own_key_combinations_in_order():
     assert NUM_ACTIONS == len(combos) == 15
     assert list(ACTION_NAMES) == ["+".join(keys) or "NOOP" for keys in combos]
     assert ACTION_NAMES[4] == "NOOP" and ACTION_NAMES[8] == "RIGHT+UP"
+
+
+def test_making_an_env_prints_no_gym_banner() -> None:
+    """procgen's import of the old gym printed gym_notices' four-line "Gym has been unmaintained"
+    banner to stderr, once in every Collector and env runner process of a job's console."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lapo_ray.envs import ProcgenVectorEnv; ProcgenVectorEnv('coinrun', 1).reset(seed=0); "
+            "print('imported gym:', 'gym' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "imported gym: True"  # the banner's source was imported ...
+    assert "Gym" not in r.stderr and "gymnasium.farama.org" not in r.stderr, r.stderr  # ... and said nothing

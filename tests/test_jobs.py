@@ -31,13 +31,14 @@ def _job(name: str):
 
 # Lines of Ray's that a job's console must not show: its INFO log records (a timestamp, then
 # INFO), Ray Train's and Ray Data's running commentary, Tune's configuration box, tips on how to
-# turn features on, and deprecation notes raised inside Ray's own actors.
+# turn features on, deprecation notes raised inside Ray's own actors, and old gym's banner.
 LIBRARY_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+INFO |\[State Transition\]|Reporting training result|"
     r"Execution plan of Dataset|Starting execution of Dataset|Dataset \S+ execution finished|progress UI|"
     r"Progress bars disabled|tqdm is not installed|Configuration for experiment|To visualize your results|"
     r"Requesting resources|training worker group|Setting up process group|DeprecationWarning|"
-    r"Token authentication is enabled")
+    r"Token authentication is enabled|Gym has been unmaintained|Please upgrade to Gymnasium|"
+    r"Users of this version of Gym|migration_guide")
 
 
 def library_lines(console: str) -> list[str]:
@@ -65,6 +66,11 @@ def test_library_lines_are_told_from_the_jobs_own():
         "(TrainController pid=14846) Requesting resources: {'CPU': 1.0} * 1",
         "(TrainController pid=18135) execution_options.py:436: RayDeprecationWarning: `ExecutionOptions.exclude_resources`",
         "2026-12-03 11:54:57,278\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this",
+        # Seen in the fidelity study's console of 2026-12-07, from every Collector.
+        "(Collector pid=20435) Gym has been unmaintained since 2022 and does not support NumPy 2.0 amongst other",
+        "(Collector pid=20435) Please upgrade to Gymnasium, the maintained drop-in replacement of Gym, or contact",
+        "(Collector pid=20435) Users of this version of Gym should be able to simply replace 'import gym' with",
+        "(Collector pid=20435) See the migration guide at https://gymnasium.farama.org/introduction/migration_guide/",
     ]
     assert library_lines("\n".join(ours)) == []
     assert library_lines("\n".join(ours + theirs)) == theirs

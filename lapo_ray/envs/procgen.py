@@ -52,7 +52,10 @@ Entries where ``_episode`` is False are zero. The key is absent on steps where n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -141,6 +144,30 @@ def _check_int(name: str, value: Any, low: int, high: int = _INT32_MAX) -> int:
     return int(value)
 
 
+def _import_procgen():
+    """procgen's env class, imported only when an env is made, so that jobs (and their one-line
+    errors) that never step Procgen never import it. procgen imports the old gym, whose first import
+    prints gym_notices' four-line "Gym has been unmaintained" banner to stderr, in every Collector
+    and env runner process: the banner is taken out of what the import prints, nothing else is."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            from procgen import ProcgenGym3Env
+    finally:  # what a failed import printed is kept for its traceback
+        sys.stderr.write(_without_gym_notice(captured.getvalue()))
+    return ProcgenGym3Env
+
+
+def _without_gym_notice(printed: str) -> str:
+    try:
+        import gym
+        from gym_notices.notices import notices
+    except ImportError:  # no gym, or a gym without its notices: nothing printed a banner
+        return printed
+    notice = notices.get(gym.__version__)
+    return printed.replace(notice + "\n", "", 1) if notice else printed
+
+
 class ProcgenVectorEnv(VectorEnv):
     """``num_envs`` copies of one Procgen game behind the gymnasium 1.x vector API.
 
@@ -218,10 +245,7 @@ class ProcgenVectorEnv(VectorEnv):
         self._last_obs = np.zeros(self.observation_space.shape, dtype=np.uint8)
 
     def _make_procgen(self, seed: int | None):
-        # procgen imports the old gym, which prints a deprecation banner: only when an env is made,
-        # so that jobs (and their one-line errors) that never step Procgen stay quiet.
-        from procgen import ProcgenGym3Env
-
+        ProcgenGym3Env = _import_procgen()
         kwargs: dict[str, Any] = {}
         if self.distribution_mode != "exploration":  # procgen rejects these keys there.
             kwargs.update(num_levels=self.num_levels, start_level=self.start_level)
