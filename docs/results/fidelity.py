@@ -70,24 +70,30 @@ MODEL = {"impala_scale": 1, "wm_base": 8, "codebooks": 2, "latents": 2, "emb_dim
          "commitment": 0.05, "decay": 0.99}
 
 
-READING = """**Reading** (2026-12-07; stage 1 on all three corpora; stage 3 is still to run). One training
-step from the same weights gives the same loss to 8 decimals and the same gradients to 1e-6
-(below): at matched sizes the two implementations compute the same function and the same update.
-Trained 401 steps at the matched settings, 3 seeds a side, they agree within the 95% intervals on
-every latent figure on all three corpora. The probe's difference (lapo_ray - official) is -0.020
-[-0.049, +0.009] on sticky-random CoinRun, -0.017 [-0.045, +0.012] on sticky-random Ninja and
-+0.005 [-0.003, +0.013] on the demonstrator corpus: no sign that holds across corpora, and each
-side's seeds spread about as widely as the differences. The bits, the code-action NMI and the
-codebooks agree as closely; on every corpus both codebooks collapse to about 2 of 16 codes
-(perplexity 1.4-1.7). lapo_ray steps 1.6-1.7x faster at the same precision and threads (172, 183
-and 177 samples/s against 109, 108 and 106; fp32, 2 threads). At these settings (the official VQ
-without dead-code reseeding, 401 steps) neither latent closes much of the floor-to-ceiling gap on
-any corpus: on Ninja, where a supervised IDM stands well clear of the majority action (ceiling
-0.257, majority 0.075), both sit at the untrained IDM's floor (0.111 and 0.094 against 0.116); on
-the demonstrator corpus they close 0.09 and 0.15 of a gap 0.085 wide. lapo_ray's default recipe
+READING = """**Reading** (2026-12-07; stage 1 on all three corpora, stage 3 below). One training step
+from the same weights gives the same loss to 8 decimals and the same gradients to 1e-6 (below): at
+matched sizes the two implementations compute the same function and the same update. Trained 401
+steps at the matched settings, 3 seeds a side, they agree within the 95% intervals on every latent
+figure on all three corpora. The probe's difference (lapo_ray - official) is +0.005 [-0.003,
++0.013] on the demonstrator corpus, -0.020 [-0.049, +0.009] on sticky-random CoinRun and +0.027
+[-0.007, +0.060] on sticky-random Ninja: no sign that holds across corpora, and each side's seeds
+spread about as widely as the differences. The bits, the code-action NMI and the codebooks agree as
+closely; on every corpus both codebooks collapse to about 2 of 16 codes (perplexity 1.4-1.7).
+lapo_ray steps 1.6-1.7x faster at the same precision and threads (326, 277 and 306 samples/s
+against 197, 178 and 181; fp32, 2 threads). At these settings (the official VQ without dead-code
+reseeding, 401 steps) neither latent closes much of the floor-to-ceiling gap on any corpus: on
+Ninja, where a supervised IDM stands well clear of the majority action (ceiling 0.292, majority
+0.059), both sit near the untrained IDM's floor (0.084 official and 0.110 lapo_ray against 0.098);
+on the demonstrator corpus they close 0.09 and 0.15 of a gap 0.085 wide. lapo_ray's default recipe
 (dead-code reseeding, GroupNorm, IMPALA 8/16/32) closes 0.42 on sticky-random CoinRun at the same
 budget (docs/results/default-run.md), which points at the recipe, not at the implementation, for
-what works at this budget (the reseeding's share: docs/results/choices.md)."""
+what works at this budget (the reseeding's share: docs/results/choices.md). Remade on another
+machine after the first run's records were lost, the demonstrator and CoinRun latent figures came
+out the same to the last digit (seeded runs on the same corpus). Ninja's corpus, collected again
+by the same recipe, came out with other episodes (16,188 held-out triplets against 20,000, floor
+0.098 against 0.116), and its probe difference with it (-0.017 [-0.045, +0.012] then): within the
+intervals both times. The rates are this machine's, 1.6x the first one's on both sides (CoinRun:
+277 and 178 samples/s here, 172 and 109 there), so their ratio held."""
 
 SETTINGS = """| setting | both sides |
 |---|---|
@@ -173,7 +179,7 @@ in area (official -0.92 [-1.65, -0.19], lapo_ray -0.63 [-1.23, -0.02]) because b
 and 2.4 at 8k steps, against 5.5 and 6.5 from scratch) and catch up between 16k and 25k. The start
 explains it on both sides alike: the latent policy comes from the matched 401-step stage 1 on the
 demonstrator corpus, whose latent says little of the action (lapo_ray's seed 0 probes 0.414 against
-a floor of 0.404 and a ceiling of 0.48), so the decoded policy begins below a fresh policy's near-
+a floor of 0.404 and a ceiling of 0.489), so the decoded policy begins below a fresh policy's near-
 uniform play (the official decoder stays at its random initialisation for the first 10k steps;
 lapo_ray's learns from the first iteration, from the same weak latents). lapo_ray's LAPO runs 1.76x
 the official one's env steps/s (243 against 138, +105 [+75, +135]) and takes 4.9 minutes to the
