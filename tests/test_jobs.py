@@ -21,12 +21,18 @@ from test_data import encode_video, moving_square_frames, write_lapo_npz
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _job(name: str):
-    """A job's module, loaded from jobs/ as `python jobs/<name>.py` would run it."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+def load_script(path: str):
+    """A script of the repository (a job in jobs/, an analysis script in docs/results/) as a
+    module, loaded from its file as `python <path>` would run it: scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(f"script_{Path(path).stem}", REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _job(name: str):
+    """A job's module, loaded from jobs/ as `python jobs/<name>.py` would run it."""
+    return load_script(f"jobs/{name}.py")
 
 
 # Lines of Ray's that a job's console must not show: its INFO log records (a timestamp, then

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -22,15 +21,13 @@ from lapo_ray import load_run
 from lapo_ray.config import PRETRAIN_PRESETS
 from lapo_ray.config.label import LABEL_PRESETS, LabelJobConfig
 from test_data import encode_video, moving_square_frames, write_lapo_npz
+from test_jobs import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("job_label", REPO / "jobs" / "label.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("jobs/label.py")
 
 
 def _videos(folder: Path, lengths: list[int]) -> Path:

@@ -15,6 +15,7 @@ from lapo_ray.data.official import EXPORT_RECORD, export_official, source_episod
 from lapo_ray.data.sources import LapoGameSource, LapoNpzSource, ScanReport, open_source
 from lapo_ray.data.splits import SplitSpec
 from lapo_ray.evaluation.references import probe_figures
+from test_jobs import load_script
 
 OBS = (64, 64, 3)
 
@@ -206,14 +207,7 @@ def test_lapo_ray_weights_take_the_official_names_and_shapes():
 
 
 def fidelity_study():
-    """docs/results/fidelity.py as a module (an analysis script, not a package)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "fidelity.py")
-    spec = importlib.util.spec_from_file_location("fidelity_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/results/fidelity.py")
 
 
 def test_the_official_episode_log_becomes_the_same_curve_as_rllibs_window():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -29,16 +28,13 @@ from lapo_ray.pipelines.sweep import (
     summarise,
     trial_config,
 )
-from test_jobs import library_lines
+from test_jobs import library_lines, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _parse(argv):
-    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.parse_args(argv)[0]
+    return load_script("jobs/sweep.py").parse_args(argv)[0]
 
 
 def test_the_grid_gives_every_combination_in_order_and_random_search_a_fixed_draw():
