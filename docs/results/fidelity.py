@@ -23,10 +23,11 @@ with the page) and is skipped when run again, so the study resumes where it stop
 machine or another: ``--out`` holds only what can be made again (corpora, checkpoints, logs, the
 official environment). The page is remade from the records alone once every part is recorded.
 Stage 3's latent policy is kept there too, so its runs go on from the same start. The official
-code runs unchanged; what it assumes about its surroundings is adapted from outside, in ``official_entry`` (run in the official environment): its working
-folder (``config.yaml`` and ``expert_data/`` are read from there), wandb off, the train chunk
-length of its loader (the exported chunks' length), its seeds (the official scripts seed
-nothing) and timers around its loop and its in-loop evaluation.
+code runs unchanged; what it assumes about its surroundings is adapted from outside, in
+``official_entry`` (run in the official environment): its working folder (``config.yaml`` and
+``expert_data/`` are read from there), wandb off, the train chunk length of its loader (the
+exported chunks' length), its seeds (the official scripts seed nothing) and timers around its
+loop and its in-loop evaluation.
 """
 
 from __future__ import annotations
@@ -881,7 +882,8 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
     the official loop's episode log), plus env steps/s and wall time."""
     where = os.path.join(out, "stage3", f"{side}-s{seed}")
     done = record("stage3", f"{side}-s{seed}.json")
-    recorded = stage3_record(side, seed, start_hash(latent_policy(out)))
+    start = start_hash(latent_policy(out))
+    recorded = stage3_record(side, seed, start)
     if recorded is not None:
         return recorded
     corpus = STAGE3["corpus"]
@@ -912,7 +914,7 @@ def train_stage3(out: str, side: str, seed: int, python: str, checkout: str) -> 
         curve = window_curve(episodes["env_steps"], episodes["episode_return"])
         sps = episodes["sps"][1:]
     result = {"curve": curve, "env_steps_per_s": sum(sps) / len(sps) if sps else None, "wall_s": time.time() - t0,
-              "start": start_hash(latent_policy(out))}
+              "start": start}
     _write(done, result)
     return result
 
